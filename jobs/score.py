@@ -1,0 +1,52 @@
+"""Score chest X-rays (folders, s3:// prefixes, manifests) into a Parquet result table.
+
+    python jobs/score.py --input data/ --output out/scores --model default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+from cxr import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="append", required=True, metavar="URI",
+                   help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable")
+    p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
+    p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
+    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
+    p.add_argument("--batch-size", type=int, help="images per model batch (default 32 on CPU, 256 on GPU)")
+    p.add_argument("--actors", type=int, help="maximum predictor actors (default: fill the cluster, leaving CPU for decoding)")
+    p.add_argument("--cpus-per-actor", type=float, help="logical CPUs each predictor actor reserves")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+    p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    cli.setup_logging(args.verbose)
+    from cxr.score import score
+
+    summary = score(
+        args.input, args.output, args.model,
+        batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
+        overwrite=args.overwrite, run_id=args.run_id,
+    )
+    print(summary.line())
+    print(json.dumps({"summary": summary.__dict__}))
+    return cli.OK
+
+
+if __name__ == "__main__":
+    cli.run(main)

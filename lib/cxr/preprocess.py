@@ -1,0 +1,96 @@
+"""One preprocessing function for training and scoring, driven by a spec stored in the checkpoint.
+
+Two steps, split so that the heavy part runs where the data is decoded (Ray Data tasks, no torch)
+and the cheap tensor part runs next to the model:
+
+    decode.Decoded.image (2-D float [0,1], any size)
+      -> preprocess(image, spec)         -> (S, S) float32 in [0, 1]     numpy + Pillow only
+      -> to_model_input(batch, spec)     -> (N, C, S, S) float32 tensor  torch, normalised
+
+Training augmentation lives in ``augment.py`` and is applied between the two steps, so that what
+the model sees at scoring time is exactly ``preprocess`` of the decoded image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a decoded grayscale image becomes model input. Stored verbatim in ``model.json``."""
+
+    input_size: int = 224
+    # "squash": resize the whole image to a square (the Deep-COVID recipe; keeps every pixel in view).
+    resize: str = "squash"
+    # Percentile contrast stretch after resizing, per image: (low, high) percentiles mapped to 0 and 1.
+    # Makes 8-, 12- and 16-bit sources and differently exposed films comparable. None: off.
+    autocontrast: tuple[float, float] | None = (0.5, 99.5)
+    channels: int = 3
+    mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
+    std: tuple[float, ...] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.input_size < 16:
+            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
+        if self.resize != "squash":
+            raise ValueError(f"unknown resize mode {self.resize!r} (supported: 'squash')")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if self.autocontrast is not None:
+            lo, hi = self.autocontrast
+            if not 0 <= lo < hi <= 100:
+                raise ValueError(f"autocontrast percentiles must satisfy 0 <= low < high <= 100, got {self.autocontrast}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["autocontrast"] = list(self.autocontrast) if self.autocontrast is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(v) for v in known[key])
+        if known.get("autocontrast") is not None:
+            known["autocontrast"] = tuple(float(v) for v in known["autocontrast"])
+        return cls(**known)
+
+
+def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Decoded 2-D image in [0, 1] -> (S, S) float32 in [0, 1]. Deterministic; no torch."""
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    size = spec.input_size
+    img = np.asarray(image, dtype=np.float32)
+    if img.shape != (size, size):
+        # Pillow's "F" mode resizes float data with proper antialiasing when shrinking.
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    if spec.autocontrast is not None:
+        lo, hi = np.percentile(img, spec.autocontrast)
+        if hi - lo > 1e-6:
+            img = (img - lo) / (hi - lo)
+    return np.ascontiguousarray(np.clip(img, 0.0, 1.0), dtype=np.float32)
+
+
+def to_model_input(batch, spec: PreprocessSpec):
+    """(N, S, S) array or tensor in [0, 1] -> normalised (N, C, S, S) float32 tensor."""
+    import torch
+
+    x = torch.as_tensor(batch, dtype=torch.float32)
+    if x.ndim != 3:
+        raise ValueError(f"expected (N, S, S), got shape {tuple(x.shape)}")
+    x = x.unsqueeze(1).expand(-1, spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()

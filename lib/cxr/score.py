@@ -1,0 +1,341 @@
+"""Batch scoring on Ray Data: paths -> bytes -> decoded, preprocessed images -> probabilities -> Parquet.
+
+    input_dataset (sources.py)         one row per input file: ``path``
+      .map_batches(decode_batch)       tasks: read bytes, decode, preprocess (no torch); errors become values
+      .map_batches(Predictor)          actor pool: the model is loaded once per actor
+      .write_parquet(output)
+
+Every input row yields exactly one output row; a file that cannot be read or decoded gets an
+``error`` and null prediction columns, and never stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .checkpoint import CheckpointError, load_checkpoint
+from .decode import decode
+from .preprocess import PreprocessSpec, preprocess
+from .sources import InputError, input_dataset
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("prob_covid", pa.float32()),
+        ("prediction", pa.string()),
+        ("threshold", pa.float32()),
+        ("model", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+SUMMARY_FILE = "_summary.json"
+
+
+class OutputError(Exception):
+    """The output location cannot be used."""
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    actors: int  # maximum size of the predictor actor pool
+    cpus_per_actor: float  # logical CPUs each predictor actor reserves
+    gpus_per_actor: float
+    threads_per_actor: int  # torch intra-op threads in each actor
+    decode_cpus: float  # logical CPUs each decode task reserves
+    batch_size: int
+
+
+def plan_resources(
+    total_cpus: float,
+    node_cpus: float,
+    total_gpus: float = 0.0,
+    *,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
+    threads_per_actor: int | None = None,
+    batch_size: int | None = None,
+) -> ResourcePlan:
+    """Size the actor pool so that decoding always keeps some CPU.
+
+    Predictor actors that reserve every CPU starve Ray Data's decode tasks and the job hangs, so the
+    actors together reserve at most ``total_cpus - decode_cpus``; a request for more is reduced (with
+    a warning) rather than allowed to deadlock. On CPU the model dominates (decoding is ~20x cheaper
+    per image), so each actor runs ``ceil(cpus_per_actor)`` threads and shares its last core with
+    the decode tasks.
+    """
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
+    if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
+        log.warning("asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes", gpus_per_actor, total_gpus)
+    decode_cpus = 1.0 if gpus_per_actor > 0 else 0.5
+    if cpus_per_actor is None:
+        cpus_per_actor = 1.0 if gpus_per_actor > 0 else max(0.5, min(node_cpus, 8.0) - 0.5)
+    if actors is None:
+        if gpus_per_actor > 0:
+            actors = max(1, int(max(total_gpus, gpus_per_actor) // gpus_per_actor))
+        else:
+            actors = max(1, int((total_cpus - decode_cpus) // cpus_per_actor))
+    budget = max(0.25, total_cpus - decode_cpus)
+    if actors * cpus_per_actor > budget:
+        reduced = math.floor(budget / actors * 100) / 100
+        log.warning(
+            "%d actors x %.2f CPUs would take every CPU and starve decoding; reserving %.2f CPUs per actor instead",
+            actors, cpus_per_actor, reduced,
+        )
+        threads_per_actor = threads_per_actor or max(1, math.ceil(cpus_per_actor))
+        cpus_per_actor = max(0.01, reduced)
+    if threads_per_actor is None:
+        threads_per_actor = max(1, math.ceil(cpus_per_actor))
+    if batch_size is None:
+        batch_size = 256 if gpus_per_actor > 0 else 32
+    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads_per_actor, decode_cpus, batch_size)
+
+
+def cluster_plan(**overrides) -> ResourcePlan:
+    import ray
+
+    total = ray.cluster_resources()
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    return plan_resources(total.get("CPU", 1.0), node_cpus, total.get("GPU", 0.0), **overrides)
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings) -> tuple[np.ndarray | None, int, int, str | None]:
+    try:
+        data = storage.read_bytes(path, settings)
+    except Exception as exc:  # noqa: BLE001 - any read failure is this file's error, not the job's
+        return None, -1, -1, f"read failed: {storage.describe_error(exc)}"
+    decoded = decode(data, path)
+    if not decoded.ok:
+        return None, decoded.width or -1, decoded.height or -1, decoded.error
+    try:
+        return preprocess(decoded.image, spec), decoded.width, decoded.height, None
+    except Exception as exc:  # noqa: BLE001
+        return None, decoded.width, decoded.height, f"preprocess failed: {type(exc).__name__}: {exc}"
+
+
+def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
+    """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding)."""
+    spec_ = PreprocessSpec.from_dict(spec)
+    paths = [str(p) for p in batch["path"]]
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
+        results = list(pool.map(lambda p: _load_one(p, spec_, settings), paths))
+    size = spec_.input_size
+    blank = np.zeros((size, size), np.float32)
+    return {
+        "path": np.array(paths, dtype=object),
+        "image": np.stack([r[0] if r[0] is not None else blank for r in results]),
+        "width": np.array([r[1] for r in results], dtype=np.int32),
+        "height": np.array([r[2] for r in results], dtype=np.int32),
+        "error": np.array([r[3] for r in results], dtype=object),
+    }
+
+
+class Predictor:
+    """Ray Data callable class: loads the checkpoint once per actor, predicts batches."""
+
+    def __init__(self, model_uri: str, run_id: str, threads: int, use_gpu: bool, settings: storage.S3Settings):
+        import os
+
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ.update({k: v for k, v in (("AWS_ENDPOINT_URL", settings.endpoint_url), ("AWS_REGION", settings.region)) if v})
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.loaded = load_checkpoint(model_uri, device=device)
+        info = self.loaded.info
+        self.threshold = np.float32(info.threshold)
+        self.positive = info.positive_class
+        self.negative = next(c for c in info.class_names if c != info.positive_class)
+        self.model_id = info.model_id
+        self.run_id = run_id
+
+    def __call__(self, batch: dict) -> pa.Table:
+        errors = list(batch["error"])
+        ok = np.array([e is None for e in errors], dtype=bool)
+        n = len(errors)
+        prob = np.full(n, np.nan, dtype=np.float32)
+        if ok.any():
+            prob[ok] = self.loaded.predict_proba(batch["image"][ok])
+        prediction = np.where(prob >= self.threshold, self.positive, self.negative)
+        width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
+        now = datetime.now(timezone.utc)
+        return pa.table(
+            {
+                "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+                "prob_covid": pa.array(prob, pa.float32(), mask=~ok),
+                "prediction": pa.array(prediction.tolist(), pa.string(), mask=~ok),
+                "threshold": pa.array(np.full(n, self.threshold), pa.float32()),
+                "model": pa.array([self.model_id] * n, pa.string()),
+                "error": pa.array(errors, pa.string()),
+                "width": pa.array(width, pa.int32(), mask=~ok | (width < 0)),
+                "height": pa.array(height, pa.int32(), mask=~ok | (height < 0)),
+                "run_id": pa.array([self.run_id] * n, pa.string()),
+                "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            },
+            schema=OUTPUT_SCHEMA,
+        )
+
+
+def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings):
+    """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``)."""
+    import ray.data
+
+    decoded = paths_ds.map_batches(
+        decode_batch,
+        fn_args=(spec.to_dict(), settings),
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        num_cpus=plan.decode_cpus,
+    )
+    return decoded.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "run_id": run_id,
+            "threads": plan.threads_per_actor,
+            "use_gpu": plan.gpus_per_actor > 0,
+            "settings": settings,
+        },
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor,
+    )
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    model: str
+    output: str
+    files: int
+    scored: int
+    errors: int
+    predicted_covid: int
+    seconds: float
+    images_per_s: float
+
+    def line(self) -> str:
+        return (
+            f"scored {self.files} files: {self.scored} ok, {self.errors} errors, {self.predicted_covid} predicted covid "
+            f"in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s) -> {self.output}"
+        )
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def prepare_output(output: str, overwrite: bool, settings: storage.S3Settings) -> None:
+    """Fail early (before any work) if the output is non-empty or cannot be written."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(output, settings)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            raise OutputError(f"output {output} is a file; give a directory or prefix")
+        existing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if any(i.type == pafs.FileType.File for i in existing):
+            if not overwrite:
+                raise OutputError(f"output {output} is not empty; choose a new location or pass --overwrite")
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        if not storage.is_s3(output):
+            fs.create_dir(path, recursive=True)
+        probe = storage.join(output, f"_write_check_{secrets.token_hex(4)}")
+        storage.write_bytes(probe, b"", settings)
+        fs.delete_file(storage.filesystem(probe, settings)[1])
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"cannot write to {output}: {storage.describe_error(exc)}") from exc
+
+
+def summarize(output: str, run_id: str, model_id: str, seconds: float, settings: storage.S3Settings) -> ScoreSummary:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem(output, settings)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["error", "prediction"])
+    files = table.num_rows
+    errors = files - pc.sum(pc.is_null(table["error"])).as_py() if files else 0
+    covid = pc.sum(pc.equal(table["prediction"], "covid")).as_py() or 0 if files else 0
+    return ScoreSummary(run_id, model_id, output, files, files - errors, errors, covid, seconds, files / seconds if seconds > 0 else 0.0)
+
+
+def score(
+    inputs: list[str],
+    output: str,
+    model: str = "default",
+    *,
+    batch_size: int | None = None,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
+    threads_per_actor: int | None = None,
+    overwrite: bool = False,
+    run_id: str | None = None,
+) -> ScoreSummary:
+    """Score every image under ``inputs`` into a Parquet table at ``output``.
+
+    Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
+    """
+    import ray
+
+    settings = storage.s3_settings()
+    try:
+        loaded = load_checkpoint(model)  # validates the checkpoint fully before starting the cluster work
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load model {model}: {storage.describe_error(exc)}") from exc
+    info = loaded.info
+    del loaded
+    prepare_output(output, overwrite, settings)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    paths_ds, n_listed = input_dataset(inputs, settings)
+    plan = cluster_plan(
+        actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+        threads_per_actor=threads_per_actor, batch_size=batch_size,
+    )
+    run_id = run_id or new_run_id()
+    log.info("run %s: model %s, %s files, plan %s", run_id, info.model_id, n_listed if n_listed is not None else "manifest", plan)
+    start = time.perf_counter()
+    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)
+    fs, path = storage.filesystem(output, settings)
+    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000)
+    seconds = time.perf_counter() - start
+    summary = summarize(output, run_id, info.model_id, seconds, settings)
+    if n_listed is not None and summary.files != n_listed:
+        raise RuntimeError(f"output has {summary.files} rows for {n_listed} input files")
+    storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(asdict(summary), indent=2).encode(), settings)
+    return summary

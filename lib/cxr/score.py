@@ -61,13 +61,12 @@ class ResourcePlan:
     cpus_per_actor: float  # logical CPUs each predictor actor reserves
     gpus_per_actor: float
     threads_per_actor: int  # torch intra-op threads in each actor
-    decode_cpus: float  # logical CPUs each decode task reserves
+    task_cpus: float  # logical CPUs each non-actor task reserves (read, decode, write)
     batch_size: int
 
 
 def plan_resources(
-    total_cpus: float,
-    node_cpus: float,
+    node_cpus: list[float],
     total_gpus: float = 0.0,
     *,
     actors: int | None = None,
@@ -76,48 +75,51 @@ def plan_resources(
     threads_per_actor: int | None = None,
     batch_size: int | None = None,
 ) -> ResourcePlan:
-    """Size the actor pool so that decoding always keeps some CPU.
+    """Size the predictor actor pool so that it can never starve the pipeline's tasks.
 
-    Predictor actors that reserve every CPU starve Ray Data's decode tasks and the job hangs, so the
-    actors together reserve at most ``total_cpus - decode_cpus``; a request for more is reduced (with
-    a warning) rather than allowed to deadlock. On CPU the model dominates (decoding is ~20x cheaper
-    per image), so each actor runs ``ceil(cpus_per_actor)`` threads and shares its last core with
-    the decode tasks.
+    Actors that reserve every CPU leave Ray Data's read, decode and write tasks unschedulable and the
+    job hangs silently. Each node therefore hosts at most ``floor((cpus - task_cpus) / cpus_per_actor)``
+    actors and the pool is no larger than the sum of that over nodes: however Ray places the actors,
+    some node keeps ``task_cpus`` free. A request for more is reduced (with a warning), never allowed
+    to deadlock. On CPU the model dominates (decoding costs ~20x less per image), so by default each
+    node gets one actor whose torch threads use all its cores, sharing the last one with the tasks.
     """
+    node_cpus = [c for c in node_cpus if c > 0] or [1.0]
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
         log.warning("asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes", gpus_per_actor, total_gpus)
-    decode_cpus = 1.0 if gpus_per_actor > 0 else 0.5
+    task_cpus = 1.0 if gpus_per_actor > 0 and max(node_cpus) >= 4 else 0.5
+    largest = max(node_cpus)
+    default_threads = None
     if cpus_per_actor is None:
-        cpus_per_actor = 1.0 if gpus_per_actor > 0 else max(0.5, min(node_cpus, 8.0) - 0.5)
+        cpus_per_actor = 1.0 if gpus_per_actor > 0 else max(0.5, min(largest, 8.0) - task_cpus)
+        default_threads = 1 if gpus_per_actor > 0 else int(min(largest, 8.0))
+    if cpus_per_actor > largest - task_cpus:
+        fitted = max(0.1, largest - task_cpus)
+        log.warning("%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead", cpus_per_actor, fitted)
+        default_threads = default_threads or max(1, math.ceil(cpus_per_actor))
+        cpus_per_actor = fitted
+    capacity = sum(int((c - task_cpus) // cpus_per_actor) for c in node_cpus)
+    if gpus_per_actor > 0:
+        capacity = min(capacity, max(1, int(max(total_gpus, gpus_per_actor) // gpus_per_actor)))
+    capacity = max(1, capacity)
     if actors is None:
-        if gpus_per_actor > 0:
-            actors = max(1, int(max(total_gpus, gpus_per_actor) // gpus_per_actor))
-        else:
-            actors = max(1, int((total_cpus - decode_cpus) // cpus_per_actor))
-    budget = max(0.25, total_cpus - decode_cpus)
-    if actors * cpus_per_actor > budget:
-        reduced = math.floor(budget / actors * 100) / 100
-        log.warning(
-            "%d actors x %.2f CPUs would take every CPU and starve decoding; reserving %.2f CPUs per actor instead",
-            actors, cpus_per_actor, reduced,
-        )
-        threads_per_actor = threads_per_actor or max(1, math.ceil(cpus_per_actor))
-        cpus_per_actor = max(0.01, reduced)
-    if threads_per_actor is None:
-        threads_per_actor = max(1, math.ceil(cpus_per_actor))
+        actors = capacity
+    elif actors > capacity:
+        log.warning("%d actors do not fit beside the decode tasks on this cluster; using %d", actors, capacity)
+        actors = capacity
+    threads = threads_per_actor or default_threads or max(1, math.ceil(cpus_per_actor))
     if batch_size is None:
         batch_size = 256 if gpus_per_actor > 0 else 32
-    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads_per_actor, decode_cpus, batch_size)
+    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size)
 
 
 def cluster_plan(**overrides) -> ResourcePlan:
     import ray
 
-    total = ray.cluster_resources()
-    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
-    return plan_resources(total.get("CPU", 1.0), node_cpus, total.get("GPU", 0.0), **overrides)
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return plan_resources(nodes, ray.cluster_resources().get("GPU", 0.0), **overrides)
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -150,7 +152,8 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
         "image": np.stack([r[0] if r[0] is not None else blank for r in results]),
         "width": np.array([r[1] for r in results], dtype=np.int32),
         "height": np.array([r[2] for r in results], dtype=np.int32),
-        "error": np.array([r[3] for r in results], dtype=object),
+        # "" for no error: an all-None column would come back from Arrow as nulls of no type (floats)
+        "error": np.array([r[3] or "" for r in results], dtype=object),
     }
 
 
@@ -174,7 +177,7 @@ class Predictor:
         self.run_id = run_id
 
     def __call__(self, batch: dict) -> pa.Table:
-        errors = list(batch["error"])
+        errors = [str(e) or None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
         prob = np.full(n, np.nan, dtype=np.float32)
@@ -209,7 +212,7 @@ def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: Resource
         fn_args=(spec.to_dict(), settings),
         batch_size=plan.batch_size,
         batch_format="numpy",
-        num_cpus=plan.decode_cpus,
+        num_cpus=plan.task_cpus,
     )
     return decoded.map_batches(
         Predictor,
@@ -322,17 +325,17 @@ def score(
     prepare_output(output, overwrite, settings)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    paths_ds, n_listed = input_dataset(inputs, settings)
     plan = cluster_plan(
         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
         threads_per_actor=threads_per_actor, batch_size=batch_size,
     )
+    paths_ds, n_listed = input_dataset(inputs, settings, task_cpus=plan.task_cpus)
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %s files, plan %s", run_id, info.model_id, n_listed if n_listed is not None else "manifest", plan)
     start = time.perf_counter()
     results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)
     fs, path = storage.filesystem(output, settings)
-    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000)
+    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus})
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
     if n_listed is not None and summary.files != n_listed:

@@ -101,8 +101,10 @@ def _resolve_manifest_paths(batch: pa.Table, column: str, base: str) -> pa.Table
     return pa.table({"path": pa.array(out, pa.string())})
 
 
-def input_dataset(uris: list[str], settings: storage.S3Settings | None = None):
+def input_dataset(uris: list[str], settings: storage.S3Settings | None = None, task_cpus: float = 0.5):
     """A Ray Dataset with one ``path`` column: every input image, one row each.
+
+    ``task_cpus``: what each read task reserves (kept small so that predictor actors cannot starve it).
 
     Returns (dataset, number of listed files or None when manifests make the count unknown upfront).
     """
@@ -121,10 +123,9 @@ def input_dataset(uris: list[str], settings: storage.S3Settings | None = None):
                 raise InputError(f"manifest not found: {uri}")
             column = _manifest_column(uri, settings)
             reader = ray.data.read_parquet if path.lower().endswith(".parquet") else ray.data.read_csv
-            kwargs = {"columns": [column]} if reader is ray.data.read_parquet else {}
-            ds = reader(path, filesystem=fs, **kwargs)
+            ds = reader(path, filesystem=fs, ray_remote_args={"num_cpus": task_cpus}).select_columns([column])
             base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
-            ds = ds.map_batches(_resolve_manifest_paths, batch_format="pyarrow", fn_args=(column, base))
+            ds = ds.map_batches(_resolve_manifest_paths, batch_format="pyarrow", fn_args=(column, base), num_cpus=task_cpus)
             parts.append(ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK))
             log.info("input %s: manifest (column %r)", uri, column)
         else:

@@ -1,0 +1,186 @@
+"""Labelled image files and leak-free splits (plain functions: no Ray, no torch).
+
+A dataset is a local folder or ``s3://`` prefix laid out as
+
+    ROOT/{train,test}/{covid,non}/...     (COVID-Xray-5k's own layout; ``split`` picks the sub-folder)
+    ROOT/{covid,non}/...                  (no split level)
+    ROOT = .../covid  or  .../non         (one class only, e.g. ``external/hannover-covid/covid``)
+
+Class and split folder names match case-insensitively; images are found recursively below each class
+folder (:func:`cxr.sources.list_images`); other folders and loose files next to them are ignored.
+
+Splits are stratified by label and grouped by patient, so that no patient has images on both sides.
+The patient comes from CheXpert-style names (``patient00042``); a file without one is its own group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from . import storage
+from .sources import InputError, list_images
+
+CLASS_NAMES = ("non", "covid")  # label index 0 = non, 1 = covid (same order as cxr.checkpoint.CLASS_NAMES)
+SPLIT_NAMES = ("train", "test")
+FINGERPRINT_VERSION = "cxr-data-v1"
+
+_PATIENT_IN_NAME = re.compile(r"(?<![a-z0-9])patient(\d+)(?![0-9])", re.IGNORECASE)
+_PATIENT_DIR = re.compile(r"patient(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    path: str  # full URI (local absolute path or s3://...)
+    label: int  # 0 non, 1 covid
+    group: str  # patient id where the path carries one, else the path itself
+
+    def __post_init__(self) -> None:
+        if self.label not in (0, 1):
+            raise ValueError(f"label must be 0 (non) or 1 (covid), got {self.label!r}")
+
+
+def patient_id(path: str) -> str | None:
+    """``'patient00042'`` from a CheXpert-style path, else None.
+
+    Looks in the file name first (``Atelectasis-patient00042-study1-view1_frontal.jpg``,
+    ``patient00042_study1_view1_frontal.jpg``), then for a folder named exactly ``patientNNNNN``
+    (CheXpert's own ``patient00042/study1/view1_frontal.jpg``). Case-insensitive; returned lower-case.
+    """
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    if m := _PATIENT_IN_NAME.search(parts[-1]):
+        return f"patient{m.group(1)}"
+    for part in reversed(parts[:-1]):
+        if m := _PATIENT_DIR.fullmatch(part):
+            return f"patient{m.group(1)}"
+    return None
+
+
+def _class_dirs(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted((i.path, CLASS_NAMES.index(posixpath.basename(i.path).lower())) for i in infos
+                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).lower() in CLASS_NAMES)
+
+
+def _split_dirs(fs: pafs.FileSystem, path: str) -> dict[str, list[str]]:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    out: dict[str, list[str]] = {}
+    for i in infos:
+        name = posixpath.basename(i.path).lower()
+        if i.type == pafs.FileType.Directory and name in SPLIT_NAMES:
+            out.setdefault(name, []).append(i.path)
+    return out
+
+
+def labelled_files(uri: str, split: str | None = "train",
+                   settings: storage.S3Settings | None = None) -> list[LabelledFile]:
+    """Every image below ``uri``'s class folders, labelled by folder, sorted by path.
+
+    With a ``{train,test}`` layout ``split`` picks the sub-folder; ``split=None`` takes every split
+    folder present (e.g. all of an external set of normals). Without a split level ``split`` is ignored.
+    Raises :class:`InputError` when ``uri`` is missing or holds no ``covid``/``non`` folder.
+    """
+    layout = "expected {covid,non}/ or {train,test}/{covid,non}/ below it, or a folder itself named covid or non"
+    fs, root = storage.filesystem(uri, settings)
+    try:
+        kind = fs.get_file_info(root).type
+        if kind == pafs.FileType.File:
+            raise InputError(f"{uri} is a file, not a dataset folder ({layout})")
+        if kind == pafs.FileType.NotFound and not storage.is_s3(uri):
+            raise InputError(f"dataset not found: {uri}")
+        classes = _class_dirs(fs, root)
+        if not classes and (splits := _split_dirs(fs, root)):
+            if split is None:
+                chosen = [p for name in SPLIT_NAMES for p in splits.get(name, [])]
+            elif split.lower() in splits:
+                chosen = splits[split.lower()]
+            else:
+                raise InputError(f"no {split!r} split folder in {uri} (found: {', '.join(sorted(splits))})")
+            classes = [c for d in chosen for c in _class_dirs(fs, d)]
+        if not classes and posixpath.basename(root).lower() in CLASS_NAMES:
+            classes = [(root, CLASS_NAMES.index(posixpath.basename(root).lower()))]
+    except OSError as exc:
+        raise InputError(f"cannot list {uri}: {storage.describe_error(exc)}") from exc
+    if not classes:
+        where = f"{uri} (split {split!r})" if split else uri
+        raise InputError(f"no class folder (covid or non) in {where}: {layout}")
+    out = [LabelledFile(p, label, patient_id(p) or p)
+           for path, label in classes for p in list_images(storage.to_uri(fs, path), settings)]
+    return sorted(out, key=lambda f: f.path)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _folds(files, n_splits: int, seed: int) -> tuple[list[LabelledFile], list[tuple[list[int], list[int]]]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    files = sorted(files, key=lambda f: f.path)  # the split depends on the set, not the input order
+    n_groups = len({f.group for f in files})
+    if n_splits < 2:
+        raise ValueError(f"need at least 2 folds, got {n_splits}")
+    if n_groups < n_splits:
+        raise ValueError(f"cannot split {len(files)} files in {n_groups} patient groups into {n_splits} folds")
+    labels = [f.label for f in files]
+    groups = [f.group for f in files]
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return files, [(list(tr), list(va)) for tr, va in cv.split(labels, labels, groups)]
+
+
+def _take(files, idx) -> list[LabelledFile]:
+    return [files[i] for i in idx]
+
+
+def split_train_val(files, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[LabelledFile], list[LabelledFile]]:
+    """(train, val): one fold of ``StratifiedGroupKFold(round(1/val_fraction), shuffle=True, seed)``.
+
+    The first fold is the validation set, unless it lacks a positive (covid) on either side while there
+    are >= 2 positive patient groups: then the first fold that has positives on both sides is taken.
+    Both lists come sorted by path; the result depends only on the set of files and the seed.
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    files, folds = _folds(files, round(1 / val_fraction), seed)
+    chosen = folds[0]
+    if len({f.group for f in files if f.label == 1}) >= 2:
+        has_pos = lambda idx: any(files[i].label == 1 for i in idx)  # noqa: E731
+        chosen = next((fold for fold in folds if has_pos(fold[0]) and has_pos(fold[1])), chosen)
+    return _take(files, chosen[0]), _take(files, chosen[1])
+
+
+def cv_folds(files, n_splits: int = 5, seed: int = 0) -> list[tuple[list[LabelledFile], list[LabelledFile]]]:
+    """Every (train, val) fold of the same stratified, patient-grouped K-fold split."""
+    files, folds = _folds(files, n_splits, seed)
+    return [(_take(files, tr), _take(files, va)) for tr, va in folds]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def fingerprint(files) -> str:
+    """SHA-256 hex of the file list: sorted ``label<TAB>relative path`` lines.
+
+    Paths are taken relative to the files' deepest common folder, so a dataset copied elsewhere (another
+    mount, an S3 prefix) keeps its fingerprint, while adding, removing, renaming or relabelling a file
+    changes it. File contents are not read. Independent of the input order.
+    """
+    split = [f.path.replace("\\", "/").split("/") for f in files]
+    common = split[0][:-1] if split else []
+    for parts in split[1:]:
+        n = 0
+        while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    lines = sorted(f"{f.label}\t{'/'.join(p[len(common):])}" for f, p in zip(files, split))
+    return hashlib.sha256("\n".join([FINGERPRINT_VERSION, *lines]).encode()).hexdigest()
+
+
+def class_counts(files) -> dict[str, int]:
+    counts = dict.fromkeys(CLASS_NAMES, 0)
+    for f in files:
+        counts[CLASS_NAMES[f.label]] += 1
+    return counts

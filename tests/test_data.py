@@ -1,0 +1,172 @@
+"""Tests for cxr.data: labelled file trees generated in tmp_path (tiny PNGs), splits on synthetic lists. No Ray."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import upload_tree
+from cxr.data import (
+    CLASS_NAMES, LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, patient_id, split_train_val,
+)
+from cxr.sources import InputError
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tree(root: Path, files: list[str]) -> Path:
+    for i, name in enumerate(files):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png(i) if not name.endswith(".txt") else b"not an image")
+    return root
+
+
+def _labels(files) -> dict[str, int]:
+    return {Path(f.path).name: f.label for f in files}
+
+
+def test_class_names_match_checkpoint():
+    from cxr.checkpoint import CLASS_NAMES as CHECKPOINT_NAMES
+
+    assert CLASS_NAMES == CHECKPOINT_NAMES == ("non", "covid")
+
+
+def test_split_layout(tmp_path):
+    root = _tree(tmp_path / "ds", [
+        "train/covid/c1.png", "train/covid/sub/c2.jpg", "train/non/patient00001-study1-view1_frontal.png",
+        "train/non/n2.png", "train/non/notes.txt", "test/covid/tc.png", "test/non/tn.png", "SOURCE/x.png", "loose.png",
+    ])
+    train = labelled_files(str(root))
+    assert _labels(train) == {"c1.png": 1, "c2.jpg": 1, "patient00001-study1-view1_frontal.png": 0, "n2.png": 0}
+    assert [f.path for f in train] == sorted(f.path for f in train)
+    assert all(Path(f.path).is_absolute() for f in train)
+    groups = {Path(f.path).name: f.group for f in train}
+    assert groups["patient00001-study1-view1_frontal.png"] == "patient00001"
+    assert groups["n2.png"] == str(root / "train/non/n2.png")
+    assert _labels(labelled_files(str(root), split="test")) == {"tc.png": 1, "tn.png": 0}
+    assert len(labelled_files(str(root), split=None)) == 6  # every split
+    assert labelled_files(str(root)) == train  # deterministic
+    with pytest.raises(InputError, match="no 'val' split folder"):
+        labelled_files(str(root), split="val")
+
+
+def test_plain_layout_uppercase_and_split_ignored(tmp_path):
+    root = _tree(tmp_path / "ds", ["COVID/a.png", "Non/b.png", "Non/deep/er/c.png", "other/d.png"])
+    files = labelled_files(str(root), split="test")
+    assert _labels(files) == {"a.png": 1, "b.png": 0, "c.png": 0}
+    assert class_counts(files) == {"non": 2, "covid": 1}
+
+
+def test_single_class_folders(tmp_path):
+    _tree(tmp_path, ["hannover/covid/a.png", "hannover/covid/b.png", "normals/train/non/x.png", "normals/test/non/y.png"])
+    assert _labels(labelled_files(str(tmp_path / "hannover" / "covid"))) == {"a.png": 1, "b.png": 1}
+    assert _labels(labelled_files(str(tmp_path / "hannover"))) == {"a.png": 1, "b.png": 1}
+    assert _labels(labelled_files(str(tmp_path / "normals"), split=None)) == {"x.png": 0, "y.png": 0}
+
+
+def test_missing_classes_raise(tmp_path):
+    _tree(tmp_path, ["flat/a.png", "wrong/pos/a.png", "wrong/neg/b.png", "splits/train/pos/a.png"])
+    for name in ("flat", "wrong", "splits"):
+        with pytest.raises(InputError, match=r"no class folder .*\{covid,non\}"):
+            labelled_files(str(tmp_path / name))
+    with pytest.raises(InputError, match="not found"):
+        labelled_files(str(tmp_path / "absent"))
+    with pytest.raises(InputError, match="is a file"):
+        labelled_files(str(tmp_path / "flat" / "a.png"))
+
+
+def test_s3_layout(s3_bucket, tmp_path):
+    bucket, client = s3_bucket
+    upload_tree(client, bucket, _tree(tmp_path / "ds", ["train/covid/a.png", "train/Non/b.png", "test/non/c.png"]), "cxr5k")
+    files = labelled_files(f"s3://{bucket}/cxr5k")
+    assert [(f.path, f.label) for f in files] == [(f"s3://{bucket}/cxr5k/train/Non/b.png", 0),
+                                                  (f"s3://{bucket}/cxr5k/train/covid/a.png", 1)]
+    local = labelled_files(str(tmp_path / "ds"))
+    assert fingerprint(files) == fingerprint(local)  # relative paths: the copy keeps its fingerprint
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/d/non/patient00042_study1_view1_frontal.jpg", "patient00042"),
+    ("/d/non/Atelectasis-patient03614-study5-view1_frontal.jpg", "patient03614"),
+    ("s3://b/x/No Finding-PATIENT00007-study1-view1_frontal.jpg", "patient00007"),
+    ("/chexpert/train/patient00042/study1/view1_frontal.jpg", "patient00042"),
+    ("/d/covid/covid-19-pneumonia-22-day1-pa.png", None),
+    ("/d/covid/outpatient12.png", None),
+    ("/patient00001-data/covid/a.png", None),
+])
+def test_patient_id(path, expected):
+    assert patient_id(path) == expected
+
+
+def _synthetic(n_pos=30, n_neg=270, per_patient=3) -> list[LabelledFile]:
+    """Negatives: CheXpert-style, ``per_patient`` images per patient; positives: one group per file."""
+    neg = [LabelledFile(f"/d/non/patient{i // per_patient:05d}_study{i % per_patient}_view1.jpg", 0,
+                        f"patient{i // per_patient:05d}") for i in range(n_neg)]
+    pos = [LabelledFile(f"/d/covid/c{i:03d}.png", 1, f"/d/covid/c{i:03d}.png") for i in range(n_pos)]
+    return pos + neg
+
+
+def test_split_stratified_grouped_deterministic():
+    files = _synthetic()
+    train, val = split_train_val(files, 0.2, seed=0)
+    assert sorted(train + val, key=lambda f: f.path) == sorted(files, key=lambda f: f.path)
+    assert abs(class_counts(val)["covid"] - 6) <= 1 and abs(class_counts(val)["non"] - 54) <= 3  # 3 per patient
+    assert not {f.group for f in train} & {f.group for f in val}
+    assert max(Counter(f.group for f in val).values()) == 3  # whole patients moved together
+    assert split_train_val(list(reversed(files)), 0.2, seed=0) == (train, val)  # order-independent
+    assert split_train_val(files, 0.2, seed=1) != (train, val)
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+def test_split_keeps_a_positive_in_validation():
+    fallbacks = 0
+    for per_patient in (1, 3):
+        for seed in range(5):
+            files = _synthetic(n_pos=2, n_neg=60, per_patient=per_patient)
+            train, val = split_train_val(files, 0.2, seed=seed)
+            assert class_counts(val)["covid"] >= 1 and class_counts(train)["covid"] >= 1
+            assert not {f.group for f in train} & {f.group for f in val}
+            fallbacks += class_counts(cv_folds(files, 5, seed)[0][1])["covid"] == 0
+    assert fallbacks  # some of these first folds had no positive: the fallback fold was used
+
+
+def test_split_rejects_bad_input():
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_train_val(_synthetic(), 0.0)
+    with pytest.raises(ValueError, match="patient groups"):
+        split_train_val(_synthetic(n_pos=1, n_neg=3, per_patient=3), 0.2)
+
+
+def test_cv_folds_cover_every_file_once():
+    files = _synthetic()
+    folds = cv_folds(files, n_splits=5, seed=3)
+    assert len(folds) == 5
+    seen = Counter(f.path for _, val in folds for f in val)
+    assert set(seen) == {f.path for f in files} and set(seen.values()) == {1}
+    for train, val in folds:
+        assert len(train) + len(val) == len(files)
+        assert not {f.group for f in train} & {f.group for f in val}
+        assert class_counts(val)["covid"] == 6
+    assert split_train_val(files, 0.2, seed=3) == folds[0]
+
+
+def test_fingerprint_and_counts():
+    files = _synthetic(n_pos=3, n_neg=6)
+    fp = fingerprint(files)
+    assert len(fp) == 64 and fp == fingerprint(list(reversed(files)))
+    flipped = [LabelledFile(f.path, 1 - f.label, f.group) if i == 0 else f for i, f in enumerate(files)]
+    assert fingerprint(flipped) != fp
+    assert fingerprint(files[1:]) != fp
+    assert class_counts(files) == {"non": 6, "covid": 3} and class_counts([]) == {"non": 0, "covid": 0}
+    with pytest.raises(ValueError):
+        LabelledFile("/x.png", 2, "/x.png")

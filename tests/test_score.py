@@ -1,0 +1,167 @@
+"""The scoring pipeline on a real local Ray cluster (2 nodes) and a real S3 server (moto over HTTP)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from conftest import IGNORED, mixed_files, run_job, upload_tree
+
+from cxr import storage
+from cxr.checkpoint import load_checkpoint
+from cxr.decode import decode
+from cxr.preprocess import preprocess
+from cxr.score import OUTPUT_SCHEMA, plan_resources, score
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def read_table(uri: str) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def expected_probs(model_uri: str, files: dict) -> dict[str, float]:
+    """What the model gives for each good file when called directly, outside Ray."""
+    loaded = load_checkpoint(model_uri)
+    names = [n for n, (_, err, _) in files.items() if err is None]
+    images = np.stack([preprocess(decode(files[n][0], n).image, loaded.info.preprocess) for n in names])
+    return dict(zip(names, loaded.predict_proba(images).tolist()))
+
+
+def check_table(table: pa.Table, files: dict, prefix: str, model_uri: str) -> None:
+    """One row per input file, exact errors, null columns on error rows, probabilities as the model gives."""
+    assert table.schema.equals(OUTPUT_SCHEMA), table.schema
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows, "duplicate rows"
+    assert set(rows) == {f"{prefix}/{name}" for name in files}, "rows differ from the input files"
+    direct = expected_probs(model_uri, files)
+    info = load_checkpoint(model_uri).info
+    for name, (_, error, size) in files.items():
+        row = rows[f"{prefix}/{name}"]
+        assert row["model"] == info.model_id and row["threshold"] == pytest.approx(info.threshold)
+        if error is None:
+            assert row["error"] is None, row
+            assert (row["width"], row["height"]) == size
+            assert row["prob_covid"] == pytest.approx(direct[name], abs=1e-5)
+            assert row["prediction"] == ("covid" if row["prob_covid"] >= row["threshold"] else "non")
+        else:
+            assert row["error"].startswith(error), (name, row["error"])
+            assert row["prob_covid"] is None and row["prediction"] is None
+            assert row["width"] is None and row["height"] is None
+    assert len({r["run_id"] for r in rows.values()}) == 1
+    now = datetime.now(timezone.utc)
+    assert all(now - timedelta(minutes=10) < r["scored_at"] <= now for r in rows.values())
+
+
+def _some_node_keeps_task_cpus(nodes, plan) -> bool:
+    """Worst case placement: Ray packs actors onto nodes greedily; is a task still schedulable?"""
+    free = sorted(nodes, reverse=True)
+    for _ in range(plan.actors):
+        i = next((i for i, f in enumerate(free) if f >= plan.cpus_per_actor), None)
+        if i is None:
+            break
+        free[i] -= plan.cpus_per_actor
+    return max(free) >= plan.task_cpus
+
+
+@pytest.mark.parametrize("nodes", [[2], [2, 1], [16], [16, 16, 16, 16], [4, 2, 1], [8, 0.5]])
+@pytest.mark.parametrize("ask", [{}, {"actors": 3, "cpus_per_actor": 2}, {"cpus_per_actor": 1}, {"actors": 64, "cpus_per_actor": 0.5}])
+def test_plan_never_lets_actors_starve_the_tasks(nodes, ask):
+    plan = plan_resources(nodes, **ask)
+    assert plan.actors >= 1 and plan.threads_per_actor >= 1 and plan.gpus_per_actor == 0
+    assert _some_node_keeps_task_cpus(nodes, plan), plan
+
+
+def test_plan_defaults():
+    plan = plan_resources([2])  # this machine: one actor using both cores, half a CPU kept for tasks
+    assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor, plan.task_cpus) == (1, 1.5, 2, 0.5)
+    greedy = plan_resources([2, 1], actors=3, cpus_per_actor=2)
+    assert (greedy.actors, greedy.threads_per_actor) == (1, 2)  # threads kept as asked, reservation shrinks
+    big = plan_resources([16, 16])  # two 8-thread actors per 16-core node
+    assert (big.actors, big.threads_per_actor) == (4, 8)
+    gpu = plan_resources([16, 16], total_gpus=4)
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.batch_size, gpu.task_cpus) == (4, 1.0, 256, 1.0)
+
+
+def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, tiny_model, tmp_path):
+    folder, files = mixed_folder
+    out = str(tmp_path / "scores")
+    summary = score([str(folder)], out, tiny_model)
+    table = read_table(out)
+    check_table(table, files, str(folder), tiny_model)
+    assert not any(p.endswith(tuple(IGNORED)) for p in table["path"].to_pylist())
+    n_bad = sum(1 for _, e, _ in files.values() if e)
+    assert (summary.files, summary.errors, summary.scored) == (len(files), n_bad, len(files) - n_bad)
+    written = json.loads((tmp_path / "scores" / "_summary.json").read_text())
+    assert written["files"] == len(files) and written["run_id"] == table["run_id"][0].as_py()
+
+
+def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, tiny_model, tmp_path):
+    folder, files = mixed_folder
+    # A manifest adds a read task; 3 actors x 2 CPUs on this 2+1-CPU cluster would leave nothing for
+    # the read, decode and write tasks (seen here: a silent hang).
+    pacsv.write_csv(pa.table({"path": sorted(files)}), folder / "all.csv")
+    summary = score([str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=3, cpus_per_actor=2, batch_size=4)
+    assert summary.files == len(files)
+
+
+def test_score_s3_bucket_both_ways(ray_driver, s3_bucket, mixed_folder, tiny_model, tmp_path):
+    bucket, client = s3_bucket
+    folder, files = mixed_folder
+    upload_tree(client, bucket, folder, "incoming/day1")
+    model_uri = f"s3://{bucket}/models/tiny"
+    upload_tree(client, bucket, __import__("pathlib").Path(tiny_model), "models/tiny")
+    out = f"s3://{bucket}/scores/run1"
+    summary = score([f"s3://{bucket}/incoming/day1"], out, model_uri)
+    check_table(read_table(out), files, f"s3://{bucket}/incoming/day1", tiny_model)
+    assert summary.files == len(files)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="scores/run1/")["Contents"]]
+    assert any(k.endswith(".parquet") for k in keys) and "scores/run1/_summary.json" in keys
+
+
+def test_manifest_csv_and_parquet(ray_driver, mixed_folder, tiny_model, tmp_path):
+    folder, files = mixed_folder
+    names = sorted(files)[:5]
+    # relative entries resolve against the manifest's folder; a missing file becomes an error row
+    pacsv.write_csv(pa.table({"path": names + ["good/missing.png"]}), folder / "manifest.csv")
+    out = str(tmp_path / "from_csv")
+    score([str(folder / "manifest.csv")], out, tiny_model)
+    rows = {r["path"]: r for r in read_table(out).to_pylist()}
+    assert set(rows) == {f"{folder}/{n}" for n in names + ["good/missing.png"]}
+    assert rows[f"{folder}/good/missing.png"]["error"].startswith("read failed")
+
+    pq.write_table(pa.table({"uri": [str(folder / n) for n in names], "site": ["a"] * len(names)}), tmp_path / "m.parquet")
+    out2 = str(tmp_path / "from_parquet")
+    score([str(tmp_path / "m.parquet")], out2, tiny_model)
+    assert sorted(read_table(out2)["path"].to_pylist()) == sorted(f"{folder}/{n}" for n in names)
+
+
+def test_score_job_cli_exit_codes_and_no_secrets(ray_cluster, mixed_folder, tiny_model, tmp_path):
+    folder, files = mixed_folder
+    env = {"RAY_ADDRESS": ray_cluster.address, "AWS_SECRET_ACCESS_KEY": "sekrit-XYZ-0123456789"}
+    out = tmp_path / "scores"
+    ok = run_job("score.py", "--input", str(folder), "--output", str(out), "--model", tiny_model, env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"scored {len(files)} files" in ok.stdout
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["errors"] == sum(1 for _, e, _ in files.values() if e)
+    assert "sekrit-XYZ" not in ok.stdout + ok.stderr
+    assert all(b"sekrit-XYZ" not in p.read_bytes() for p in out.iterdir())
+
+    again = run_job("score.py", "--input", str(folder), "--output", str(out), "--model", tiny_model, env=env)
+    assert again.returncode == 5 and "not empty" in again.stderr
+    missing = run_job("score.py", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--model", tiny_model, env=env)
+    assert missing.returncode == 3 and "input not found" in missing.stderr
+    (tmp_path / "badmodel").mkdir()
+    (tmp_path / "badmodel" / "model.json").write_text("{not json")
+    bad = run_job("score.py", "--input", str(folder), "--output", str(tmp_path / "o3"), "--model", str(tmp_path / "badmodel"), env=env)
+    assert bad.returncode == 4 and "not valid JSON" in bad.stderr
+    usage = run_job("score.py", "--output", str(tmp_path / "o4"), env=env)
+    assert usage.returncode == 2

@@ -329,16 +329,16 @@ def score(
         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
         threads_per_actor=threads_per_actor, batch_size=batch_size,
     )
-    paths_ds, n_listed = input_dataset(inputs, settings, task_cpus=plan.task_cpus)
+    paths_ds, n_inputs = input_dataset(inputs, settings)
     run_id = run_id or new_run_id()
-    log.info("run %s: model %s, %s files, plan %s", run_id, info.model_id, n_listed if n_listed is not None else "manifest", plan)
+    log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
     start = time.perf_counter()
     results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)
     fs, path = storage.filesystem(output, settings)
     results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus})
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
-    if n_listed is not None and summary.files != n_listed:
-        raise RuntimeError(f"output has {summary.files} rows for {n_listed} input files")
+    if summary.files != n_inputs:
+        raise RuntimeError(f"output has {summary.files} rows for {n_inputs} input files")
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(asdict(summary), indent=2).encode(), settings)
     return summary

@@ -2,8 +2,9 @@
 
 A folder or prefix is listed on the driver and filtered by extension (``.png .jpg .jpeg .dcm``,
 case-insensitive), plus files without an extension that carry DICOM's ``DICM`` magic. A manifest
-(``.parquet`` or ``.csv`` with a ``path`` or ``uri`` column) is taken as given, one output row per
-manifest row, and is read by Ray Data itself, so nightly jobs over 10^7 images skip listing.
+(``.parquet`` or ``.csv`` with a ``path`` or ``uri`` column) is taken as given (every entry is an
+input, whatever its extension), so nightly jobs over 10^7 images skip listing. A file named twice is
+scored once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
 MANIFEST_COLUMNS = ("path", "uri", "url", "file")
-ROWS_PER_BLOCK = 128  # paths per input block: the unit of work of one decode task
 
 
 class InputError(Exception):
@@ -72,75 +72,77 @@ def list_images(uri: str, settings: storage.S3Settings | None = None) -> list[st
     return sorted(storage.to_uri(fs, p) for p in chosen)
 
 
-def _manifest_column(uri: str, settings: storage.S3Settings | None) -> str:
+def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Array:
+    """The image URIs a ``.parquet``/``.csv`` manifest lists (one column read; relative paths resolved
+    against the manifest's folder). Read on the driver with pyarrow: ~10^7 rows take ~1 GB there."""
+    import pyarrow.compute as pc
+
     fs, path = storage.filesystem(uri, settings)
     try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise InputError(f"manifest not found: {uri}")
         if path.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
             names = pq.read_schema(path, filesystem=fs).names
+            column = next((c for c in MANIFEST_COLUMNS if c in names), None)
+            table = pq.read_table(path, filesystem=fs, columns=[column]) if column else None
         else:
+            import pyarrow.csv as pacsv
+
             with fs.open_input_stream(path) as f:
-                names = [n.strip().strip('"') for n in f.read(65536).decode("utf-8", "replace").splitlines()[0].split(",")]
-    except (OSError, IndexError, pa.ArrowInvalid) as exc:
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS}))
+            names = table.column_names
+            column = next((c for c in MANIFEST_COLUMNS if c in names), None)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc)}") from exc
-    for name in MANIFEST_COLUMNS:
-        if name in names:
-            return name
-    raise InputError(f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})")
+    if column is None:
+        raise InputError(f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})")
+    col = pc.utf8_trim_whitespace(pc.fill_null(table.column(column).combine_chunks().cast(pa.string()), ""))
+    col = pc.replace_substring_regex(col, "^file://", "")
+    base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
+    absolute = pc.or_(pc.or_(pc.starts_with(col, "/"), pc.starts_with(col, "s3://")), pc.equal(col, ""))
+    return pc.if_else(absolute, col, pc.binary_join_element_wise(base, col, "/"))
 
 
-def _resolve_manifest_paths(batch: pa.Table, column: str, base: str) -> pa.Table:
-    """Make manifest entries absolute URIs: relative ones are taken relative to the manifest's folder."""
-    out = []
-    for p in batch.column(column).to_pylist():
-        p = "" if p is None else str(p).strip()
-        if p and not (storage.is_s3(p) or p.startswith("/") or p.startswith("file://")):
-            p = storage.join(base, p)
-        out.append(p[len("file://"):] if p.startswith("file://") else p)
-    return pa.table({"path": pa.array(out, pa.string())})
+def input_paths(uris: list[str], settings: storage.S3Settings | None = None) -> pa.Array:
+    """Every input image URI, each once, in input order."""
+    import pyarrow.compute as pc
+
+    arrays = []
+    for uri in uris:
+        if _is_manifest(uri):
+            arrays.append(read_manifest(uri, settings))
+            log.info("input %s: manifest with %d entries", uri, len(arrays[-1]))
+        else:
+            arrays.append(pa.array(list_images(uri, settings), pa.string()))
+            log.info("input %s: %d image files", uri, len(arrays[-1]))
+    everything = pa.chunked_array(arrays, pa.string()).combine_chunks() if arrays else pa.array([], pa.string())
+    unique = pc.unique(everything)
+    if len(unique) < len(everything):
+        log.warning("%d entries named a file already named; each file is scored once", len(everything) - len(unique))
+    if len(unique) == 0:
+        raise InputError("no PNG, JPEG or DICOM files found in " + ", ".join(uris))
+    return unique
 
 
-def input_dataset(uris: list[str], settings: storage.S3Settings | None = None, task_cpus: float = 0.5):
-    """A Ray Dataset with one ``path`` column: every input image, one row each.
+def rows_per_block(n: int) -> int:
+    """Paths per input block, the unit of work of one decode task: small enough for parallelism,
+    large enough that 10^7 inputs do not make 10^5 blocks."""
+    return max(16, min(2048, -(-n // 1000)))
 
-    ``task_cpus``: what each read task reserves (kept small so that predictor actors cannot starve it).
 
-    Returns (dataset, number of listed files or None when manifests make the count unknown upfront).
+def input_dataset(uris: list[str], settings: storage.S3Settings | None = None, extra: dict | None = None):
+    """A Ray Dataset with a ``path`` column (plus equal-length ``extra`` columns): one row per input.
+
+    Returns (dataset, number of rows).
     """
     import ray.data
 
-    listed: list[str] = []
-    parts = []
-    for uri in uris:
-        fs, path = storage.filesystem(uri, settings)
-        if _is_manifest(path):
-            try:
-                is_file = fs.get_file_info(path).type == pafs.FileType.File
-            except OSError as exc:
-                raise InputError(f"cannot access {uri}: {storage.describe_error(exc)}") from exc
-            if not is_file:
-                raise InputError(f"manifest not found: {uri}")
-            column = _manifest_column(uri, settings)
-            reader = ray.data.read_parquet if path.lower().endswith(".parquet") else ray.data.read_csv
-            ds = reader(path, filesystem=fs, ray_remote_args={"num_cpus": task_cpus}).select_columns([column])
-            base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
-            ds = ds.map_batches(_resolve_manifest_paths, batch_format="pyarrow", fn_args=(column, base), num_cpus=task_cpus)
-            parts.append(ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK))
-            log.info("input %s: manifest (column %r)", uri, column)
-        else:
-            found = list_images(uri, settings)
-            log.info("input %s: %d image files", uri, len(found))
-            listed += found
-    if listed:
-        unique = list(dict.fromkeys(listed))
-        if len(unique) < len(listed):
-            log.warning("%d files were named by more than one input; each is scored once", len(listed) - len(unique))
-        table = pa.table({"path": pa.array(unique, pa.string())})
-        # Many small blocks so that decoding runs as many parallel tasks as the cluster allows.
-        blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, len(unique), ROWS_PER_BLOCK)]
-        parts.insert(0, ray.data.from_arrow(blocks))
-    if not parts:
-        raise InputError("no PNG, JPEG or DICOM files found in " + ", ".join(uris))
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds, (len(dict.fromkeys(listed)) if len(parts) == 1 and listed else None)
+    paths = input_paths(uris, settings)
+    table = pa.table({"path": paths, **(extra or {})})
+    step = rows_per_block(len(table))
+    blocks = [table.slice(i, step) for i in range(0, len(table), step)]
+    return ray.data.from_arrow(blocks), len(table)

@@ -285,3 +285,25 @@ def run_job(script: str, *args: str, env: dict | None = None, timeout: float = 2
         [PYTHON, str(ROOT / "jobs" / script), *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, cwd=str(ROOT),
     )
+
+
+def make_labelled_tree(root: Path, n: int = 30, size: int = 64, seed: int = 0, layout: str = "train") -> Path:
+    """{layout}/{covid,non}/ of generated images: covid ones carry a bright disc (separable task)."""
+    for cls, blob in (("covid", True), ("non", False)):
+        d = root / layout / cls if layout else root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (d / f"{cls}{seed}-{i}.png").write_bytes(png_bytes(xray_like(size, size, seed=seed * 10_000 + i + (5000 if blob else 0), blob=blob)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_driver, tmp_path_factory):
+    """A mobilenet_v2 fine-tuned from ImageNet weights for 3 epochs on the synthetic task (64 px)."""
+    from cxr.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("train")
+    data = make_labelled_tree(root / "data")
+    cfg = TrainConfig(data=str(data), output=str(root / "run"), weights="imagenet", epochs=3, image_size=64, batch_size=16,
+                      lr=1e-3, oversample=2, val_fraction=0.25)
+    return train(cfg)

@@ -88,7 +88,7 @@ class ModelInfo:
             raise CheckpointError(f"invalid model.json: {exc}") from exc
         if info.positive_class not in info.class_names:
             raise CheckpointError(f"positive_class {info.positive_class!r} not in class_names {info.class_names}")
-        if not 0.0 <= info.threshold <= 1.0 or info.temperature <= 0:
+        if not 0.0 <= info.threshold <= 1.0 or not 0.0 < info.temperature < float("inf"):  # also rejects NaN
             raise CheckpointError("threshold must be in [0, 1] and temperature > 0")
         return info
 

@@ -152,7 +152,7 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     state = read_state_dict(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable]
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]  # absent from pre-2018 files
     if len(missing) > 4:  # more than a classifier head (weight, bias) is missing: wrong file for this model
         raise ValueError(f"{path}: does not fit this backbone ({len(missing)} of {len(own)} tensors missing, e.g. {missing[:3]})")
     model.load_state_dict(usable, strict=False)

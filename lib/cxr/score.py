@@ -140,7 +140,10 @@ def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings) -> 
 
 
 def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
-    """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding)."""
+    """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding).
+
+    Columns other than ``path`` (e.g. training labels) pass through unchanged.
+    """
     spec_ = PreprocessSpec.from_dict(spec)
     paths = [str(p) for p in batch["path"]]
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
@@ -148,6 +151,7 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
     size = spec_.input_size
     blank = np.zeros((size, size), np.float32)
     return {
+        **{k: v for k, v in batch.items() if k != "path"},
         "path": np.array(paths, dtype=object),
         "image": np.stack([r[0] if r[0] is not None else blank for r in results]),
         "width": np.array([r[1] for r in results], dtype=np.int32),
@@ -155,6 +159,13 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
         # "" for no error: an all-None column would come back from Arrow as nulls of no type (floats)
         "error": np.array([r[3] or "" for r in results], dtype=object),
     }
+
+
+def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32):
+    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``."""
+    return paths_ds.map_batches(
+        decode_batch, fn_args=(spec.to_dict(), settings), batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus,
+    )
 
 
 class Predictor:
@@ -207,13 +218,7 @@ def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: Resource
     """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``)."""
     import ray.data
 
-    decoded = paths_ds.map_batches(
-        decode_batch,
-        fn_args=(spec.to_dict(), settings),
-        batch_size=plan.batch_size,
-        batch_format="numpy",
-        num_cpus=plan.task_cpus,
-    )
+    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
     return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={

@@ -1,0 +1,54 @@
+"""Evaluate a model on labelled chest X-rays: the classification report, sensitivity and specificity
+with 95% confidence intervals, ROC/PR curves, in report.html + report.json.
+
+    python jobs/evaluate.py --data DATA --model default --output reports/test
+
+DATA: {train,test}/{covid,non}/ (--split picks one; default test), {covid,non}/, or a folder that is
+itself named covid or non (an external single-class set: sensitivity or false-positive rate only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+from cxr import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", required=True, metavar="URI", help="labelled folder or s3:// prefix; repeatable")
+    p.add_argument("--model", default="default", metavar="URI")
+    p.add_argument("--output", required=True, metavar="DIR", help="local directory for report.html, report.json, plots, predictions.parquet")
+    p.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
+    p.add_argument("--threshold", type=float, help="override the model's threshold (default: the one chosen on validation)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC intervals")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--actors", type=int)
+    p.add_argument("--gpus-per-actor", type=float)
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    cli.setup_logging(args.verbose)
+    from cxr.evaluate import evaluate
+
+    result = evaluate(
+        args.data, args.model, args.output, split=None if args.split == "all" else args.split, threshold=args.threshold,
+        n_bootstrap=args.bootstrap, batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+    )
+    print(result.line())
+    r = result.report
+    print(json.dumps({"evaluate": {"n": r["n"], "threshold": r["threshold"], "sensitivity": r["sensitivity"], "specificity": r["specificity"],
+                                   "roc_auc": r.get("roc_auc"), "errors": result.errors, "report": result.files["report_html"]}}))
+    return cli.OK
+
+
+if __name__ == "__main__":
+    cli.run(main)

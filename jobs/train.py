@@ -1,0 +1,80 @@
+"""Fine-tune a CNN backbone on labelled chest X-rays with Ray Train.
+
+    python jobs/train.py --data DATA --backbone mobilenet_v2 --output runs/mnv2
+
+DATA is a folder or s3:// prefix laid out as {train,test}/{covid,non}/ (only train/ is used) or
+{covid,non}/. OUTPUT becomes a checkpoint directory that the score and evaluate jobs take as --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+from cxr import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, metavar="URI")
+    p.add_argument("--output", required=True, metavar="URI", help="checkpoint directory or s3:// prefix to write")
+    p.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2, mobilenet_v3_large, resnet50, efficientnet_b0, densenet121, or timm/<name>")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a .safetensors/.pth state dict")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--covid-weight", type=float, help="loss weight of the covid class (default: balanced after oversampling)")
+    p.add_argument("--oversample", type=int, default=5, help="repeat each COVID training image this often, augmented differently")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--target-sensitivity", type=float, default=0.98, help="the threshold keeps validation sensitivity at this")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads-per-worker", type=int)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 mixed precision")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", metavar="CSV", help="CSV with columns file,group: images of one group (a case, a patient) stay on one side of the split")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures survived by resuming from the last checkpoint")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    cli.setup_logging(args.verbose)
+    from cxr.models import check_backbone
+    from cxr.train import TrainConfig, train
+
+    try:
+        check_backbone(args.backbone)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return cli.USAGE
+    groups = None
+    if args.groups:
+        with open(args.groups, newline="") as f:
+            groups = {row["file"]: row["group"] for row in csv.DictReader(f)}
+    cfg = TrainConfig(
+        data=args.data, output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs, lr=args.lr,
+        covid_weight=args.covid_weight, oversample=args.oversample, batch_size=args.batch_size, image_size=args.image_size,
+        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, gpu=args.gpu, seed=args.seed,
+        groups=groups, max_failures=args.max_failures,
+    )
+    result = train(cfg)
+    m = result.metrics
+    print(f"trained {result.model_id} in {result.seconds:.0f}s: best epoch {result.best_epoch}, validation AUC {m['val_auc']:.3f}, "
+          f"specificity {m['val_spec_at_target']:.3f} at sensitivity >= {cfg.target_sensitivity} (threshold {result.threshold:.4f}) -> {result.output}")
+    print(json.dumps({"train": {"model": result.model_id, "output": result.output, "threshold": result.threshold,
+                                "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
+                                "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}}))
+    return cli.OK
+
+
+if __name__ == "__main__":
+    cli.run(main)

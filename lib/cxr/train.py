@@ -1,0 +1,337 @@
+"""Fine-tuning on Ray Train (Train V2): the per-worker loop apart from the driver that builds the trainer.
+
+Driver (:func:`train`):
+    labelled files -> patient-grouped stratified train/validation split
+    -> Ray Data: decode + preprocess once (the scoring function), materialised in the object store;
+       the COVID rows repeated ``oversample`` times (each copy augmented differently every epoch)
+    -> ``TorchTrainer(train_loop_per_worker)``, data-parallel, CPU or GPU, FailureConfig resumes
+    -> best checkpoint by validation specificity at the target sensitivity (ties: ROC AUC)
+    -> output: ``model.safetensors`` + ``model.json`` (threshold chosen on validation), ``config.json``,
+       ``metrics.csv`` (per epoch), and Ray Train's run folder ``_ray/``.
+
+Worker (:func:`train_loop_per_worker`): augmentation (both classes alike, so the augmentation itself is
+no class cue), class-weighted cross-entropy, AdamW with cosine decay, mixed precision on GPU, and per
+epoch a full validation pass whose probabilities are gathered from all workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import storage
+from .augment import AugmentConfig
+from .checkpoint import ModelInfo, save_checkpoint
+from .data import LabelledFile, class_counts, fingerprint, labelled_files, split_train_val
+from .preprocess import PreprocessSpec
+from .sources import InputError
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"
+HISTORY = "history.json"  # every epoch's metrics so far, carried from checkpoint to checkpoint
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    epochs: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    covid_weight: float | None = None  # None: n_non / (n_covid * oversample), i.e. balanced
+    oversample: int = 5  # the paper augments 84 COVID images to 420
+    batch_size: int = 32
+    image_size: int = 224
+    val_fraction: float = 0.2
+    target_sensitivity: float = 0.98
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # default: this node's CPUs // workers
+    gpu: bool = False
+    seed: int = 0
+    groups: dict[str, str] | None = None  # file name -> group (e.g. a COVID case), besides patient ids
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    max_failures: int = 2
+    fail_once_at_epoch: int | None = None  # testing hook: kill a worker once, to exercise recovery
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _val_scores(model, shard, spec, device, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    import torch
+
+    from .preprocess import to_model_input
+
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    with torch.inference_mode():
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            x = to_model_input(batch["image"], spec).to(device)
+            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            logits = model(x).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            probs.append(torch.softmax(logits, 1)[:, 1].cpu().numpy())
+            labels.append(batch["label"])
+    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return p, y, loss_sum
+
+
+def _gather(*arrays):
+    """Concatenate per-worker arrays on every worker (torch.distributed is set up by TorchTrainer)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, arrays)
+    return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
+
+
+def validation_metrics(y: np.ndarray, p: np.ndarray, target: float) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from .metrics import choose_threshold
+
+    if len(np.unique(y)) < 2:
+        return {"val_auc": float("nan"), "val_spec_at_target": float("nan"), "val_threshold": 0.5, "val_score": float("nan")}
+    t = choose_threshold(y, p, target)
+    spec = float(np.mean(p[y == 0] < t))
+    auc = float(roc_auc_score(y, p))
+    sens = float(np.mean(p[y == 1] >= t))
+    return {"val_auc": auc, "val_spec_at_target": spec, "val_sens_at_threshold": sens, "val_threshold": float(t),
+            "val_score": spec + 1e-3 * auc}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    from ray.train.torch import get_device, prepare_model
+    from safetensors.torch import load_file
+
+    from .augment import augment
+    from .models import create_model
+    from .preprocess import to_model_input
+
+    cfg = TrainConfig(**config["train"])
+    spec = PreprocessSpec.from_dict(config["preprocess"])
+    aug = AugmentConfig.from_dict(cfg.augment)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.seed + rank)
+    device = get_device()
+    use_amp = device.type == "cuda"
+
+    model = create_model(cfg.backbone, weights=cfg.weights if not ray.train.get_checkpoint() else "none")
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer_state, start_epoch, history = None, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming after a failure: weights, optimiser and epoch from the last report
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+            optimizer_state, start_epoch = state["optimizer"], int(state["epoch"]) + 1
+            with open(os.path.join(d, HISTORY)) as f:
+                history = json.load(f)
+    model = prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs), last_epoch=start_epoch - 1 if start_epoch else -1)
+    class_weight = torch.tensor([1.0, config["covid_weight"]], device=device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.fail_once_at_epoch == epoch and rank == 0 and not os.path.exists(config["fail_marker"]):
+            open(config["fail_marker"], "w").close()
+            os._exit(1)  # a hard worker crash, as an OOM kill or a lost node would look
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for batch in train_shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=int(rng.integers(2**31)),
+        ):
+            images = np.stack([augment(im, rng, aug) for im in batch["image"]])
+            x = to_model_input(images, spec).to(device)
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y, weight=class_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+        scheduler.step()
+        train_seconds = time.perf_counter() - start
+        p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2)
+        p, y, losses = _gather(p, y, np.array([val_loss]))
+        metrics = {
+            "epoch": epoch, "train_loss": loss_sum / max(1, seen), "val_loss": float(np.sum(losses) / max(1, len(y))),
+            "train_images_per_s": seen * world / max(train_seconds, 1e-9), "epoch_seconds": time.perf_counter() - start,
+            "lr": scheduler.get_last_lr()[0], "val_n": int(len(y)), "val_positives": int(np.sum(y)),
+            **validation_metrics(y, p, cfg.target_sensitivity),
+        }
+        history.append({**metrics, "resumed": bool(checkpoint) and epoch == start_epoch})
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, HISTORY), "w") as f:
+                    json.dump(history, f)
+                info = ModelInfo(cfg.backbone, spec, threshold=metrics["val_threshold"])
+                save_checkpoint(getattr(model, "module", model), info, d)
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(d, TRAIN_STATE))
+                np.save(os.path.join(d, "val_scores.npy"), np.stack([p, y.astype(np.float32)]))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class TrainResult:
+    output: str
+    model_id: str
+    threshold: float
+    best_epoch: int
+    metrics: dict
+    seconds: float
+
+
+def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cpus: float):
+    """Decode + preprocess once (the scoring pipeline's own function), materialised; undecodable files dropped."""
+    import pyarrow as pa
+    import ray.data
+
+    from .score import decoded_dataset
+    from .sources import rows_per_block
+
+    table = pa.table({"path": [f.path for f in files], "label": pa.array([f.label for f in files], pa.int64())})
+    step = rows_per_block(len(table))
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+    ds = decoded_dataset(ds, spec, settings, task_cpus).materialize()
+    bad = ds.filter(lambda r: r["error"] != "").select_columns(["path", "error"]).take_all()
+    for row in bad[:20]:
+        log.warning("skipping %s: %s", row["path"], row["error"])
+    if bad:
+        log.warning("%d of %d files could not be decoded and are left out", len(bad), len(files))
+    return ds.filter(lambda r: r["error"] == "").select_columns(["image", "label"]).materialize(), len(bad)
+
+
+def _apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> list[LabelledFile]:
+    if not groups:
+        return files
+    from dataclasses import replace
+
+    return [replace(f, group=f"g:{groups[os.path.basename(f.path)]}") if os.path.basename(f.path) in groups else f for f in files]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .models import check_backbone
+
+    check_backbone(cfg.backbone)
+    settings = storage.s3_settings()
+    started = time.perf_counter()
+    files = _apply_groups(labelled_files(cfg.data, "train", settings), cfg.groups)
+    counts = class_counts(files)
+    if min(counts.values()) < 2:
+        raise InputError(f"need at least 2 images of each class to train, found {counts} in {cfg.data}")
+    train_files, val_files = split_train_val(files, cfg.val_fraction, cfg.seed)
+    log.info("data %s: %s; train %s, validation %s (patient-grouped)", cfg.data, counts, class_counts(train_files), class_counts(val_files))
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    spec = PreprocessSpec(input_size=cfg.image_size)
+    train_ds, bad_train = _prepared(train_files, spec, settings, 0.5)
+    val_ds, bad_val = _prepared(val_files, spec, settings, 0.5)
+    covid = train_ds.filter(lambda r: r["label"] == 1)
+    n_covid = covid.count()
+    n_non = train_ds.count() - n_covid
+    if cfg.oversample > 1:
+        train_ds = train_ds.union(*[covid] * (cfg.oversample - 1))
+    covid_weight = cfg.covid_weight if cfg.covid_weight is not None else n_non / max(1, n_covid * cfg.oversample)
+
+    node_cpus = max((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
+    fs, out_path = storage.filesystem(cfg.output, settings)
+    run_name = "_ray"
+    storage_fs = fs if storage.is_s3(cfg.output) else None
+    storage_path = out_path if storage.is_s3(cfg.output) else os.path.abspath(out_path)
+    if not storage.is_s3(cfg.output):
+        os.makedirs(storage_path, exist_ok=True)
+    loop_config = {
+        "train": asdict(cfg), "preprocess": spec.to_dict(), "threads": threads, "covid_weight": covid_weight,
+        "fail_marker": os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(started)}"),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
+        with open(os.path.join(d, HISTORY)) as f:
+            history = json.load(f)
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints, key=lambda cm: (np.nan_to_num(cm[1].get("val_score", -1), nan=-1), -cm[1]["epoch"])
+    )
+    seconds = time.perf_counter() - started
+    provenance = {
+        "data": {"uri": cfg.data, "fingerprint": fingerprint(files), "counts": counts, "train": class_counts(train_files),
+                 "validation": class_counts(val_files), "undecodable": bad_train + bad_val},
+        "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("groups", "fail_once_at_epoch")},
+                     "covid_weight": covid_weight, "best_epoch": int(best_metrics["epoch"]), "seconds": round(seconds, 1)},
+        "validation": {k: best_metrics[k] for k in best_metrics if k.startswith("val_")},
+        "threshold_rule": f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}",
+    }
+    with best_checkpoint.as_directory() as d:
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(d, optimize=False)
+        info = loaded.info
+        info.provenance = provenance
+        info.weights_sha256 = ""
+        info = save_checkpoint(loaded.model, info, cfg.output)
+        with open(os.path.join(d, "val_scores.npy"), "rb") as f:
+            storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), f.read())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_bytes(storage.join(cfg.output, "metrics.csv"), buf.getvalue().encode())
+    storage.write_bytes(storage.join(cfg.output, "config.json"),
+                        json.dumps({**asdict(cfg), "covid_weight_used": covid_weight, "threads_per_worker_used": threads}, indent=2, default=str).encode())
+    return TrainResult(cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds)
+

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# How the shipped default model (lib/cxr/assets/models/default) was made: mobilenet_v2 fine-tuned from
+# ImageNet weights on the COVID-Xray-5k training split, with the train job. Needs the data set at
+# $DATA (default ../shared/data/covid-xray-5k, laid out train/{covid,non}).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/covid-xray-5k}
+OUT=${OUT:-runs/default-mobilenet_v2}
+bash scripts/setup.sh
+# COVID images cut from one case report share a source URL: keep each case on one side of the split.
+.venv/bin/python - "$DATA/SOURCE/covid_images_ieee8023_metadata.tsv" > /tmp/cxr-groups.csv <<'PY'
+import csv, sys
+rows = csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t")
+print("file,group")
+for r in rows:
+    print(f'{r["filename"]},{r["url"] or r["filename"]}')
+PY
+.venv/bin/python jobs/train.py --data "$DATA" --output "$OUT" --backbone mobilenet_v2 --weights imagenet \
+  --epochs "${EPOCHS:-6}" --lr 3e-4 --batch-size 32 --image-size 224 --oversample 5 --target-sensitivity 0.98 \
+  --groups /tmp/cxr-groups.csv "$@"

@@ -69,10 +69,16 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
+        if not isinstance(d, dict):
+            raise CheckpointError(f"invalid model.json: expected an object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise CheckpointError(f"not a {FORMAT} model.json (format={d.get('format')!r})")
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint format_version {d['format_version']} is newer than this code supports ({FORMAT_VERSION})")
+        try:
+            version = int(d.get("format_version") or 0)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid model.json: format_version {d.get('format_version')!r}") from exc
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint format_version {version} is newer than this code supports ({FORMAT_VERSION})")
         try:
             info = cls(
                 backbone=d["backbone"],

@@ -44,10 +44,10 @@ class EvaluationResult:
             lo, hi = d["ci95"]
             return f"{d['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
-        auc = r.get("roc_auc") or {}
+        auc = (r.get("roc_auc") or {}).get("value")
         return (f"evaluated {r['n']} images ({r['n_positive']} covid, {r['n_negative']} non, {self.errors} unreadable) at threshold "
                 f"{r['threshold']:.4f}: sensitivity {fmt(sens)}, specificity {fmt(spec)}, ROC AUC "
-                f"{auc.get('value') if auc.get('value') is None else round(auc['value'], 4)} -> {self.files['report_html']}")
+                f"{'n/a' if auc is None else f'{auc:.4f}'} -> {self.files['report_html']}")
 
 
 def evaluate(

@@ -101,9 +101,9 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
     if column is None:
         raise InputError(f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})")
     col = pc.utf8_trim_whitespace(pc.fill_null(table.column(column).combine_chunks().cast(pa.string()), ""))
-    col = pc.replace_substring_regex(col, "^file://", "")
+    col = pc.replace_substring_regex(pc.replace_substring_regex(col, "^file://", ""), r"^(\./)+", "")
     base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
-    absolute = pc.or_(pc.or_(pc.starts_with(col, "/"), pc.starts_with(col, "s3://")), pc.equal(col, ""))
+    absolute = pc.or_(pc.or_(pc.starts_with(col, "/"), pc.match_substring(col, "://")), pc.equal(col, ""))
     return pc.if_else(absolute, col, pc.binary_join_element_wise(base, col, "/"))
 
 

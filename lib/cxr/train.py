@@ -158,9 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.fail_once_at_epoch == epoch and rank == 0 and not os.path.exists(config["fail_marker"]):
-            open(config["fail_marker"], "w").close()
-            os._exit(1)  # a hard worker crash, as an OOM kill or a lost node would look
+        crash_now = cfg.fail_once_at_epoch == epoch and rank == 0 and not os.path.exists(config["fail_marker"])
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -180,6 +178,10 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
+            if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
+                open(config["fail_marker"], "w").close()
+                time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
+                os._exit(1)
         scheduler.step()
         train_seconds = time.perf_counter() - start
         p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2)

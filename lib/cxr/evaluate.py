@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .runtime import ensure_ray
 from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files
 from .metrics import binary_report
 from .report import write_report
 from .score import OUTPUT_SCHEMA, cluster_plan, new_run_id, score_dataset
-from .sources import InputError
+from .sources import InputError, table_dataset
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,11 @@ def evaluate(
         raise InputError("no labelled images found in " + ", ".join(data))
     labels = {f.path: f.label for f in files}
     os.makedirs(output_dir, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    ensure_ray()
     start = time.perf_counter()
     plan = cluster_plan(**plan_overrides)
     run_id = new_run_id()
-    import ray.data
-
-    from .sources import rows_per_block
-
-    table = pa.table({"path": list(labels)})
-    step = rows_per_block(len(table))
-    paths_ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+    paths_ds = table_dataset(pa.table({"path": list(labels)}))
     scored = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)
     results = pa.concat_tables(ray.get(scored.to_arrow_refs())).cast(OUTPUT_SCHEMA)
     results = results.append_column("label", pa.array([labels[p] for p in results["path"].to_pylist()], pa.int8()))

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .runtime import ensure_ray
 from .checkpoint import CheckpointError, load_checkpoint
 from .decode import decode
 from .preprocess import PreprocessSpec, preprocess
@@ -316,8 +317,6 @@ def score(
 
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
-    import ray
-
     settings = storage.s3_settings()
     try:
         loaded = load_checkpoint(model)  # validates the checkpoint fully before starting the cluster work
@@ -328,8 +327,7 @@ def score(
     info = loaded.info
     del loaded
     prepare_output(output, overwrite, settings)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    ensure_ray()
     plan = cluster_plan(
         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
         threads_per_actor=threads_per_actor, batch_size=batch_size,

@@ -134,15 +134,15 @@ def rows_per_block(n: int) -> int:
     return max(16, min(2048, -(-n // 1000)))
 
 
-def input_dataset(uris: list[str], settings: storage.S3Settings | None = None, extra: dict | None = None):
-    """A Ray Dataset with a ``path`` column (plus equal-length ``extra`` columns): one row per input.
-
-    Returns (dataset, number of rows).
-    """
+def table_dataset(table: pa.Table):
+    """A Ray Dataset of ``table``'s rows, in blocks sized for parallel decoding (:func:`rows_per_block`)."""
     import ray.data
 
-    paths = input_paths(uris, settings)
-    table = pa.table({"path": paths, **(extra or {})})
     step = rows_per_block(len(table))
-    blocks = [table.slice(i, step) for i in range(0, len(table), step)]
-    return ray.data.from_arrow(blocks), len(table)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+
+
+def input_dataset(uris: list[str], settings: storage.S3Settings | None = None):
+    """A Ray Dataset with a ``path`` column, one row per input image; and its number of rows."""
+    paths = input_paths(uris, settings)
+    return table_dataset(pa.table({"path": paths})), len(paths)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import storage
+from .runtime import ensure_ray
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
 from .data import LabelledFile, class_counts, fingerprint, labelled_files, split_train_val
@@ -222,15 +223,12 @@ class TrainResult:
 def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cpus: float):
     """Decode + preprocess once (the scoring pipeline's own function), materialised; undecodable files dropped."""
     import pyarrow as pa
-    import ray.data
 
     from .score import decoded_dataset
-    from .sources import rows_per_block
+    from .sources import table_dataset
 
     table = pa.table({"path": [f.path for f in files], "label": pa.array([f.label for f in files], pa.int64())})
-    step = rows_per_block(len(table))
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
-    ds = decoded_dataset(ds, spec, settings, task_cpus).materialize()
+    ds = decoded_dataset(table_dataset(table), spec, settings, task_cpus).materialize()
     bad = ds.filter(lambda r: r["error"] != "").select_columns(["path", "error"]).take_all()
     for row in bad[:20]:
         log.warning("skipping %s: %s", row["path"], row["error"])
@@ -265,8 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_files, val_files = split_train_val(files, cfg.val_fraction, cfg.seed)
     log.info("data %s: %s; train %s, validation %s (patient-grouped)", cfg.data, counts, class_counts(train_files), class_counts(val_files))
 
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    ensure_ray()
     spec = PreprocessSpec(input_size=cfg.image_size)
     train_ds, bad_train = _prepared(train_files, spec, settings, 0.5)
     val_ds, bad_val = _prepared(val_files, spec, settings, 0.5)

@@ -108,7 +108,7 @@ class LocalCluster:
         self.dashboard_port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        common = ["--disable-usage-stats", "--object-store-memory", str(400 * 1024**2)]
+        common = ["--disable-usage-stats", "--object-store-memory", str(400 * 1024**2), *self._agent_ports()]
         try:
             self._start(head_cpus, worker_cpus, common)
         except BaseException:
@@ -124,6 +124,13 @@ class LocalCluster:
         self.add_worker(worker_cpus)
         self.wait_for_nodes(2)
 
+    @staticmethod
+    def _agent_ports() -> list[str]:
+        """Ports of a node's agents: distinct per node, as two nodes share this machine (the defaults collide
+        and the head's job agent then never becomes available to `ray job submit`)."""
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     def _ray(self, *args: str, timeout: float = 120) -> str:
         out = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
         if out.returncode != 0:
@@ -134,7 +141,7 @@ class LocalCluster:
         self._ray(
             "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
             f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats", "--object-store-memory", str(400 * 1024**2),
+            "--disable-usage-stats", "--object-store-memory", str(400 * 1024**2), *self._agent_ports(),
         )
 
     def wait_for_nodes(self, n: int, timeout: float = 60) -> None:

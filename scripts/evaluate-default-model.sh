@@ -8,7 +8,12 @@ OUT=${OUT:-runs/default-eval}
 MODEL=${MODEL:-default}
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
-run() { name=$1; shift; .venv/bin/python jobs/evaluate.py --model "$MODEL" --output "$OUT/$name" --split all "$@" | head -1; }
+run() {
+  name=$1; shift
+  mkdir -p "$OUT/$name"
+  .venv/bin/python jobs/evaluate.py --model "$MODEL" --output "$OUT/$name" --split all "$@" > "$OUT/$name/summary.txt"
+  head -1 "$OUT/$name/summary.txt"
+}
 run hannover-covid   --data "$EXT/hannover-covid/covid"
 run actualmed        --data "$EXT/actualmed"
 run figure1          --data "$EXT/figure1"

@@ -10,10 +10,10 @@ bash scripts/setup.sh
 # COVID images cut from one case report share a source URL: keep each case on one side of the split.
 .venv/bin/python - "$DATA/SOURCE/covid_images_ieee8023_metadata.tsv" > /tmp/cxr-groups.csv <<'PY'
 import csv, sys
-rows = csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t")
-print("file,group")
-for r in rows:
-    print(f'{r["filename"]},{r["url"] or r["filename"]}')
+out = csv.writer(sys.stdout)
+out.writerow(["file", "group"])
+for r in csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t"):
+    out.writerow([r["filename"], r["url"] or r["filename"]])
 PY
 .venv/bin/python jobs/train.py --data "$DATA" --output "$OUT" --backbone mobilenet_v2 --weights imagenet \
   --epochs "${EPOCHS:-6}" --lr 3e-4 --batch-size 32 --image-size 224 --oversample 5 --target-sensitivity 0.98 \

@@ -10,5 +10,6 @@ export RAY_USAGE_STATS_ENABLED=0
 import pyarrow.dataset as ds
 t = ds.dataset("out/demo", format="parquet").to_table().sort_by("path").to_pandas()
 t["path"] = t["path"].str.replace(r".*/samples/", "", regex=True)
+t["error"] = t["error"].fillna("")
 print(t[["path", "prob_covid", "prediction", "threshold", "width", "height", "error"]].to_string(index=False))
 PY

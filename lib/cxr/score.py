@@ -189,7 +189,7 @@ class Predictor:
         self.run_id = run_id
 
     def __call__(self, batch: dict) -> pa.Table:
-        errors = [str(e) or None for e in batch["error"]]
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
         prob = np.full(n, np.nan, dtype=np.float32)

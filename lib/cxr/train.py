@@ -162,11 +162,13 @@ def train_loop_per_worker(config: dict) -> None:
         crash_now = cfg.fail_once_at_epoch == epoch and rank == 0 and not os.path.exists(config["fail_marker"])
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
+        fetched = time.perf_counter()
         for batch in train_shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=int(rng.integers(2**31)),
         ):
+            waited += time.perf_counter() - fetched
             images = np.stack([augment(im, rng, aug) for im in batch["image"]])
             x = to_model_input(images, spec).to(device)
             if use_amp:
@@ -179,6 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
+            fetched = time.perf_counter()
             if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
                 open(config["fail_marker"], "w").close()
                 time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
@@ -190,6 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {
             "epoch": epoch, "train_loss": loss_sum / max(1, seen), "val_loss": float(np.sum(losses) / max(1, len(y))),
             "train_images_per_s": seen * world / max(train_seconds, 1e-9), "epoch_seconds": time.perf_counter() - start,
+            "data_wait_s": waited,  # time the loop waited for the next batch: > a few % means input-bound
             "lr": scheduler.get_last_lr()[0], "val_n": int(len(y)), "val_positives": int(np.sum(y)),
             **validation_metrics(y, p, cfg.target_sensitivity),
         }

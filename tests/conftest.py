@@ -314,3 +314,15 @@ def trained_model(ray_driver, tmp_path_factory):
     cfg = TrainConfig(data=str(data), output=str(root / "run"), weights="imagenet", epochs=3, image_size=64, batch_size=16,
                       lr=1e-3, oversample=2, val_fraction=0.25)
     return train(cfg)
+
+
+class PicklePayload:
+    """Pickles as a call to os.system: unpickling it creates ``marker``. For tests that nothing unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import shlex
+
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PicklePayload
 import torch
 from torch import nn
 
@@ -241,12 +241,6 @@ def test_weights_for_another_backbone_rejected(saved, tmp_path):
         load_checkpoint(copy)
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 @pytest.mark.parametrize("hash_matches", [True, False])
@@ -254,7 +248,7 @@ def test_pickle_disguised_as_safetensors_never_unpickled(saved, tmp_path, hash_m
     copy = _copy_checkpoint(saved[2], tmp_path / "m")
     marker = tmp_path / "payload-ran"
     weights = Path(copy) / WEIGHTS_FILE
-    torch.save({"features.0.0.weight": _Payload(marker)}, weights)
+    torch.save({"features.0.0.weight": PicklePayload(marker)}, weights)
     if hash_matches:  # an attacker who also rewrote model.json
         _edit_json(copy, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
     with pytest.raises(CheckpointError, match="do not fit" if hash_matches else "hash"):

@@ -51,3 +51,12 @@ def test_single_class_external_folder_gives_sensitivity_only(ray_driver, trained
     assert r["sensitivity"]["n"] == 10 and not (out / "roc.png").exists()
     prob = pq.read_table(out / "predictions.parquet")["prob_covid"].to_numpy()
     assert r["sensitivity"]["k"] == int(np.sum(prob >= r["threshold"]))
+
+
+def test_a_missing_split_is_an_error_not_a_fallback_to_training_images(tiny_model, tmp_path):
+    from cxr.sources import InputError
+
+    data = make_labelled_tree(tmp_path / "data", n=2, layout="train")  # no test/ folder
+    with pytest.raises(InputError, match="no 'test' split folder"):
+        evaluate([str(data)], tiny_model, str(tmp_path / "report"), split="test")
+    assert not (tmp_path / "report" / "report.json").exists()

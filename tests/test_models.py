@@ -9,10 +9,10 @@ import hashlib
 import os
 import pickle
 import re
-import shlex
 from pathlib import Path
 
 import pytest
+from conftest import PicklePayload
 import torch
 from torch import nn
 
@@ -207,25 +207,17 @@ def test_pth_that_is_not_a_state_dict_rejected(tmp_path):
         read_state_dict(path)
 
 
-class _Payload:
-    """Pickles as a call to os.system: unpickling it runs a shell command."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 def test_pickle_payload_never_runs(tmp_path):
     # Control: the payload is real (plain unpickling runs it).
     control = tmp_path / "control-ran"
-    pickle.loads(pickle.dumps(_Payload(control)))
+    pickle.loads(pickle.dumps(PicklePayload(control)))
     assert control.exists()
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pth"
-    torch.save({"features.0.0.weight": torch.zeros(1), "evil": _Payload(marker)}, path)
+    torch.save({"features.0.0.weight": torch.zeros(1), "evil": PicklePayload(marker)}, path)
     with pytest.raises(pickle.UnpicklingError):
         read_state_dict(path)
     with pytest.raises(pickle.UnpicklingError):

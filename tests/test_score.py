@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, mixed_files, run_job, upload_tree
+from conftest import IGNORED, run_job, upload_tree
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint

@@ -138,11 +138,11 @@ def save_checkpoint(model, info: ModelInfo, uri: str) -> ModelInfo:
     return info
 
 
-def load_info(uri: str) -> ModelInfo:
+def load_info(uri: str, settings: storage.S3Settings | None = None) -> ModelInfo:
     """Read and validate ``model.json`` only (cheap; used by drivers before starting work)."""
     uri = resolve(uri)
     try:
-        raw = storage.read_bytes(storage.join(uri, META_FILE))
+        raw = storage.read_bytes(storage.join(uri, META_FILE), settings)
     except (FileNotFoundError, OSError) as exc:
         raise CheckpointError(f"cannot read {storage.join(uri, META_FILE)}: {storage.describe_error(exc)}") from exc
     try:
@@ -193,15 +193,16 @@ class LoadedModel:
         return torch.softmax(logits, dim=1)[:, self.info.positive_index].cpu().numpy().astype(np.float32)
 
 
-def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True) -> LoadedModel:
+def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settings: storage.S3Settings | None = None) -> LoadedModel:
+    """``settings``: S3 endpoint/region captured on the driver (default: this process's environment)."""
     from safetensors.torch import load
 
     from .models import create_model
 
-    info = load_info(uri)
+    info = load_info(uri, settings)
     uri = resolve(uri)
     try:
-        blob = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
+        blob = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), settings)
     except (FileNotFoundError, OSError) as exc:
         raise CheckpointError(f"cannot read {storage.join(uri, WEIGHTS_FILE)}: {storage.describe_error(exc)}") from exc
     digest = hashlib.sha256(blob).hexdigest()

@@ -66,16 +66,10 @@ def evaluate(
     import ray
 
     settings = storage.s3_settings()
-    info = load_checkpoint(model).info  # fails early and clearly on a bad checkpoint
-    files = []
-    for uri in data:
-        try:
-            files += labelled_files(uri, split, settings)
-        except InputError as exc:
-            if split and "split folder" in str(exc):  # a plain {covid,non} or single-class folder has no splits
-                files += labelled_files(uri, None, settings)
-            else:
-                raise
+    info = load_checkpoint(model, settings=settings).info  # fails early and clearly on a bad checkpoint
+    # A folder without a split level ignores ``split``; a missing split folder is an error, never a
+    # silent fall-back to another split (evaluating on training images).
+    files = [f for uri in data for f in labelled_files(uri, split, settings)]
     if not files:
         raise InputError("no labelled images found in " + ", ".join(data))
     labels = {f.path: f.label for f in files}

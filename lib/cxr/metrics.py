@@ -209,7 +209,6 @@ def expected_calibration_error(
     else:
         raise ValueError(f"form must be 'positive' or 'confidence', got {form!r}")
     idx = np.minimum((score * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     sum_score = np.bincount(idx, weights=score, minlength=n_bins)
     sum_outcome = np.bincount(idx, weights=outcome, minlength=n_bins)
     # sum_b |B_b|/N * |mean_out - mean_score| == sum_b |sum_out - sum_score| / N

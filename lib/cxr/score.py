@@ -28,7 +28,7 @@ from .runtime import ensure_ray
 from .checkpoint import CheckpointError, load_checkpoint
 from .decode import decode
 from .preprocess import PreprocessSpec, preprocess
-from .sources import InputError, input_dataset
+from .sources import input_dataset
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,11 @@ class Predictor:
     """Ray Data callable class: loads the checkpoint once per actor, predicts batches."""
 
     def __init__(self, model_uri: str, run_id: str, threads: int, use_gpu: bool, settings: storage.S3Settings):
-        import os
-
         import torch
 
         torch.set_num_threads(threads)
-        os.environ.update({k: v for k, v in (("AWS_ENDPOINT_URL", settings.endpoint_url), ("AWS_REGION", settings.region)) if v})
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.loaded = load_checkpoint(model_uri, device=device)
+        self.loaded = load_checkpoint(model_uri, device=device, settings=settings)
         info = self.loaded.info
         self.threshold = np.float32(info.threshold)
         self.positive = info.positive_class
@@ -319,7 +316,7 @@ def score(
     """
     settings = storage.s3_settings()
     try:
-        loaded = load_checkpoint(model)  # validates the checkpoint fully before starting the cluster work
+        loaded = load_checkpoint(model, settings=settings)  # validates the checkpoint fully before starting the cluster work
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001

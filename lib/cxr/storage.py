@@ -88,9 +88,8 @@ def read_head(uri: str, n: int, settings: S3Settings | None = None) -> bytes:
 
 def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> None:
     fs, path = filesystem(uri, settings)
-    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
-    if parent and not is_s3(uri):
-        fs.create_dir(parent, recursive=True)
+    if not is_s3(uri):  # S3 has no directories to create
+        fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 

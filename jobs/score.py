@@ -29,6 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: ceil(cpus-per-actor))")
     p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
     p.add_argument("--verbose", action="store_true")
+    # --- explain post-step (cxr.explain): Grad-CAM heatmaps for the images predicted positive ---
+    p.add_argument("--explain-positive", action="store_true",
+                   help="after scoring, write Grad-CAM heatmaps, a gallery and focus scores for the images predicted covid to OUTPUT/_heatmaps/")
+    p.add_argument("--explain-limit", type=int, metavar="N", help="with --explain-positive: only the N most probable positives")
     return p.parse_args(argv)
 
 
@@ -45,6 +49,11 @@ def main() -> int:
     )
     print(summary.line())
     print(json.dumps({"summary": summary.__dict__}))
+    if args.explain_positive:  # post-step on the finished table; the score output above is already complete
+        from cxr.explain import explain_positives
+
+        explained = explain_positives(args.output, args.model, limit=args.explain_limit, batch_size=16, actors=args.actors)
+        print(explained.line() if explained else "no image predicted covid: no heatmaps")
     return cli.OK
 
 

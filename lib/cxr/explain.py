@@ -1,0 +1,366 @@
+"""Grad-CAM heatmaps and a focus score: is the model looking at the lungs?
+
+    paths -> decoded_dataset (score.py: read, decode, the checkpoint's own preprocessing)
+          -> .map_batches(Explainer)  actor pool: the score row (same Predictor as scoring) + Grad-CAM
+                                      of the positive class (the ``grad-cam`` package) + focus score,
+                                      and an overlay PNG per image where asked
+          -> explanations.parquet, heatmaps/*.png, gallery.html
+
+Grad-CAM (Selvaraju et al. 2017) weights the last convolutional block's activations (``cam_layer`` of
+the backbone in models.py) by the spatially pooled gradients of the COVID-19 logit, keeps the positive
+part and upsamples it to the model's input. It always explains the *positive* class, whatever the
+prediction: "which pixels raise the COVID-19 score".
+
+**Focus score.** The map lives in the model's input frame: the whole image squashed to a square
+(``resize="squash"``), so fractions of the input are fractions of the original image. The *lung
+region* is the central box ``x in [0.15, 0.85] x y in [0.10, 0.85]`` of the image (``LUNG_BOX``; 52.5%
+of the area): in a frontal chest X-ray it holds both lung fields and the heart, while the strips
+outside it hold the shoulders, neck, abdomen, the film's borders, the corners, and where burnt-in text
+and side markers ("L", "R", "PORTABLE", hospital labels) sit. ``focus`` = share of the CAM mass inside
+the box (the CAM minus its minimum, so a constant map counts as uniform). A uniform map gives 0.525;
+``focus < 0.5`` means the evidence sits mostly outside the lungs (``outside_lungs``). ``corner_share``
+is the share in the four 20% x 20% corner squares (16% of the area; uniform: 0.16). A map with no
+positive evidence at all has focus null.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+from dataclasses import asdict, dataclass
+from io import BytesIO
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+LUNG_BOX = (0.15, 0.85, 0.10, 0.85)  # x0, x1, y0, y1 as fractions of width / height
+CORNER = 0.20
+FOCUS_THRESHOLD = 0.5  # below: most CAM mass outside the lung box (uniform map: 0.525)
+HEATMAP_DIR = "heatmaps"
+EXPLAIN_COLUMNS = [("focus", pa.float32()), ("corner_share", pa.float32()), ("outside_lungs", pa.bool_()),
+                   ("heatmap", pa.string())]
+
+
+# --------------------------------------------------------------------------- Grad-CAM and focus (pure)
+
+
+def lung_mask(h: int, w: int) -> np.ndarray:
+    x0, x1, y0, y1 = LUNG_BOX
+    m = np.zeros((h, w), bool)
+    m[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = True
+    return m
+
+
+def corner_mask(h: int, w: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    ch, cw = max(1, int(round(CORNER * h))), max(1, int(round(CORNER * w)))
+    for ys in (slice(0, ch), slice(h - ch, h)):
+        for xs in (slice(0, cw), slice(w - cw, w)):
+            m[ys, xs] = True
+    return m
+
+
+def focus_scores(cam: np.ndarray) -> tuple[float | None, float | None]:
+    """(focus, corner_share) of one 2-D CAM: the shares of its mass in the lung box and in the corners."""
+    cam = np.asarray(cam, dtype=np.float64)
+    if not np.isfinite(cam).all() or cam.max() <= 1e-12:
+        return None, None
+    cam = cam - cam.min()
+    if cam.sum() <= 1e-12:  # constant and positive: uniform
+        cam = np.ones_like(cam)
+    total = cam.sum()
+    h, w = cam.shape
+    return float(cam[lung_mask(h, w)].sum() / total), float(cam[corner_mask(h, w)].sum() / total)
+
+
+def target_layer(model, backbone: str, layer: str | None = None):
+    """The module Grad-CAM hooks: ``layer`` if given, else the backbone's ``cam_layer``, else the last Conv2d."""
+    import torch
+
+    from .models import BACKBONES
+
+    name = layer or (BACKBONES[backbone].cam_layer if backbone in BACKBONES else None)
+    if name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"model {backbone} has no layer {name!r}") from exc
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"model {backbone} has no Conv2d layer for Grad-CAM; pass a layer name")
+    return convs[-1]
+
+
+class GradCam:
+    """Grad-CAM of one class for a torch classifier, via the ``grad-cam`` package (pytorch_grad_cam)."""
+
+    def __init__(self, model, layer_module, class_index: int):
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        self.cam = GradCAM(model=model, target_layers=[layer_module])
+        self.target = ClassifierOutputTarget(class_index)
+
+    def __call__(self, x) -> np.ndarray:
+        """(N, C, S, S) normalised input tensor -> (N, S, S) float32 maps in [0, 1] (per-image max 1)."""
+        x = x.detach().clone().requires_grad_(True)  # parameters are frozen: the graph hangs on the input
+        maps = self.cam(input_tensor=x, targets=[self.target] * x.shape[0])
+        return np.asarray(maps, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int = 320) -> bytes:
+    """The preprocessed image (what the model saw) in gray with the CAM in colour on top, the lung box
+    outlined in white, and a caption strip below. PNG bytes."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    gray = np.clip(np.asarray(image, np.float32), 0, 1)
+    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    alpha = 0.45 * np.clip(cam, 0, 1)[..., None] + 0.1
+    rgb = (1 - alpha) * gray[..., None] + alpha * heat
+    im = Image.fromarray((rgb * 255).astype(np.uint8), "RGB").resize((size, size), Image.Resampling.BILINEAR)
+    x0, x1, y0, y1 = LUNG_BOX
+    ImageDraw.Draw(im).rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=(255, 255, 255), width=1)
+    out = Image.new("RGB", (size, size + 22), (255, 255, 255))
+    out.paste(im, (0, 0))
+    ImageDraw.Draw(out).text((4, size + 5), caption[:60], fill=(0, 0, 0))
+    buf = BytesIO()
+    out.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def heatmap_name(path: str) -> str:
+    stem = posixpath.splitext(posixpath.basename(path.rstrip("/")))[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60] or "image"
+    return f"{hashlib.sha1(path.encode()).hexdigest()[:10]}_{stem}.png"
+
+
+# --------------------------------------------------------------------------- Ray Data actor
+
+
+class Explainer:
+    """Ray Data callable class: the scoring Predictor's row plus Grad-CAM, focus and an overlay PNG.
+
+    Rows with a true ``overlay`` column (or every row with ``overlay_all``) get a PNG written to
+    ``output/heatmaps/``. Columns other than the pipeline's (``label``, ``set``, ...) pass through.
+    """
+
+    def __init__(self, model_uri: str, run_id: str, threads: int, settings: storage.S3Settings, output: str | None = None,
+                 overlay_all: bool = False, layer: str | None = None):
+        import torch
+
+        from .checkpoint import load_checkpoint
+        from .score import Predictor
+
+        self.predictor = Predictor(model_uri, run_id, threads, False, settings)
+        loaded = load_checkpoint(model_uri, optimize=False, settings=settings)  # unfused: layer names as in models.py
+        self.info = loaded.info
+        self.model = loaded.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # gradients flow to the activations only
+        for m in self.model.modules():  # in-place activations would overwrite the hooked tensors
+            if hasattr(m, "inplace"):
+                m.inplace = False
+        self.gradcam = GradCam(self.model, target_layer(self.model, self.info.backbone, layer), self.info.positive_index)
+        self.settings, self.output, self.overlay_all = settings, output, overlay_all
+        torch.set_num_threads(threads)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        from .preprocess import to_model_input
+
+        table = self.predictor(batch)
+        n = table.num_rows
+        ok = np.array([v is not None for v in table["prob_covid"].to_pylist()], bool)
+        focus = np.full(n, np.nan, np.float32)
+        corner = np.full(n, np.nan, np.float32)
+        heatmaps: list[str | None] = [None] * n
+        want = np.asarray(batch["overlay"], bool) if "overlay" in batch else np.full(n, self.overlay_all)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            cams = self.gradcam(to_model_input(batch["image"][idx], self.info.preprocess))
+            probs = table["prob_covid"].to_numpy(zero_copy_only=False)
+            for k, i in enumerate(idx):
+                f, c = focus_scores(cams[k])
+                focus[i] = np.nan if f is None else f
+                corner[i] = np.nan if c is None else c
+                if self.output and (want[i] or self.overlay_all):
+                    name = heatmap_name(str(batch["path"][i]))
+                    caption = f"p={probs[i]:.2f} focus={'n/a' if f is None else f'{f:.2f}'}"
+                    storage.write_bytes(storage.join(self.output, HEATMAP_DIR, name),
+                                        overlay_png(batch["image"][i], cams[k], caption), self.settings)
+                    heatmaps[i] = f"{HEATMAP_DIR}/{name}"
+        has = ~np.isnan(focus)
+        cols = {
+            "focus": pa.array(focus, pa.float32(), mask=~has),
+            "corner_share": pa.array(corner, pa.float32(), mask=~has),
+            "outside_lungs": pa.array(focus < FOCUS_THRESHOLD, pa.bool_(), mask=~has),
+            "heatmap": pa.array(heatmaps, pa.string()),
+        }
+        for name, arr in cols.items():
+            table = table.append_column(name, arr)
+        skip = {"path", "image", "width", "height", "error", "overlay"}
+        for key, values in batch.items():
+            if key not in skip and key not in table.column_names:
+                table = table.append_column(key, pa.array(list(values)))
+        return table
+
+
+def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings: storage.S3Settings, output: str | None = None,
+                    overlay_all: bool = False, layer: str | None = None):
+    """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap``."""
+    import ray.data
+
+    from .score import decoded_dataset
+
+    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
+    return decoded.map_batches(
+        Explainer,
+        fn_constructor_kwargs={"model_uri": model_uri, "run_id": run_id, "threads": plan.threads_per_actor, "settings": settings,
+                               "output": output, "overlay_all": overlay_all, "layer": layer},
+        batch_size=plan.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors), num_cpus=plan.cpus_per_actor,
+    )
+
+
+def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, output: str | None = None, *, overlay_all: bool = False,
+                layer: str | None = None, batch_size: int = 16, actors: int | None = None) -> pa.Table:
+    """Explain every row of ``table`` (a ``path`` column, optional ``overlay`` and pass-through columns);
+    the result rows, collected on the driver."""
+    import ray
+
+    from .checkpoint import load_info
+    from .runtime import ensure_ray
+    from .score import cluster_plan, new_run_id
+    from .sources import table_dataset
+
+    info = load_info(model_uri, settings)
+    ensure_ray()
+    plan = cluster_plan(actors=actors, batch_size=batch_size, gpus_per_actor=0)
+    ds = explain_dataset(table_dataset(table), model_uri, info.preprocess, plan, new_run_id(), settings, output, overlay_all, layer)
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
+
+
+# --------------------------------------------------------------------------- gallery and job
+
+
+def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
+    """A page of overlay thumbnails (relative links), highest probability first."""
+    esc = lambda x: html.escape(str(x), quote=True)  # noqa: E731
+    from .report import _CSS
+
+    shown = sorted((r for r in rows if r.get("heatmap")), key=lambda r: -(r.get("prob_covid") or 0))
+    figs = []
+    for r in shown:
+        f = r.get("focus")
+        flag = ' style="border:3px solid #d62728"' if r.get("outside_lungs") else ""
+        figs.append(f'<figure><a href="{esc(r["heatmap"])}"><img src="{esc(r["heatmap"])}" width="240"{flag}></a>'
+                    f'<figcaption>{esc(posixpath.basename(r["path"]))}<br>p(covid) {r["prob_covid"]:.3f} · {esc(r.get("prediction"))}'
+                    f' · focus {"n/a" if f is None else f"{f:.2f}"}</figcaption></figure>')
+    focus = np.array([r["focus"] for r in rows if r.get("focus") is not None], float)
+    stats = (f"{len(rows)} images, median focus {np.median(focus):.2f}, {np.mean(focus < FOCUS_THRESHOLD):.0%} with focus < {FOCUS_THRESHOLD}"
+             if focus.size else f"{len(rows)} images, no focus scores")
+    x0, x1, y0, y1 = LUNG_BOX
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
+        f"<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the lung region "
+        f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it (uniform: 0.525). "
+        f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs).</p>",
+        '<div class="figs">' + "".join(figs) + "</div>",
+        "<footer>Generated by cxr.explain. Research tool, not a medical device.</footer></body></html>",
+    ])
+
+
+@dataclass
+class ExplainSummary:
+    output: str
+    files: int
+    explained: int
+    errors: int
+    outside_lungs: int
+    median_focus: float | None
+    heatmaps: int
+    seconds: float
+
+    def line(self) -> str:
+        mf = "n/a" if self.median_focus is None else f"{self.median_focus:.2f}"
+        return (f"explained {self.explained} of {self.files} images ({self.errors} unreadable): median focus {mf}, "
+                f"{self.outside_lungs} with focus < {FOCUS_THRESHOLD}; {self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}")
+
+
+def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool = False, layer: str | None = None,
+                  batch_size: int = 16, actors: int | None = None, title: str | None = None) -> ExplainSummary:
+    """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
+    import pyarrow.parquet as pq
+
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .score import prepare_output
+
+    settings = storage.s3_settings()
+    try:
+        load_checkpoint(model, settings=settings)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load model {model}: {storage.describe_error(exc)}") from exc
+    prepare_output(output, overwrite, settings)
+    start = time.perf_counter()
+    result = run_explain(pa.table({"path": pa.array(paths, pa.string())}), model, settings, output, overlay_all=True, layer=layer,
+                         batch_size=batch_size, actors=actors)
+    fs, path = storage.filesystem(output, settings)
+    pq.write_table(result, f"{path}/explanations.parquet", filesystem=fs)
+    rows = result.to_pylist()
+    storage.write_bytes(storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}").encode(), settings)
+    focus = [r["focus"] for r in rows if r["focus"] is not None]
+    summary = ExplainSummary(output, len(rows), sum(r["error"] is None for r in rows), sum(r["error"] is not None for r in rows),
+                             sum(bool(r["outside_lungs"]) for r in rows), float(np.median(focus)) if focus else None,
+                             sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1))
+    storage.write_bytes(storage.join(output, "_summary.json"), json.dumps(asdict(summary), indent=2).encode(), settings)
+    return summary
+
+
+def explain(inputs: list[str], model: str, output: str, *, limit: int | None = None, seed: int = 0, **kwargs) -> ExplainSummary:
+    """Explain every image under ``inputs`` (folders, s3:// prefixes, manifests; as score.py); ``limit``
+    takes a random subset of that size (fixed ``seed``)."""
+    from .sources import input_paths
+
+    paths = input_paths(inputs, storage.s3_settings()).to_pylist()
+    if limit is not None and len(paths) > limit:
+        rng = np.random.default_rng(seed)
+        paths = sorted(rng.choice(paths, size=limit, replace=False).tolist())
+    return explain_paths(paths, model, output, **kwargs)
+
+
+POSITIVE_HEATMAPS_DIR = "_heatmaps"  # '_' prefix: readers of the score table (pyarrow datasets) skip it
+
+
+def explain_positives(score_output: str, model: str, *, output: str | None = None, limit: int | None = None, **kwargs) -> ExplainSummary | None:
+    """Post-step of a finished score run: Grad-CAM for the rows predicted positive, written under
+    ``score_output/_heatmaps/`` (or ``output``). None when no row is positive."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    settings = storage.s3_settings()
+    fs, path = storage.filesystem(score_output, settings)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["path", "prediction", "prob_covid"])
+    positive = table.filter(pc.and_(pc.equal(table["prediction"], "covid"), pc.is_valid(table["prob_covid"])))
+    positive = positive.sort_by([("prob_covid", "descending")])
+    if limit is not None:
+        positive = positive.slice(0, limit)
+    if positive.num_rows == 0:
+        return None
+    target = output or storage.join(score_output, POSITIVE_HEATMAPS_DIR)
+    return explain_paths(positive["path"].to_pylist(), model, target, title="Grad-CAM of images predicted COVID-19", **kwargs)

@@ -1,0 +1,73 @@
+"""End to end on a real (tiny) checkpoint that learned a planted shortcut: a bright square in the top-left
+corner of every COVID image. The audit must flag it, and the explain and score jobs must explain it."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_job
+from planted import marker_tree, train_tiny
+
+from cxr.audit import audit
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def corner_model(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("corner")
+    return train_tiny(root / "train", str(root / "model"), cue="marker")
+
+
+def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_model, tmp_path):
+    internal = marker_tree(tmp_path / "hospital-a", 8, 128, seed=1, cue="marker")  # same source as training
+    same_source = marker_tree(tmp_path / "hospital-a-2025", 8, 128, seed=2, cue="marker")
+    elsewhere = marker_tree(tmp_path / "hospital-b", 8, 128, seed=3, cue="finding")  # real finding, no marker
+    out = tmp_path / "audit"
+    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1)
+    r = json.loads((out / "report.json").read_text())
+    sets = r["sets"]
+    assert list(sets) == ["hospital-a", "hospital-a-2025", "hospital-b"] and r["internal"] == "hospital-a"
+    assert sets["hospital-a"]["sensitivity"]["value"] == 1.0 and sets["hospital-a-2025"]["sensitivity"]["value"] >= 0.85
+    assert sets["hospital-b"]["sensitivity"]["value"] <= 0.25
+    problems = result.report["verdict"]["problems"]
+    assert not result.report["verdict"]["trustworthy"] and "Do not trust" in result.line()
+    assert any(p.startswith("On hospital-b it finds COVID-19 far less often") for p in problems)
+    assert not any("hospital-a-2025" in p for p in problems)  # same source: no false alarm
+    # the flat bright square also makes the files compress better: file size alone gives the marker away
+    assert r["metadata_baseline"]["auc"] > 0.9 and r["metadata_baseline"]["top_features"][0][0] in ("log_size_bytes", "bytes_per_pixel")
+    assert any(p.startswith("The internal data has a shortcut: file properties alone") for p in problems)
+    pred = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert len(pred) == 48 and pred["focus"].dropna().between(0, 1).all()
+    assert sets["hospital-a"]["focus"]["covid"]["n"] == 8
+    shown = pred.dropna(subset=["heatmap"])
+    assert len(shown) == 6 and all((out / h).stat().st_size > 1000 for h in shown["heatmap"])
+    html = (out / "report.html").read_text()
+    assert "Do not trust" in html and html.count("data:image/png;base64") == 2 + 6
+
+
+def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_model, tmp_path):
+    data = marker_tree(tmp_path / "in", 4, 128, seed=5, cue="marker")
+    env = {"RAY_ADDRESS": ray_driver.address}
+    out = tmp_path / "explain"
+    proc = run_job("explain.py", "--input", str(data), "--model", corner_model, "--output", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "explained 8 of 8 images (0 unreadable)" in proc.stdout
+    table = pq.read_table(out / "explanations.parquet").to_pandas()
+    assert len(table) == 8 and table["heatmap"].notna().all() and len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {"prob_covid", "focus", "corner_share", "outside_lungs"}
+    assert "focus" in (out / "gallery.html").read_text()
+
+    scores = tmp_path / "scores"
+    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "explained 4 of 4 images" in proc.stdout
+    assert pq.read_table(scores).num_rows == 8  # the score table is unchanged: _heatmaps/ is not part of it
+    explained = pq.read_table(scores / "_heatmaps" / "explanations.parquet").to_pandas()
+    assert sorted(explained["path"]) == sorted(str(p) for p in (data / "covid").glob("*.png"))
+    assert (scores / "_heatmaps" / "gallery.html").exists()
+
+    proc = run_job("explain.py", "--input", str(tmp_path / "nothing"), "--model", corner_model, "--output", str(tmp_path / "x"), env=env)
+    assert proc.returncode == 3 and "error: input not found" in proc.stderr

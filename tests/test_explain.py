@@ -1,0 +1,92 @@
+"""Grad-CAM and the focus score on hand-built models whose evidence we place ourselves (no Ray)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxr.explain import GradCam, LUNG_BOX, corner_mask, focus_scores, heatmap_name, lung_mask, overlay_png, target_layer
+
+
+class Window(nn.Module):
+    """Keeps the activations inside one window of the image and zeroes the rest: what comes after it
+    sees that window only."""
+
+    def __init__(self, window: tuple[slice, slice]):
+        super().__init__()
+        self.window = window
+
+    def forward(self, f):
+        mask = torch.zeros_like(f)
+        mask[:, :, self.window[0], self.window[1]] = 1
+        return f * mask
+
+
+class LooksAt(nn.Module):
+    """features: conv + ReLU + Window; the covid logit is the mean of what the window lets through."""
+
+    def __init__(self, window: tuple[slice, slice]):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Window(window))
+        with torch.no_grad():
+            self.features[0].weight.abs_()
+            self.features[0].bias.fill_(0.1)
+
+    def forward(self, x):
+        covid = self.features(x).mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(covid), covid], dim=1)
+
+
+def _cam(model, size=64):
+    x = torch.rand(3, 3, size, size)
+    return GradCam(model, target_layer(model, "hand-built", "features.2"), class_index=1)(x)
+
+
+def test_region_geometry_is_the_documented_one():
+    lung = lung_mask(100, 200)
+    assert lung.mean() == pytest.approx((LUNG_BOX[1] - LUNG_BOX[0]) * (LUNG_BOX[3] - LUNG_BOX[2]))
+    assert lung[50, 100] and not lung[5, 100] and not lung[50, 10] and not lung[95, 100]
+    assert corner_mask(100, 100).mean() == pytest.approx(0.16) and corner_mask(100, 100)[0, 99]
+    assert focus_scores(np.ones((80, 80)))[0] == pytest.approx(0.525, abs=0.01)  # a constant map is uniform
+    assert focus_scores(np.zeros((8, 8))) == (None, None)  # no evidence at all
+
+
+def test_a_model_that_looks_at_a_corner_marker_gets_a_low_focus():
+    cams = _cam(LooksAt((slice(0, 10), slice(54, 64))))  # top-right corner
+    assert cams.shape == (3, 64, 64) and cams.max() <= 1.0
+    for cam in cams:
+        focus, corner = focus_scores(cam)
+        assert focus < 0.1 and corner > 0.9
+        y, x = np.unravel_index(cam.argmax(), cam.shape)
+        assert y < 10 and x >= 54  # rows are y, columns x: not transposed
+
+
+def test_a_model_that_looks_at_the_lungs_gets_a_high_focus():
+    cams = _cam(LooksAt((slice(20, 44), slice(14, 50))))
+    for cam in cams:
+        focus, corner = focus_scores(cam)
+        assert focus > 0.95 and corner < 0.02
+
+
+def test_the_default_layer_comes_from_the_backbone_registry():
+    from cxr.models import create_model
+
+    m = create_model("mobilenet_v2")
+    assert target_layer(m, "mobilenet_v2") is m.features[18]
+    with pytest.raises(ValueError, match="no layer"):
+        target_layer(m, "mobilenet_v2", "features.99")
+
+
+def test_overlay_is_a_png_with_caption_strip_and_names_are_safe():
+    from PIL import Image
+
+    png = overlay_png(np.random.default_rng(0).random((64, 64)), np.eye(64), "p=0.9 focus=0.10", size=128)
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.size == (128, 150) and im.mode == "RGB"
+    name = heatmap_name("s3://bucket/a dir/x ray (1).dcm")
+    assert name.endswith("_x_ray_1_.png") and "/" not in name and name != heatmap_name("s3://bucket/other/x ray (1).dcm")

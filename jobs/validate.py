@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, metavar="URI", help="labelled folder or s3:// prefix")
     p.add_argument("--output", required=True, metavar="DIR", help="local directory for validation.json, report.html, plots")
     p.add_argument("--strict", action="store_true", help="exit 6 when error findings (corrupt files, leakage, label conflicts) exist")
-    p.add_argument("--near-distance", type=int, default=4, help="perceptual-hash bits within which two images are near duplicates (default 4 of 64)")
+    p.add_argument("--near-distance", type=int, default=4, help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates (default 4)")
     p.add_argument("--min-side", type=int, default=128, help="images with a shorter side are flagged as tiny (default 128)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="images with more pixels are flagged as huge")
     p.add_argument("--seed", type=int, default=0, help="seed of the metadata baseline's cross-validation")

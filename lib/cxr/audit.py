@@ -171,11 +171,11 @@ def _plot_rates(sets: dict, threshold: float, path: Path) -> None:
                 continue
             lo, hi = r["ci95"]
             ax.errorbar([r["value"]], [i], xerr=[[r["value"] - lo], [hi - r["value"]]], fmt="o", color=colour, capsize=4)
-            ax.text(min(hi + 0.02, 0.9), i + 0.18, f"{r['value']:.2f} ({r['k']}/{r['n']})", fontsize=8)
-        ax.set(xlim=(0, 1), title=title)
+            ax.text(r["value"], i - 0.22, f"{r['value']:.2f} ({r['k']}/{r['n']})", fontsize=8, ha="center" if 0.1 < r["value"] < 0.9 else
+                    ("left" if r["value"] <= 0.1 else "right"))
+        ax.set(xlim=(-0.02, 1.02), ylim=(len(names) - 0.5, -0.6), title=title)
         ax.grid(alpha=0.3, axis="x")
-    axes[0].set_yticks(range(len(names)), labels=names)
-    axes[0].invert_yaxis()
+    axes[0].set_yticks(range(len(names)), labels=[f"{n} (internal)" if i == 0 else n for i, n in enumerate(names)])
     fig.suptitle(f"At the model's threshold {threshold:.3f} (95% Wilson intervals)", fontsize=10)
     _save(fig, path)
 
@@ -185,7 +185,7 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
 
     from .report import _COLOURS, _save
 
-    fig = Figure(figsize=(9.0, 0.55 * len(sets) + 2.2), layout="constrained")
+    fig = Figure(figsize=(10.5, 0.55 * len(sets) + 2.2), layout="constrained")
     ax = fig.subplots()
     data, pos, colours, labels = [], [], [], []
     for i, name in enumerate(sets):
@@ -207,7 +207,7 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     ax.plot([], [], "s", color=_COLOURS["covid"], alpha=0.5, label="true covid")
     ax.plot([], [], "s", color=_COLOURS["non"], alpha=0.5, label="true non")
     ax.set(xlim=(0, 1), xlabel="focus: share of Grad-CAM mass inside the lung box", title="Where the model looks, per set and class")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
 

@@ -14,7 +14,7 @@ check                         severity  what
 ============================  ========  ==========================================================
 ``unreadable``                error     empty, truncated, corrupt, not an image (decode.py's reason)
 ``duplicate_across_splits``   error     identical bytes (SHA-256) in train and test: leakage
-``near_duplicate_across_...`` error     perceptual hashes within ``near_distance`` bits: leakage
+``near_duplicate_across_...`` error     near-identical images (two image hashes) in train and test: leakage
 ``patient_overlap``           error     one patient id (CheXpert-style names) in several splits
 ``label_conflict``            error     identical bytes filed under both classes
 ``wrong_extension``           warning   content (magic bytes) does not match the file extension
@@ -26,9 +26,12 @@ check                         severity  what
 ``metadata_shortcut``         warning   file properties alone predict the label (CV ROC AUC >= 0.8)
 ============================  ========  ==========================================================
 
-Near duplicates: a 64-bit DCT perceptual hash (``imagehash.phash``) of the decoded grayscale image;
-two files are near duplicates when their hashes differ in at most ``near_distance`` bits (default 4)
-and their bytes differ. Candidate pairs are found by the pigeonhole principle (two hashes within d bits
+Near duplicates: two 64-bit hashes of the decoded grayscale image, the DCT perceptual hash
+(``imagehash.phash``) and the difference hash (``imagehash.dhash``); two files are near duplicates when
+both hashes differ in at most ``near_distance`` bits (default 4) and their bytes differ. (The phash
+alone puts unrelated CheXpert X-rays of different patients within 4 bits of each other; on
+COVID-Xray-5k requiring the dhash too keeps the true copies, which differ by 0-2 bits in both, and
+drops those.) Candidate pairs are found by the pigeonhole principle (two hashes within d bits
 agree exactly on at least one of d+1 bit chunks), so 10^5 files do not need 10^10 comparisons.
 """
 
@@ -66,7 +69,7 @@ INSPECT_SCHEMA = pa.schema([
     ("path", pa.string()), ("split", pa.string()), ("label", pa.int8()),
     ("size_bytes", pa.int64()), ("ext", pa.string()), ("format", pa.string()), ("mode", pa.string()),
     ("bits", pa.int16()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
-    ("phash", pa.string()), ("error", pa.string()),
+    ("phash", pa.string()), ("dhash", pa.string()), ("error", pa.string()),
 ])
 
 
@@ -91,11 +94,13 @@ def _header(data: bytes, kind: str | None) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _phash(image: np.ndarray) -> str:
+def _hashes(image: np.ndarray) -> tuple[str, str]:
+    """64-bit perceptual (DCT) and difference hashes of the decoded grayscale image, as hex."""
     import imagehash
     from PIL import Image
 
-    return str(imagehash.phash(Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), "L")))
+    im = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), "L")
+    return str(imagehash.phash(im)), str(imagehash.dhash(im))
 
 
 def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) -> dict:
@@ -103,7 +108,7 @@ def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) 
     ext = posixpath.splitext(path)[1].lower()
     row = {"path": path, "size_bytes": None if data is None else len(data), "ext": ext, "format": None,
            "mode": None, "bits": None, "width": None, "height": None, "sha256": None, "phash": None,
-           "error": read_error}
+           "dhash": None, "error": read_error}
     if data is None:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
@@ -112,7 +117,7 @@ def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) 
     decoded = decode(data, path)
     row["width"], row["height"], row["error"] = decoded.width, decoded.height, decoded.error
     if decoded.ok:
-        row["phash"] = _phash(decoded.image)
+        row["phash"], row["dhash"] = _hashes(decoded.image)
     return row
 
 
@@ -275,17 +280,19 @@ def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Findi
         out.append(Finding("warning", "duplicate_within_split", f"{len(within)} group(s) of byte-identical files within one split",
                            [paths(g) for g in within], len(within)))
     hashes = [int(r["phash"], 16) if r["phash"] else None for r in rows]
-    near = [(i, j, d) for i, j, d in near_duplicate_pairs(hashes, near_distance) if rows[i]["sha256"] != rows[j]["sha256"]]
+    dhash = lambda r: int(r["dhash"], 16)  # noqa: E731
+    near = [(i, j, d) for i, j, d in near_duplicate_pairs(hashes, near_distance) if rows[i]["sha256"] != rows[j]["sha256"]
+            and rows[i]["dhash"] and rows[j]["dhash"] and (dhash(rows[i]) ^ dhash(rows[j])).bit_count() <= near_distance]
     near_across = [(i, j, d) for i, j, d in near if rows[i]["split"] != rows[j]["split"]]
     near_within = [(i, j, d) for i, j, d in near if rows[i]["split"] == rows[j]["split"]]
     fmt = lambda i, j, d: [rows[i]["path"], rows[j]["path"], f"{d} bits"]  # noqa: E731
     if near_across:
         out.append(Finding("error", "near_duplicate_across_splits",
-                           f"{len(near_across)} pair(s) of near-identical images (perceptual hash within {near_distance} bits) in different splits (leakage)",
+                           f"{len(near_across)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) in different splits (leakage)",
                            [fmt(*p) for p in near_across], len(near_across)))
     if near_within:
         out.append(Finding("warning", "near_duplicate_within_split",
-                           f"{len(near_within)} pair(s) of near-identical images (perceptual hash within {near_distance} bits) within one split",
+                           f"{len(near_within)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) within one split",
                            [fmt(*p) for p in near_within], len(near_within)))
     stats = {"exact_groups": len(groups), "exact_groups_across_splits": len(across), "near_pairs": len(near),
              "near_pairs_across_splits": len(near_across), "near_distance_bits": near_distance}

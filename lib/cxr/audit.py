@@ -19,7 +19,7 @@ and ends in a plain-language verdict, built from these rules (``RULES``):
   (The heatmap of the COVID-19 class on an image predicted normal explains little, so those images
   are reported but do not count.)
 
-Any of them makes the verdict "do not trust"; none of them is no proof that the model is right.
+Any of them makes the verdict "do not trust"; passing them all does not prove the model right.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
     v = report["verdict"]
     meta = report["metadata_baseline"]
     sets = report["sets"]
-    cards = [_card("Verdict", "trust? no" if not v["trustworthy"] else "no red flags", v["headline"][:60]),
+    cards = [_card("Verdict", "do not trust" if not v["trustworthy"] else "no red flags", f"{len(v['problems'])} warning sign(s)"),
              _card("Metadata-only ROC AUC", "n/a" if meta.get("auc") is None else f"{meta['auc']:.3f}", "internal set, file properties alone"),
              _card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)")]
     fmt = lambda r: "—" if not r or r.get("value") is None else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"  # noqa: E731

@@ -322,7 +322,11 @@ def balance(rows: list[dict]) -> tuple[list[Finding], dict]:
     for split, c in sorted(counts.items()):
         total = sum(c.values())
         smallest = min(c, key=c.get)
-        if total and c[smallest] / total < 0.10:
+        if total and c[smallest] == 0:
+            out.append(Finding("warning", "class_imbalance",
+                               f"split {split}: only {max(c, key=c.get)} images (one class: nothing to train a classifier on, "
+                               "and only sensitivity or the false-positive rate to evaluate)", [], 0))
+        elif total and c[smallest] / total < 0.10:
             out.append(Finding("warning", "class_imbalance",
                                f"split {split}: {smallest} is {c[smallest]} of {total} images ({100 * c[smallest] / total:.1f}%)",
                                [], c[smallest]))

@@ -14,6 +14,7 @@ USAGE = 2  # bad command line (argparse)
 BAD_INPUT = 3  # input missing, empty or unreadable
 BAD_MODEL = 4  # model checkpoint missing or unreadable
 BAD_OUTPUT = 5  # output exists (without --overwrite) or cannot be written
+DRIFT = 6  # nightly.py --fail-on-drift: the run committed, and its share predicted positive shifted
 
 
 def setup_logging(verbose: bool = False) -> None:

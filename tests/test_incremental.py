@@ -52,18 +52,23 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     write_images(images, ["day2/a.png", "day2/b.png"], seed=7)
     write_images(images, ["day1/03.png"], seed=99)
     os.utime(images / "day1" / "05.png", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
-    second = run_incremental([str(images)], table, tiny_model, batch_size=4, rows_per_file=4)
-    assert (second.inputs, second.new, second.changed, second.skipped, second.scored) == (13, 2, 2, 9, 4)
+    # ... and a manifest naming one of them again and a file that does not exist
+    manifest = tmp_path / "extra.csv"
+    manifest.write_text(f"path\n{images}/day2/a.png\n{images}/gone.png\n")
+    second = run_incremental([str(images), str(manifest)], table, tiny_model, batch_size=4, rows_per_file=4)
+    assert (second.inputs, second.new, second.changed, second.skipped, second.scored, second.errors) == (14, 3, 2, 9, 5, 1)
     assert second.previous_positive_share == pytest.approx(first.positive_share)
-    current = check_exactly_once(table, {str(p) for p in images.rglob("*.png")}, model_id)
+    current = check_exactly_once(table, {str(p) for p in images.rglob("*.png")} | {f"{images}/gone.png"}, model_id)
     by_path = {r["path"]: r for r in current.to_pylist()}
     assert by_path[str(images / "day1/03.png")]["run_id"] == second.run_id
     assert by_path[str(images / "day1/03.png")]["source_size"] == (images / "day1/03.png").stat().st_size
     assert by_path[str(images / "day1/00.png")]["run_id"] == first.run_id
     assert by_path[str(images / "day1/broken.png")]["error"].startswith("not an image")  # content errors are final
+    gone = by_path[f"{images}/gone.png"]
+    assert gone["error"].startswith("read failed") and gone["source_size"] is None and gone["source_mtime"] is None
     # the history keeps both versions of the changed images, each once
     history = read_table(table, all_versions=True)
-    assert history.num_rows == 11 + 4
+    assert history.num_rows == 11 + 5
     # plain Parquet readers of the root see the same committed partitions (staging is hidden)
     plain = pads.dataset(table, format="parquet", partitioning="hive").to_table()
     assert plain.num_rows == history.num_rows
@@ -76,7 +81,7 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     assert (third.new, third.changed, third.retried, third.skipped, third.scored) == (0, 0, 0, 13, 0)
     report = json.loads(Path(table, "_reports", f"{third.run_id}.json").read_text())
     assert report["skipped"] == 13 and report["scored"] == 0
-    assert read_table(table, all_versions=True).num_rows == 15
+    assert read_table(table, all_versions=True).num_rows == 16
 
 
 def test_read_table_ignores_uncommitted_partitions(tmp_path):

@@ -396,7 +396,9 @@ def run_incremental(
                             threads_per_actor=threads_per_actor, batch_size=batch_size)
         per_file = rows_per_file or max(plan.batch_size, min(10_000, -(-len(remaining) // 20)))
         log.info("run %s: plan %s, ~%d rows per file", rid, plan, per_file)
-        results = score_dataset(table_dataset(remaining), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor)
+        keyed = remaining.set_column(1, "source_size", pc.fill_null(remaining["source_size"], -1)).set_column(
+            2, "source_mtime_ns", pc.fill_null(remaining["source_mtime_ns"], -1))  # missing file: -1 (numpy has no null ints)
+        results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor)
         results.write_parquet(attempt, filesystem=fs, min_rows_per_file=per_file,
                               ray_remote_args={"num_cpus": plan.task_cpus})
         new_files = _usable_parquet(fs, [i.path for i in _list_files(fs, attempt) if i.path.endswith(".parquet")])

@@ -25,10 +25,19 @@ PYTHON = sys.executable
 RAY = str(Path(PYTHON).parent / "ray")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this session (the OS may offer a just-closed one again,
+    and two Ray components given the same port make `ray start` fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 # Set before anything imports boto3/pyarrow/ray, so every process the tests start (Ray nodes,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 from conftest import png_bytes, run_job, xray_like
 
 from cxr.checkpoint import load_checkpoint
@@ -75,6 +77,12 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     assert {(r["run_date"], r["run_id"]) for r in plain.select(["run_date", "run_id"]).to_pylist()} == {
         (first.run_date, first.run_id), (second.run_date, second.run_id)}
     assert not any(Path(table, "_staging").iterdir())
+    # staged files (here a stray copy of a committed one) stay invisible to plain readers, Ray Data's too
+    stray = Path(table, "_staging", "stray")
+    stray.mkdir()
+    shutil.copy(next(Path(table).glob("run_date=*/run_id=*/*.parquet")), stray / "copy.parquet")
+    assert pads.dataset(table, format="parquet", partitioning="hive").count_rows() == history.num_rows
+    assert ray.data.read_parquet(table).count() == history.num_rows
 
     # night 3: nothing changed -> nothing scored, an empty run is still committed and reported
     third = run_incremental([str(images)], table, tiny_model, batch_size=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -158,10 +159,11 @@ class LocalCluster:
         while time.time() < deadline:
             out = subprocess.run(
                 [PYTHON, "-c", f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-                 "print(sum(1 for n in ray.nodes() if n['Alive']))"],
+                 "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))"],  # Ray may print warnings to stdout too
                 capture_output=True, text=True, timeout=60,
             )
-            if out.returncode == 0 and int(out.stdout.strip().splitlines()[-1]) >= n:
+            alive = re.findall(r"^ALIVE (\d+)$", out.stdout, re.M)
+            if out.returncode == 0 and alive and int(alive[-1]) >= n:
                 return
             time.sleep(1)
         raise RuntimeError(f"cluster did not reach {n} nodes")

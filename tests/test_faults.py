@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -175,11 +176,12 @@ def wait_for_alive_nodes(cluster: LocalCluster, n: int, timeout: float = 120) ->
     """Until the cluster counts exactly ``n`` live nodes: the GCS notices a killed node only after its
     health checks fail, and a job planned before that would size its actors for the dead node."""
     script = (f"import ray; ray.init(address='{cluster.address}', logging_level='ERROR'); "
-              "print(sum(1 for n in ray.nodes() if n['Alive']))")
+              "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))")  # Ray may print warnings to stdout too
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
-        if out.returncode == 0 and int(out.stdout.strip().splitlines()[-1]) == n:
+        alive = re.findall(r"^ALIVE (\d+)$", out.stdout, re.M)
+        if out.returncode == 0 and alive and int(alive[-1]) == n:
             return
         time.sleep(2)
     raise AssertionError(f"the cluster did not get back to {n} live nodes")

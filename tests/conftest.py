@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,10 +26,19 @@ PYTHON = sys.executable
 RAY = str(Path(PYTHON).parent / "ray")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this session (the OS may offer a just-closed one again,
+    and two Ray components given the same port make `ray start` fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 # Set before anything imports boto3/pyarrow/ray, so every process the tests start (Ray nodes,
@@ -149,10 +159,11 @@ class LocalCluster:
         while time.time() < deadline:
             out = subprocess.run(
                 [PYTHON, "-c", f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-                 "print(sum(1 for n in ray.nodes() if n['Alive']))"],
+                 "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))"],  # Ray may print warnings to stdout too
                 capture_output=True, text=True, timeout=60,
             )
-            if out.returncode == 0 and int(out.stdout.strip().splitlines()[-1]) >= n:
+            alive = re.findall(r"^ALIVE (\d+)$", out.stdout, re.M)
+            if out.returncode == 0 and alive and int(alive[-1]) >= n:
                 return
             time.sleep(1)
         raise RuntimeError(f"cluster did not reach {n} nodes")

@@ -456,10 +456,10 @@ def accept(script: str, args: list[str]):
 def test_rayjob_entrypoint_names_a_real_job_with_valid_arguments(rayjob):
     entrypoint = rayjob["spec"]["entrypoint"]
     words = shell_words(entrypoint)
-    assert words[:2] == ["python", "jobs/score.py"]
+    assert words[:2] == ["python", "jobs/nightly.py"]
     ns = accept(words[1], words[2:])
     assert ns.input == ["s3://YOUR_BUCKET/incoming/"]
-    assert ns.output.startswith("s3://YOUR_BUCKET/scores/") and ns.model.startswith("s3://YOUR_BUCKET/models/")
+    assert ns.table.startswith("s3://YOUR_BUCKET/") and ns.model.startswith("s3://YOUR_BUCKET/models/")
 
 
 def documented_commands() -> list[tuple[str, str, str]]:

@@ -15,6 +15,7 @@ BAD_INPUT = 3  # input missing, empty or unreadable
 BAD_MODEL = 4  # model checkpoint missing or unreadable
 BAD_OUTPUT = 5  # output exists (without --overwrite) or cannot be written
 CHECK_FAILED = 6  # a data check failed (validate --strict: leakage or corrupt files)
+DRIFT = 7  # nightly.py --fail-on-drift: the run committed, and its share predicted positive shifted
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -212,13 +212,15 @@ class Predictor:
         )
 
 
-def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings):
-    """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``)."""
+def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings,
+                  predictor_cls: type = None):
+    """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``; a ``predictor_cls``
+    subclassing :class:`Predictor` may add columns)."""
     import ray.data
 
     decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
     return decoded.map_batches(
-        Predictor,
+        predictor_cls or Predictor,
         fn_constructor_kwargs={
             "model_uri": model_uri,
             "run_id": run_id,

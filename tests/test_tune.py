@@ -153,3 +153,13 @@ def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_pa
         load_checkpoint(str(copy))
     with pytest.raises(CheckpointError, match="preprocessing"):
         save_ensemble({"a": resumed.exported[BACKBONES[0]], "b": tiny_model}, str(tmp_path / "mixed"), 0.5)
+
+
+def test_tune_job_rejects_bad_input(tmp_path):
+    from conftest import run_job
+
+    bad = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,vgg99", timeout=120)
+    assert bad.returncode == 2 and "unknown backbone" in bad.stderr
+    missing = run_job("tune.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
+    assert missing.returncode == 3 and "error:" in missing.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for a search that cannot start

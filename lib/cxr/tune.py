@@ -361,7 +361,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     started = time.perf_counter()
     settings = storage.s3_settings()
     cfg.check()
-    tune_path, tune_fs = _storage_location(storage.join(cfg.output, "_tune"), settings)
+    tune_fs, tune_path = storage.filesystem(storage.join(cfg.output, "_tune"), settings)
+    tune_path = tune_path if storage.is_s3(cfg.output) else os.path.abspath(tune_path)
+    tune_fs = tune_fs if storage.is_s3(cfg.output) else None
     experiment = (tune_path.rstrip("/") + "/" + SEARCH_NAME)
     stored = _stored_config(cfg.output, settings)
     resumed = stored is not None and tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
@@ -374,6 +376,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                 setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") else stored[k])
         log.info("resuming the interrupted search in %s", experiment)
     else:
+        from .data import labelled_files
+
+        labelled_files(cfg.data, "train", settings)  # bad data fails here (InputError), before anything is written
         storage.write_bytes(storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings)
 
     base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,

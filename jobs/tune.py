@@ -66,12 +66,12 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return cli.USAGE
     result = run_search(cfg)
-    print(f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed) in {result.seconds:.0f}s -> {result.output}")
+    print(f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, {result.unfinished} unfinished) in {result.seconds:.0f}s -> {result.output}")
     for row in result.leaderboard:
         if row.get("exported_to"):
             print(f"  {row['backbone']:<20} validation AUC {row.get('val_auc', float('nan')):.3f}  specificity {row.get('val_spec_at_target', float('nan')):.3f} "
                   f"at sensitivity >= {cfg.target_sensitivity}  -> {row['exported_to']}")
-    print(json.dumps({"tune": {"output": result.output, "trials": result.trials, "errors": result.errors, "seconds": round(result.seconds, 1),
+    print(json.dumps({"tune": {"output": result.output, "trials": result.trials, "errors": result.errors, "unfinished": result.unfinished, "seconds": round(result.seconds, 1),
                                "models": result.exported, "ensemble": result.ensemble}}))
     return cli.OK if result.exported else cli.FAILED
 

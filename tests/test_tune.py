@@ -16,7 +16,7 @@ from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, loa
 from cxr.decode import decode
 from cxr.metrics import expected_calibration_error
 from cxr.preprocess import preprocess
-from cxr.tune import SearchConfig, calibrate, plan_trials, rank_key, run_search
+from cxr.tune import SearchConfig, calibrate, choose_members, plan_trials, rank_key, run_search
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -59,6 +59,17 @@ def test_rank_key_prefers_specificity_then_auc():
     rows = [{"val_spec_at_target": 0.9, "val_auc": 0.99}, {"val_spec_at_target": 0.95, "val_auc": 0.90},
             {"val_spec_at_target": 0.95, "val_auc": 0.97}, {"val_spec_at_target": float("nan"), "val_auc": 1.0}]
     assert [rows.index(r) for r in sorted(rows, key=rank_key, reverse=True)] == [2, 1, 0, 3]
+
+
+def test_ensemble_members_leave_out_a_model_that_learned_nothing():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20), np.zeros(80)].astype(int)
+    probs = {"a": np.clip(0.6 * y + rng.uniform(0, 0.4, 100), 0, 1), "noise": rng.uniform(0, 1, 100),
+             "b": np.clip(0.5 * y + rng.uniform(0, 0.5, 100), 0, 1)}
+    members, figures, tried = choose_members(probs, y, 0.98)
+    assert members == ["a", "b"] and len(tried) == 4  # every subset of two or more
+    assert figures["val_spec_at_target"] == max(t["val_spec_at_target"] for t in tried)
+    assert choose_members({"only": probs["a"]}, y, 0.98)[0] == ["only"]
 
 
 def test_search_finishes_ranks_exports_and_resumes(search):

@@ -119,6 +119,7 @@ class SearchResult:
     errors: int
     seconds: float
     resumed: bool
+    unfinished: int = 0  # interrupted before they ended: the next run resumes them
 
 
 # --------------------------------------------------------------------------- resources
@@ -262,11 +263,15 @@ def rank_key(row: dict) -> tuple:
 def trial_rows(results, epochs: int) -> list[dict]:
     """One leaderboard row per trial: its best epoch (by :func:`rank_key`, earliest on ties) and its history."""
     rows = []
+    # Trial status (TERMINATED, ERROR, or RUNNING/PENDING/PAUSED when the search was interrupted); ResultGrid has no
+    # public accessor for it, so fall back to "unknown" if this private one moves.
+    analysis = getattr(results, "_experiment_analysis", None)
+    status = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
     for r in results:
         df = r.metrics_dataframe
         trial_id = os.path.basename(r.path).split("_")[1] if r.path and "_" in os.path.basename(r.path) else ""
         trial_id = (r.metrics or {}).get("trial_id", trial_id)
-        base = {"trial_id": trial_id, "backbone": r.config.get("backbone"), "lr": r.config.get("lr"),
+        base = {"trial_id": trial_id, "status": status.get(trial_id, "unknown"), "backbone": r.config.get("backbone"), "lr": r.config.get("lr"),
                 "covid_weight_scale": r.config.get("covid_weight_scale"), "error": "" if r.error is None else type(r.error).__name__}
         if df is None or df.empty or "epoch" not in df:
             rows.append({**base, "epochs_run": 0, "history": []})
@@ -274,7 +279,7 @@ def trial_rows(results, epochs: int) -> list[dict]:
         history = df.to_dict("records")
         best = max(history, key=lambda h: (*rank_key(h), -int(h["epoch"])))
         rows.append({
-            **base, "epochs_run": int(df["epoch"].max()) + 1, "stopped_early": bool(r.error is None and df["epoch"].max() + 1 < epochs),
+            **base, "epochs_run": int(df["epoch"].max()) + 1, "stopped_early": bool(status.get(trial_id) == "TERMINATED" and df["epoch"].max() + 1 < epochs),
             "best_epoch": int(best["epoch"]), **{k: best.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
             "seconds_per_epoch": float(df["epoch_seconds"].mean()), "train_images_per_s": float(df["train_images_per_s"].mean()),
             "history": history,
@@ -288,9 +293,9 @@ def trial_rows(results, epochs: int) -> list[dict]:
 # --------------------------------------------------------------------------- leaderboard
 
 
-LEADERBOARD_COLUMNS = ["rank", "kind", "backbone", "weights", "trial_id", "lr", "covid_weight_scale", "covid_weight", "epochs_run", "stopped_early",
+LEADERBOARD_COLUMNS = ["rank", "kind", "status", "backbone", "weights", "trial_id", "lr", "covid_weight_scale", "covid_weight", "epochs_run", "stopped_early",
                        "best_epoch", "val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss",
-                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "exported_to", "error"]
+                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "exported_to", "members", "error"]
 
 
 def write_leaderboard(rows: list[dict], output: str) -> None:
@@ -426,6 +431,9 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
     rows = trial_rows(results, cfg.epochs)
     errors = sum(1 for r in rows if r["error"])
+    unfinished = sum(1 for r in rows if r["status"] not in ("TERMINATED", "ERROR"))
+    if unfinished:
+        log.warning("%d of %d trials did not finish (interrupted); run the same command again to resume them", unfinished, len(rows))
     for row in rows:
         row["kind"] = "trial"
         if row.get("covid_weight_scale") is not None:
@@ -445,12 +453,12 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         plot_leaderboard(models, cfg.output)
     write_leaderboard(rows, cfg.output)
     seconds = time.perf_counter() - started
-    summary = {"trials": len(rows) - (1 if ensemble_uri else 0), "errors": errors, "seconds": round(seconds, 1), "resumed": resumed,
+    summary = {"trials": len(rows) - (1 if ensemble_uri else 0), "errors": errors, "unfinished": unfinished, "seconds": round(seconds, 1), "resumed": resumed,
                "concurrent_trials": concurrent, "cpus_per_trial": cpus, "gpus_per_trial": cfg.gpus_per_trial,
                "models": {m["backbone"]: {k: m.get(k) for k in ("exported_to", "val_auc", "val_spec_at_target", "val_sens_at_threshold",
                                                                   "val_threshold", "temperature", "ece_before", "ece_after")} for m in models}}
     storage.write_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
-    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed)
+    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished)
 
 
 def _remove_leaked_train_groups(bundle: dict, grace_s: float = 5.0) -> int:
@@ -546,23 +554,43 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
     return exported, models, val_probs
 
 
-def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_probs: dict, y: np.ndarray, settings):
+def ensemble_figures(p: np.ndarray, y: np.ndarray, target: float) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    p = np.mean([val_probs[b] for b in exported], axis=0)
-    threshold = choose_threshold(y, p, cfg.target_sensitivity)
-    spec, sens = float(np.mean(p[y == 0] < threshold)), float(np.mean(p[y == 1] >= threshold))
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    threshold = choose_threshold(y, p, target)
+    return {"val_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+            "val_spec_at_target": float(np.mean(p[y == 0] < threshold)), "val_sens_at_threshold": float(np.mean(p[y == 1] >= threshold)),
+            "val_threshold": float(threshold), "val_ece": expected_calibration_error(y, p)}
+
+
+def choose_members(val_probs: dict[str, np.ndarray], y: np.ndarray, target: float) -> tuple[list[str], dict, list[dict]]:
+    """The subset of exported models (at least two when there are two) whose mean calibrated probability ranks best
+    on validation (:func:`rank_key`; ties: more members). Exhaustive: at most 31 subsets for five backbones.
+    A model that learned nothing would only dilute the mean, so it is left out."""
+    from itertools import combinations
+
+    names = list(val_probs)
+    tried = []
+    for k in range(min(2, len(names)), len(names) + 1):
+        for subset in combinations(names, k):
+            figures = ensemble_figures(np.mean([val_probs[n] for n in subset], axis=0), y, target)
+            tried.append({"members": list(subset), **figures})
+    best = max(tried, key=lambda t: (*rank_key(t), len(t["members"])))
+    return best["members"], {k: v for k, v in best.items() if k != "members"}, tried
+
+
+def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_probs: dict, y: np.ndarray, settings):
+    members, validation, tried = choose_members(val_probs, y, cfg.target_sensitivity)
     out = storage.join(cfg.output, "ensemble")
-    validation = {"val_auc": auc, "val_spec_at_target": spec, "val_sens_at_threshold": sens, "val_threshold": threshold,
-                  "val_ece": expected_calibration_error(y, p)}
-    info = save_ensemble(exported, out, threshold, {
-        "members": list(exported), "combination": "mean of the members' calibrated probabilities",
+    info = save_ensemble({m: exported[m] for m in members}, out, validation["val_threshold"], {
+        "members": members, "combination": "mean of the members' calibrated probabilities",
+        "member_selection": "the subset of the exported models ranking best on validation (specificity at target sensitivity, ties ROC AUC)",
+        "subsets_tried": [{"members": t["members"], "val_spec_at_target": t["val_spec_at_target"], "val_auc": t["val_auc"]} for t in tried],
         "threshold_rule": f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}",
         "validation": validation, "data": {"uri": cfg.data, "validation_n": int(len(y))}}, settings)
     log.info("exported the ensemble of %s: validation specificity %.3f at sensitivity %.3f (threshold %.4f) -> %s",
-             ", ".join(exported), spec, sens, threshold, out)
-    row = {"kind": "ensemble", "backbone": "ensemble", "rank": "", **validation, "exported_to": out,
+             ", ".join(members), validation["val_spec_at_target"], validation["val_sens_at_threshold"], validation["val_threshold"], out)
+    row = {"kind": "ensemble", "backbone": "ensemble", "rank": "", **validation, "exported_to": out, "members": "+".join(members),
            "seconds_per_epoch": None, "trial_id": info.model_id}
     return out, row
 

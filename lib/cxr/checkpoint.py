@@ -4,6 +4,11 @@
 class names, the preprocessing spec, the decision threshold (chosen on validation), a softmax
 temperature (calibration), and provenance (data fingerprint, metrics, versions, training config).
 Loading reads JSON and safetensors only: nothing is ever unpickled.
+
+An *ensemble* checkpoint is a directory whose ``model.json`` has ``"kind": "ensemble"`` and lists member
+checkpoint subfolders (``members/<name>/``, each an ordinary checkpoint); its probability is the mean of the
+members' calibrated probabilities, with its own threshold. All members share one preprocessing spec (enforced
+when saving and loading). :func:`load_checkpoint` returns an object with the same interface either way.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 DEFAULT_MODEL = "default"
+ENSEMBLE = "ensemble"
 CLASS_NAMES = ("non", "covid")
 POSITIVE_CLASS = "covid"
 
@@ -43,6 +49,8 @@ class ModelInfo:
     temperature: float = 1.0
     provenance: dict = field(default_factory=dict)
     weights_sha256: str = ""
+    kind: str = "model"  # or "ensemble": ``members`` are checkpoint subfolders, ``backbone`` is "ensemble"
+    members: tuple[str, ...] = ()
 
     @property
     def positive_index(self) -> int:
@@ -53,9 +61,11 @@ class ModelInfo:
         return f"{self.backbone}@{self.weights_sha256[:12]}"
 
     def to_dict(self) -> dict:
+        kind = {"kind": ENSEMBLE, "members": list(self.members)} if self.kind == ENSEMBLE else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            **kind,
             "backbone": self.backbone,
             "num_classes": len(self.class_names),
             "class_names": list(self.class_names),
@@ -89,6 +99,8 @@ class ModelInfo:
                 temperature=float(d.get("temperature", 1.0)),
                 provenance=d.get("provenance", {}),
                 weights_sha256=d.get("weights_sha256", ""),
+                kind=d.get("kind", "model"),
+                members=tuple(d.get("members", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model.json: {exc}") from exc
@@ -96,6 +108,13 @@ class ModelInfo:
             raise CheckpointError(f"positive_class {info.positive_class!r} not in class_names {info.class_names}")
         if not 0.0 <= info.threshold <= 1.0 or not 0.0 < info.temperature < float("inf"):  # also rejects NaN
             raise CheckpointError("threshold must be in [0, 1] and temperature > 0")
+        if info.kind not in ("model", ENSEMBLE):
+            raise CheckpointError(f"unknown checkpoint kind {info.kind!r}")
+        if info.kind == ENSEMBLE:
+            if not info.members or not all(isinstance(m, str) and m for m in info.members):
+                raise CheckpointError("an ensemble model.json needs a non-empty list of member folders")
+            if any(m.startswith("/") or ".." in m.split("/") or "://" in m for m in info.members):
+                raise CheckpointError("ensemble members must be relative subfolders of the ensemble checkpoint")
         return info
 
 
@@ -193,7 +212,67 @@ class LoadedModel:
         return torch.softmax(logits, dim=1)[:, self.info.positive_index].cpu().numpy().astype(np.float32)
 
 
-def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settings: storage.S3Settings | None = None) -> LoadedModel:
+class LoadedEnsemble:
+    """An ensemble checkpoint ready for inference: the same interface as :class:`LoadedModel`.
+
+    ``predict_proba`` is the mean of the members' calibrated probabilities (each member applies its own
+    temperature); the ensemble's threshold is its own, chosen on validation."""
+
+    def __init__(self, members: list[LoadedModel], info: ModelInfo):
+        self.members = members
+        self.info = info
+        self.device = members[0].device
+
+    def member_probas(self, images: np.ndarray) -> np.ndarray:
+        """(num_members, N) calibrated probabilities of the positive class."""
+        return np.stack([m.predict_proba(images) for m in self.members])
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return self.member_probas(images).mean(axis=0).astype(np.float32)
+
+    def logits(self, images: np.ndarray):
+        """(N, 2) log-probabilities of the mean probability (softmax of them gives it back)."""
+        import torch
+
+        p = torch.as_tensor(self.predict_proba(images), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        cols = [None, None]
+        cols[self.info.positive_index], cols[1 - self.info.positive_index] = p.log(), (1 - p).log()
+        return torch.stack(cols, dim=1).float()
+
+
+def ensemble_hash(member_infos: list[ModelInfo]) -> str:
+    """The ensemble's identity: a hash over its members' weight hashes, in order."""
+    return hashlib.sha256("\n".join(m.weights_sha256 for m in member_infos).encode()).hexdigest()
+
+
+def save_ensemble(members: dict[str, str], uri: str, threshold: float, provenance: dict | None = None,
+                  settings: storage.S3Settings | None = None) -> ModelInfo:
+    """Write an ensemble checkpoint at ``uri``: each of ``members`` (name -> checkpoint URI) is copied to
+    ``members/<name>/``. Refuses members with different preprocessing specs or class names."""
+    if not members:
+        raise CheckpointError("an ensemble needs at least one member")
+    infos, rel = [], []
+    for name, src in members.items():
+        info = load_info(src, settings)
+        if info.kind == ENSEMBLE:
+            raise CheckpointError(f"member {name} is itself an ensemble")
+        if infos and (info.preprocess != infos[0].preprocess or info.class_names != infos[0].class_names
+                      or info.positive_class != infos[0].positive_class):
+            raise CheckpointError(f"ensemble members must share one preprocessing spec and class names: {name} has "
+                                  f"{info.preprocess.to_dict()} {info.class_names}, {rel[0]} has {infos[0].preprocess.to_dict()} {infos[0].class_names}")
+        for f in (WEIGHTS_FILE, META_FILE):
+            storage.write_bytes(storage.join(uri, "members", name, f), storage.read_bytes(storage.join(resolve(src), f), settings), settings)
+        infos.append(info)
+        rel.append(f"members/{name}")
+    ens = ModelInfo(ENSEMBLE, infos[0].preprocess, infos[0].class_names, infos[0].positive_class, threshold=float(threshold),
+                    provenance=dict(provenance or {}), weights_sha256=ensemble_hash(infos), kind=ENSEMBLE, members=tuple(rel))
+    ens.provenance.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    ens.provenance.setdefault("versions", versions())
+    storage.write_bytes(storage.join(uri, META_FILE), json.dumps(ens.to_dict(), indent=2).encode(), settings)
+    return ens
+
+
+def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settings: storage.S3Settings | None = None) -> LoadedModel | LoadedEnsemble:
     """``settings``: S3 endpoint/region captured on the driver (default: this process's environment)."""
     from safetensors.torch import load
 
@@ -201,6 +280,17 @@ def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settin
 
     info = load_info(uri, settings)
     uri = resolve(uri)
+    if info.kind == ENSEMBLE:
+        members = [load_checkpoint(storage.join(uri, m), device, optimize, settings) for m in info.members]
+        if any(isinstance(m, LoadedEnsemble) for m in members):
+            raise CheckpointError(f"{uri}: ensemble members must be single models")
+        if any(m.info.preprocess != info.preprocess or m.info.class_names != info.class_names for m in members):
+            raise CheckpointError(f"{uri}: ensemble members do not share the ensemble's preprocessing spec and class names")
+        digest = ensemble_hash([m.info for m in members])
+        if info.weights_sha256 and digest != info.weights_sha256:
+            raise CheckpointError(f"{uri}: members do not match the hash in model.json (corrupted or replaced)")
+        info.weights_sha256 = digest
+        return LoadedEnsemble(members, info)
     try:
         blob = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), settings)
     except (FileNotFoundError, OSError) as exc:

@@ -249,17 +249,24 @@ def _apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> l
     return [replace(f, group=f"g:{groups[os.path.basename(f.path)]}") if os.path.basename(f.path) in groups else f for f in files]
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class PreparedData:
+    """The decoded, preprocessed and split data, materialised once and shared by every run that trains on it."""
 
-    from .models import check_backbone
+    files: list
+    train_files: list
+    val_files: list
+    counts: dict
+    spec: PreprocessSpec
+    train_ds: object  # MaterializedDataset: training rows, COVID rows repeated ``oversample`` times
+    val_ds: object  # MaterializedDataset: validation rows
+    undecodable: int
+    balanced_covid_weight: float  # n_non / (n_covid * oversample)
 
-    check_backbone(cfg.backbone)
-    settings = storage.s3_settings()
-    started = time.perf_counter()
+
+def prepare_data(cfg: TrainConfig, settings=None) -> PreparedData:
+    """List, split (patient-grouped), decode and preprocess ``cfg.data`` once, on the cluster."""
+    settings = settings or storage.s3_settings()
     files = _apply_groups(labelled_files(cfg.data, "train", settings), cfg.groups)
     counts = class_counts(files)
     if min(counts.values()) < 2:
@@ -275,35 +282,80 @@ def train(cfg: TrainConfig) -> TrainResult:
     n_covid = covid.count()
     n_non = train_ds.count() - n_covid
     if cfg.oversample > 1:
-        train_ds = train_ds.union(*[covid] * (cfg.oversample - 1))
-    covid_weight = cfg.covid_weight if cfg.covid_weight is not None else n_non / max(1, n_covid * cfg.oversample)
+        train_ds = train_ds.union(*[covid] * (cfg.oversample - 1)).materialize()
+    return PreparedData(files, train_files, val_files, counts, spec, train_ds, val_ds, bad_train + bad_val,
+                        n_non / max(1, n_covid * cfg.oversample))
 
+
+def fit(cfg: TrainConfig, data: PreparedData, *, storage_path: str, run_name: str = "_ray", storage_filesystem=None,
+        callbacks: list | None = None, fail_marker: str | None = None):
+    """Build and fit the ``TorchTrainer`` on ``data``; returns Ray Train's Result (raises its error).
+
+    Called by :func:`train` and, unchanged, from inside a Ray Tune trial (with ``TuneReportCallback``). A run
+    whose ``run_name`` already has checkpoints under ``storage_path`` resumes from the latest one."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    covid_weight = cfg.covid_weight if cfg.covid_weight is not None else data.balanced_covid_weight
     node_cpus = max((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
-    fs, out_path = storage.filesystem(cfg.output, settings)
-    run_name = "_ray"
-    storage_fs = fs if storage.is_s3(cfg.output) else None
-    storage_path = out_path if storage.is_s3(cfg.output) else os.path.abspath(out_path)
-    if not storage.is_s3(cfg.output):
-        os.makedirs(storage_path, exist_ok=True)
     loop_config = {
-        "train": asdict(cfg), "preprocess": spec.to_dict(), "threads": threads, "covid_weight": covid_weight,
-        "fail_marker": os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(started)}"),
+        "train": asdict(cfg), "preprocess": data.spec.to_dict(), "threads": threads, "covid_weight": covid_weight,
+        "fail_marker": fail_marker or os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(time.time())}"),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
+            callbacks=callbacks or None,
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": data.train_ds, "val": data.val_ds},
     )
     result = trainer.fit()
     if result.error:
         raise result.error
+    return result
+
+
+def _storage_location(uri: str, settings) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) for Ray Train/Tune: an absolute local path, or an S3 path + its filesystem."""
+    fs, path = storage.filesystem(uri, settings)
+    if storage.is_s3(uri):
+        return path, fs
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
+def write_metrics_csv(history: list[dict], uri: str) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_bytes(uri, buf.getvalue().encode())
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``."""
+    from .models import check_backbone
+
+    check_backbone(cfg.backbone)
+    settings = storage.s3_settings()
+    started = time.perf_counter()
+    data = prepare_data(cfg, settings)
+    files, train_files, val_files, counts = data.files, data.train_files, data.val_files, data.counts
+    covid_weight = cfg.covid_weight if cfg.covid_weight is not None else data.balanced_covid_weight
+    storage_path, storage_fs = _storage_location(cfg.output, settings)
+    result = fit(cfg, data, storage_path=storage_path, storage_filesystem=storage_fs, run_name="_ray")
+    import ray
+
+    node_cpus = max((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
     with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
         with open(os.path.join(d, HISTORY)) as f:
             history = json.load(f)
@@ -313,7 +365,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
     provenance = {
         "data": {"uri": cfg.data, "fingerprint": fingerprint(files), "counts": counts, "train": class_counts(train_files),
-                 "validation": class_counts(val_files), "undecodable": bad_train + bad_val},
+                 "validation": class_counts(val_files), "undecodable": data.undecodable},
         "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("groups", "fail_once_at_epoch")},
                      "covid_weight": covid_weight, "best_epoch": int(best_metrics["epoch"]), "seconds": round(seconds, 1)},
         "validation": {k: best_metrics[k] for k in best_metrics if k.startswith("val_")},
@@ -329,12 +381,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         info = save_checkpoint(loaded.model, info, cfg.output)
         with open(os.path.join(d, "val_scores.npy"), "rb") as f:
             storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), f.read())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    storage.write_bytes(storage.join(cfg.output, "metrics.csv"), buf.getvalue().encode())
+    write_metrics_csv(history, storage.join(cfg.output, "metrics.csv"))
     storage.write_bytes(storage.join(cfg.output, "config.json"),
                         json.dumps({**asdict(cfg), "covid_weight_used": covid_weight, "threads_per_worker_used": threads}, indent=2, default=str).encode())
     return TrainResult(cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds)
-

@@ -1,0 +1,80 @@
+"""Search learning rate and COVID class weight for several backbones in parallel with Ray Tune, then calibrate and
+export the best model per backbone, an ensemble of them, and a leaderboard.
+
+    python jobs/tune.py --data DATA --output runs/search
+
+DATA is a folder or s3:// prefix laid out as {train,test}/{covid,non}/ (only train/ is used) or {covid,non}/.
+OUTPUT (local or s3://) receives leaderboard.csv/.png, models/<backbone>/, ensemble/ (each usable as --model by
+the score and evaluate jobs) and the Ray Tune experiment; run the same command again to resume an interrupted search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
+from cxr import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from cxr.models import list_backbones
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, metavar="URI")
+    p.add_argument("--output", required=True, metavar="URI", help="folder or s3:// prefix for the search and its exports")
+    p.add_argument("--backbones", default=",".join(list_backbones()), help="comma-separated (default: all five)")
+    p.add_argument("--num-samples", type=int, default=4, help="trials per backbone (learning rate and class weight drawn at random)")
+    p.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as the cluster holds)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per trial (ASHA stops weak trials earlier)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of each trial's training worker (fractions allowed)")
+    p.add_argument("--target-sensitivity", type=float, default=0.98, help="models are ranked by validation specificity at this sensitivity")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | auto (ImageNet where its weights are available offline, else from scratch)")
+    p.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"), help="log-uniform learning rate")
+    p.add_argument("--covid-weight-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                   help="log-uniform COVID class weight, as a multiple of the balanced weight")
+    p.add_argument("--oversample", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    cli.setup_logging(args.verbose)
+    from cxr.tune import SearchConfig, run_search
+
+    cfg = SearchConfig(
+        data=args.data, output=args.output, backbones=[b.strip() for b in args.backbones.split(",") if b.strip()],
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial, target_sensitivity=args.target_sensitivity, image_size=args.image_size,
+        weights=args.weights, lr_range=tuple(args.lr_range), covid_weight_range=tuple(args.covid_weight_range),
+        oversample=args.oversample, batch_size=args.batch_size, val_fraction=args.val_fraction, grace_period=args.grace_period,
+        seed=args.seed,
+    )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return cli.USAGE
+    result = run_search(cfg)
+    print(f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, {result.unfinished} unfinished) in {result.seconds:.0f}s -> {result.output}")
+    for row in result.leaderboard:
+        if row.get("exported_to"):
+            print(f"  {row['backbone']:<20} validation AUC {row.get('val_auc', float('nan')):.3f}  specificity {row.get('val_spec_at_target', float('nan')):.3f} "
+                  f"at sensitivity >= {cfg.target_sensitivity}  -> {row['exported_to']}")
+    print(json.dumps({"tune": {"output": result.output, "trials": result.trials, "errors": result.errors, "unfinished": result.unfinished, "seconds": round(result.seconds, 1),
+                               "models": result.exported, "ensemble": result.ensemble}}))
+    return cli.OK if result.exported else cli.FAILED
+
+
+if __name__ == "__main__":
+    cli.run(main)

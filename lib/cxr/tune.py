@@ -1,0 +1,599 @@
+"""Hyperparameter search on Ray Tune over the Ray Train trainer; calibration; export of the best models and an ensemble.
+
+    labelled data -> decoded, split and materialised once (:func:`cxr.train.prepare_data`)
+    -> Ray Tune: one *function trainable* per trial that builds and fits a ``TorchTrainer`` (Train V2's pattern;
+       ``Tuner(trainer)`` no longer works), epochs reported to Tune by ``TuneReportCallback``;
+       search space: backbone (grid) x learning rate (log-uniform) x COVID class weight (log-uniform, as a
+       multiple of the balanced weight); ASHA stops weak trials early on the per-epoch validation score
+    -> ranking: specificity at the target sensitivity on validation, ties broken by ROC AUC
+    -> export: per backbone, the best trial's best epoch, temperature-calibrated on validation (ECE before and
+       after recorded, threshold re-chosen on the calibrated probabilities); an ensemble (mean of the
+       members' calibrated probabilities, its own validation threshold); ``leaderboard.csv`` + ``leaderboard.png``.
+
+Output (local or ``s3://``)::
+
+    leaderboard.csv, leaderboard.png, summary.json, search_config.json
+    models/<backbone>/   a checkpoint (model.json, model.safetensors) + metrics.csv, val_scores.npy
+    ensemble/            an ensemble checkpoint (model.json, members/<backbone>/)
+    _tune/search/        the Ray Tune experiment (``Tuner.restore`` resumes it: run the same command again)
+    _tune/runs/          one Ray Train run per trial configuration (a restarted trial resumes from its last epoch)
+
+Resources: each trial's own driver (the function trainable) reserves ``DRIVER_CPUS``; its Ray Train worker
+reserves ``cpus_per_trial`` (and ``gpus_per_trial``); ``DATA_RESERVE_CPUS`` stay free for Ray Data, so the
+search always makes progress, even on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import storage
+from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
+from .models import check_backbone, list_backbones
+from .train import PreparedData, TrainConfig, fit, prepare_data, write_metrics_csv
+
+log = logging.getLogger(__name__)
+
+DRIVER_CPUS = 0.05  # a trial's driver only waits on its TorchTrainer
+DATA_RESERVE_CPUS = 0.5  # never reserved by trials: Ray Data's tasks need it
+SEARCH_NAME = "search"
+# Settings that define the search: a resumed search keeps its stored values of these.
+_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "weights", "lr_range",
+                "covid_weight_range", "oversample", "batch_size", "val_fraction", "seed", "grace_period", "reduction_factor")
+
+
+@dataclass
+class SearchConfig:
+    data: str
+    output: str
+    backbones: list[str] = field(default_factory=list_backbones)
+    num_samples: int = 4  # trials per backbone
+    max_concurrent: int | None = None  # default: as many as the cluster's resources hold
+    epochs: int = 6
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0  # CPUs of a trial's Ray Train worker (its driver takes DRIVER_CPUS more)
+    target_sensitivity: float = 0.98
+    image_size: int = 224
+    weights: str = "imagenet"  # imagenet | none | auto (ImageNet where the weights are available offline, else none)
+    lr_range: tuple[float, float] = (1e-4, 3e-3)
+    covid_weight_range: tuple[float, float] = (0.5, 2.0)  # multiples of the balanced class weight
+    oversample: int = 5
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2
+    max_failures: int = 1  # Ray Train worker failures survived inside a trial
+    trial_max_failures: int = 1  # Tune: restarts of a failed trial (its Train run resumes from its last epoch)
+    fail_once_at_epoch: int | None = None  # testing hook: the first trial to reach this epoch crashes once
+
+    def check(self) -> None:
+        if not self.backbones:
+            raise ValueError("no backbones to search")
+        for b in self.backbones:
+            check_backbone(b)
+        if self.weights not in ("imagenet", "none", "auto"):
+            raise ValueError(f"--weights must be imagenet, none or auto, not {self.weights!r}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ValueError("a backbone is named twice")
+        if self.num_samples < 1 or self.epochs < 1:
+            raise ValueError("--num-samples and --epochs must be at least 1")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ValueError("--target-sensitivity must be in (0, 1]")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        for lo, hi in (self.lr_range, self.covid_weight_range):
+            if not 0 < lo <= hi:
+                raise ValueError(f"bad range ({lo}, {hi}): need 0 < low <= high")
+
+
+@dataclass
+class Calibration:
+    temperature: float
+    ece_before: float
+    ece_after: float
+    threshold: float  # on the calibrated probabilities, keeping validation sensitivity at the target
+    sensitivity: float
+    specificity: float
+    auc: float
+    n: int
+
+
+@dataclass
+class SearchResult:
+    output: str
+    leaderboard: list[dict]
+    exported: dict[str, str]  # backbone -> checkpoint URI
+    ensemble: str | None
+    trials: int
+    errors: int
+    seconds: float
+    resumed: bool
+    unfinished: int = 0  # interrupted before they ended: the next run resumes them
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def plan_trials(node_cpus: list[float], total_gpus: float, cpus_per_trial: float, gpus_per_trial: float,
+                max_concurrent: int | None) -> tuple[float, int]:
+    """(cpus_per_trial, max_concurrent) that fit the cluster while leaving CPU for Ray Data's tasks.
+
+    A trial needs ``DRIVER_CPUS`` for its driver and ``cpus_per_trial`` for its training worker, on one node
+    (the worker) or two; the cluster keeps ``DATA_RESERVE_CPUS`` unreserved. Requests that would not fit are
+    reduced (with a warning), never allowed to hang the search."""
+    node_cpus = [c for c in node_cpus if c > 0] or [1.0]
+    largest, total = max(node_cpus), sum(node_cpus)
+    room = largest - DRIVER_CPUS - (DATA_RESERVE_CPUS if len(node_cpus) == 1 else 0.0)
+    if cpus_per_trial > room:
+        fitted = max(0.1, round(room, 2))
+        log.warning("%.2f CPUs per trial leave no CPU for the trial's driver and Ray Data on any node; using %.2f", cpus_per_trial, fitted)
+        cpus_per_trial = fitted
+    capacity = max(1, int((total - DATA_RESERVE_CPUS) // (cpus_per_trial + DRIVER_CPUS)))
+    capacity = min(capacity, max(1, sum(int((c - DRIVER_CPUS) // cpus_per_trial) for c in node_cpus)))
+    if gpus_per_trial > 0:
+        if total_gpus < gpus_per_trial:
+            log.warning("asked for %.2g GPU per trial but the cluster has %.2g GPUs now; trials wait for GPU nodes", gpus_per_trial, total_gpus)
+        capacity = min(capacity, max(1, int(max(total_gpus, gpus_per_trial) // gpus_per_trial)))
+    if max_concurrent is None:
+        max_concurrent = capacity
+    elif max_concurrent > capacity:
+        log.warning("%d concurrent trials do not fit this cluster beside Ray Data; running %d at a time", max_concurrent, capacity)
+        max_concurrent = capacity
+    return cpus_per_trial, max(1, max_concurrent)
+
+
+def imagenet_cached(backbone: str) -> bool:
+    """Whether ImageNet weights for ``backbone`` are available without a download (timm models: assumed)."""
+    from .models import BACKBONES, _torchvision_weights, ensure_hub_cached
+
+    if backbone not in BACKBONES:
+        return True
+    return ensure_hub_cached(_torchvision_weights(BACKBONES[backbone]).url).is_file()
+
+
+def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
+    """``auto``: ImageNet weights where available here, else random initialisation (with a warning)."""
+    if weights != "auto":
+        return {b: weights for b in backbones}
+    out = {b: "imagenet" if imagenet_cached(b) else "none" for b in backbones}
+    scratch = [b for b, w in out.items() if w == "none"]
+    if scratch:
+        log.warning("no ImageNet weights available offline for %s: these train from scratch", ", ".join(scratch))
+    return out
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def _trial(config: dict, *, data: PreparedData, base: dict, weights: dict, runs_path: str, runs_fs, fail_marker: str) -> None:
+    """One Tune trial: build and fit a TorchTrainer (Train V2), epochs reported to Tune by TuneReportCallback.
+
+    Its Train run is named after the trial, so a restarted or restored trial resumes from its last epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TrainConfig(**{**base, "backbone": config["backbone"], "weights": weights[config["backbone"]], "lr": float(config["lr"]),
+                         "covid_weight": float(data.balanced_covid_weight * config["covid_weight_scale"])})
+    # Named after the trial's configuration, not its id: Tuner.restore(restart_errored=True) gives a restarted
+    # trial a new id, and the same name is what lets its Train run resume from the last epoch's checkpoint.
+    key = json.dumps({k: config[k] for k in sorted(config)}, sort_keys=True, default=str)
+    fit(cfg, data, storage_path=runs_path, storage_filesystem=runs_fs,
+        run_name=f"train-{config['backbone'].replace('/', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
+        callbacks=[TuneReportCallback()], fail_marker=fail_marker)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def validation_arrays(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images (N, S, S) and labels, in one fixed order, on the driver."""
+    images, labels = [], []
+    for batch in data.val_ds.iter_batches(batch_size=256, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def _logits(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([loaded.logits(images[i:i + batch_size]).cpu().numpy() for i in range(0, len(images), batch_size)])
+
+
+def calibrate(loaded, images: np.ndarray, y: np.ndarray, target_sensitivity: float) -> Calibration:
+    """Temperature scaling fitted on (validation) ``images``; the threshold re-chosen on calibrated probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    z = _logits(loaded, images)
+    pos = loaded.info.positive_index
+    z2 = np.stack([z[:, 1 - pos], z[:, pos]], axis=1)  # column 1 = covid, as metrics expects
+    t = fit_temperature(z2, y)
+    before, after = softmax_prob(z2, 1.0), softmax_prob(z2, t)
+    threshold = choose_threshold(y, after, target_sensitivity)
+    return Calibration(
+        temperature=t, ece_before=expected_calibration_error(y, before), ece_after=expected_calibration_error(y, after),
+        threshold=threshold, sensitivity=float(np.mean(after[y == 1] >= threshold)), specificity=float(np.mean(after[y == 0] < threshold)),
+        auc=float(roc_auc_score(y, after)) if len(np.unique(y)) == 2 else float("nan"), n=int(len(y)),
+    )
+
+
+def export_calibrated(checkpoint_dir: str, images: np.ndarray, y: np.ndarray, target_sensitivity: float, output: str,
+                      provenance: dict) -> tuple[ModelInfo, Calibration, np.ndarray]:
+    """Calibrate the checkpoint in ``checkpoint_dir`` on validation and save it to ``output`` with its temperature and
+    new threshold; returns the saved info, the calibration and the calibrated validation probabilities."""
+    loaded = load_checkpoint(checkpoint_dir, optimize=False)
+    cal = calibrate(loaded, images, y, target_sensitivity)
+    info = loaded.info
+    info.temperature, info.threshold, info.weights_sha256 = cal.temperature, cal.threshold, ""
+    info.provenance = {**provenance, "calibration": {
+        "method": "temperature scaling fitted on validation (NLL)", "temperature": cal.temperature,
+        "ece_before": cal.ece_before, "ece_after": cal.ece_after, "n": cal.n, "ece_bins": 15}}
+    info.provenance.setdefault("validation", {}).update({
+        "val_auc": cal.auc, "val_spec_at_target": cal.specificity, "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold})
+    info.provenance["threshold_rule"] = f"highest threshold keeping validation sensitivity >= {target_sensitivity} (calibrated probabilities)"
+    info = save_checkpoint(loaded.model, info, output)
+    probs = load_checkpoint(output, optimize=False).predict_proba(images)  # through the exported checkpoint itself
+    return info, cal, probs
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _finite(x, default=-1.0) -> float:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return default
+    return x if math.isfinite(x) else default
+
+
+def rank_key(row: dict) -> tuple:
+    """Specificity at the target sensitivity first, ROC AUC breaks ties."""
+    return (_finite(row.get("val_spec_at_target")), _finite(row.get("val_auc")))
+
+
+def trial_rows(results, epochs: int) -> list[dict]:
+    """One leaderboard row per trial: its best epoch (by :func:`rank_key`, earliest on ties) and its history."""
+    rows = []
+    # Trial status (TERMINATED, ERROR, or RUNNING/PENDING/PAUSED when the search was interrupted); ResultGrid has no
+    # public accessor for it, so fall back to "unknown" if this private one moves.
+    analysis = getattr(results, "_experiment_analysis", None)
+    status = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+    for r in results:
+        df = r.metrics_dataframe
+        trial_id = os.path.basename(r.path).split("_")[1] if r.path and "_" in os.path.basename(r.path) else ""
+        trial_id = (r.metrics or {}).get("trial_id", trial_id)
+        base = {"trial_id": trial_id, "status": status.get(trial_id, "unknown"), "backbone": r.config.get("backbone"), "lr": r.config.get("lr"),
+                "covid_weight_scale": r.config.get("covid_weight_scale"), "error": "" if r.error is None else type(r.error).__name__}
+        if df is None or df.empty or "epoch" not in df:
+            rows.append({**base, "epochs_run": 0, "history": []})
+            continue
+        history = df.to_dict("records")
+        best = max(history, key=lambda h: (*rank_key(h), -int(h["epoch"])))
+        rows.append({
+            **base, "epochs_run": int(df["epoch"].max()) + 1, "stopped_early": bool(status.get(trial_id) == "TERMINATED" and df["epoch"].max() + 1 < epochs),
+            "best_epoch": int(best["epoch"]), **{k: best.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
+            "seconds_per_epoch": float(df["epoch_seconds"].mean()), "train_images_per_s": float(df["train_images_per_s"].mean()),
+            "history": history,
+        })
+    rows.sort(key=lambda row: rank_key(row), reverse=True)
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+LEADERBOARD_COLUMNS = ["rank", "kind", "status", "backbone", "weights", "trial_id", "lr", "covid_weight_scale", "covid_weight", "epochs_run", "stopped_early",
+                       "best_epoch", "val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss",
+                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "exported_to", "members", "error"]
+
+
+def write_leaderboard(rows: list[dict], output: str) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame([{k: r.get(k) for k in LEADERBOARD_COLUMNS} for r in rows], columns=LEADERBOARD_COLUMNS)
+    storage.write_bytes(storage.join(output, "leaderboard.csv"), df.to_csv(index=False).encode())
+
+
+def plot_leaderboard(models: list[dict], output: str) -> None:
+    """Validation figures of the exported models and the ensemble (left), time per epoch per backbone (right)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    names = [m["backbone"] for m in models]
+    figures = [("val_auc", "ROC AUC"), ("val_spec_at_target", "specificity at target sensitivity"),
+               ("val_sens_at_threshold", "sensitivity at threshold")]
+    fig = Figure(figsize=(11, 4.2))
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    x = np.arange(len(names))
+    width = 0.8 / len(figures)
+    for i, (key, label) in enumerate(figures):
+        vals = [_finite(m.get(key), np.nan) for m in models]
+        bars = ax.bar(x + (i - 1) * width, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.25)
+    ax.set_title("validation (calibrated, at the validation-chosen threshold)", fontsize=9, pad=4)
+    ax.legend(fontsize=7, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.0), frameon=False)
+    single = [m for m in models if m.get("kind") != "ensemble"]
+    secs = [_finite(m.get("seconds_per_epoch"), 0.0) for m in single]
+    ax2.barh([m["backbone"] for m in single], secs, color="#888888")
+    for i, s in enumerate(secs):
+        ax2.text(s, i, f" {s:.0f}s", va="center", fontsize=7)
+    ax2.set_xlabel("seconds per epoch (mean over the trial)", fontsize=8)
+    ax2.tick_params(labelsize=8)
+    ax2.set_title("training time", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    storage.write_bytes(storage.join(output, "leaderboard.png"), buf.getvalue())
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def _tune_imports():
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    return tune, ASHAScheduler
+
+
+def _stored_config(output: str, settings) -> dict | None:
+    uri = storage.join(output, "search_config.json")
+    return json.loads(storage.read_bytes(uri, settings)) if storage.exists(uri, settings) else None
+
+
+def run_search(cfg: SearchConfig) -> SearchResult:
+    """Run (or resume) the search, then calibrate and export. Raises InputError for unusable data."""
+    import ray
+
+    from .runtime import ensure_ray
+    from .train import _storage_location
+
+    tune, ASHAScheduler = _tune_imports()
+    started = time.perf_counter()
+    settings = storage.s3_settings()
+    cfg.check()
+    tune_fs, tune_path = storage.filesystem(storage.join(cfg.output, "_tune"), settings)
+    tune_path = tune_path if storage.is_s3(cfg.output) else os.path.abspath(tune_path)
+    tune_fs = tune_fs if storage.is_s3(cfg.output) else None
+    experiment = (tune_path.rstrip("/") + "/" + SEARCH_NAME)
+    stored = _stored_config(cfg.output, settings)
+    resumed = stored is not None and tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
+    if resumed:
+        changed = {k: (stored[k], getattr(cfg, k)) for k in _SEARCH_KEYS if k in stored and json.loads(json.dumps(getattr(cfg, k))) != stored[k]}
+        if changed:
+            log.warning("resuming the search in %s with its stored settings; ignoring %s", cfg.output, changed)
+        for k in _SEARCH_KEYS:
+            if k in stored:
+                setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") else stored[k])
+        log.info("resuming the interrupted search in %s", experiment)
+    else:
+        from .data import labelled_files
+
+        labelled_files(cfg.data, "train", settings)  # bad data fails here (InputError), before anything is written
+        storage.write_bytes(storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings)
+
+    base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,
+                       batch_size=cfg.batch_size, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+                       target_sensitivity=cfg.target_sensitivity, gpu=cfg.gpus_per_trial > 0, seed=cfg.seed,
+                       max_failures=cfg.max_failures, fail_once_at_epoch=cfg.fail_once_at_epoch)
+    weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
+    data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
+    ensure_ray()
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus, concurrent = plan_trials(node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent)
+    base.cpus_per_worker = cpus
+    base.threads_per_worker = max(1, math.ceil(cpus))
+    trials = len(cfg.backbones) * cfg.num_samples
+    log.info("search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver %.2f CPU)",
+             len(cfg.backbones), cfg.num_samples, trials, cfg.epochs, concurrent, cpus, cfg.gpus_per_trial, DRIVER_CPUS)
+
+    runs_path, runs_fs = _storage_location(storage.join(cfg.output, "_tune", "runs"), settings)
+    fail_marker = os.path.join(tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16])
+    if cfg.fail_once_at_epoch is None and os.path.exists(fail_marker):
+        os.remove(fail_marker)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, data=data, base=asdict(base), weights=weights, runs_path=runs_path, runs_fs=runs_fs,
+                             fail_marker=fail_marker),
+        {"CPU": DRIVER_CPUS},
+    )
+    if resumed:
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=tune_fs)
+    else:
+        # max_t one past the last epoch: a trial that reaches it is stopped by Tune at once, killing its Train
+        # controller before it releases its resource reservation (held for minutes, starving Ray Data). Trials
+        # that run all epochs end by themselves instead.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1, grace_period=min(cfg.grace_period, cfg.epochs),
+                                  reduction_factor=cfg.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"backbone": tune.grid_search(list(cfg.backbones)), "lr": tune.loguniform(*cfg.lr_range),
+                         "covid_weight_scale": tune.loguniform(*cfg.covid_weight_range)},
+            tune_config=tune.TuneConfig(metric="val_score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=tune_path, storage_filesystem=tune_fs,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures)),
+        )
+    results = tuner.fit()
+    _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
+    rows = trial_rows(results, cfg.epochs)
+    errors = sum(1 for r in rows if r["error"])
+    unfinished = sum(1 for r in rows if r["status"] not in ("TERMINATED", "ERROR"))
+    if unfinished:
+        log.warning("%d of %d trials did not finish (interrupted); run the same command again to resume them", unfinished, len(rows))
+    for row in rows:
+        row["kind"] = "trial"
+        if row.get("covid_weight_scale") is not None:
+            row["covid_weight"] = data.balanced_covid_weight * row["covid_weight_scale"]
+    if errors:
+        log.warning("%d of %d trials failed; run the same command again to resume them", errors, len(rows))
+
+    for row in rows:
+        row["weights"] = weights.get(row.get("backbone"), "")
+    exported, models, val_probs = _export(cfg, data, rows, results, settings)
+    ensemble_uri, y = None, None
+    if exported:
+        images, y = validation_arrays(data)
+        ensemble_uri, ens_row = _export_ensemble(cfg, data, exported, val_probs, y, settings)
+        models.append(ens_row)
+        rows.append(ens_row)
+        plot_leaderboard(models, cfg.output)
+    write_leaderboard(rows, cfg.output)
+    seconds = time.perf_counter() - started
+    summary = {"trials": len(rows) - (1 if ensemble_uri else 0), "errors": errors, "unfinished": unfinished, "seconds": round(seconds, 1), "resumed": resumed,
+               "concurrent_trials": concurrent, "cpus_per_trial": cpus, "gpus_per_trial": cfg.gpus_per_trial,
+               "models": {m["backbone"]: {k: m.get(k) for k in ("exported_to", "val_auc", "val_spec_at_target", "val_sens_at_threshold",
+                                                                  "val_threshold", "temperature", "ece_before", "ece_after")} for m in models}}
+    storage.write_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
+    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished)
+
+
+def _remove_leaked_train_groups(bundle: dict, grace_s: float = 5.0) -> int:
+    """Remove placement groups of this job's finished Ray Train runs that Ray left behind.
+
+    A Train run whose controller is killed mid-shutdown (Tune stopping or failing a trial) can leave its
+    workers' placement group alive; Train's PlacementGroupCleaner should remove it but fails when the state
+    API cannot resolve the cluster address (seen with ``ray start --temp-dir`` clusters on Ray 2.60), and the
+    reserved CPUs then starve Ray Data and the score actors. Called once every trial has ended: only
+    placement groups of this job with the Train workers' bundle shape are removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    time.sleep(grace_s)  # let runs that are still shutting down remove their own
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for pg_id, entry in placement_group_table().items():
+        bundles = list((entry.get("bundles") or {}).values())
+        if entry.get("state") != "CREATED" or not pg_id.endswith(job) or not bundles:
+            continue
+        if all({k: v for k, v in b.items() if k in ("CPU", "GPU")} == bundle for b in bundles):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    if removed:
+        log.warning("removed %d placement group(s) left behind by finished Ray Train runs", removed)
+    return removed
+
+
+def _checkpoint_of(history: list[dict], best_epoch: int, fs) -> str | None:
+    """The stored checkpoint of ``best_epoch``, else of the best epoch still kept."""
+    import pyarrow.fs as pafs
+
+    def exists(p):
+        return isinstance(p, str) and p and fs.get_file_info(p.rstrip("/") + "/model.json").type == pafs.FileType.File
+
+    for h in sorted(history, key=lambda h: (int(h["epoch"]) != best_epoch, *(-v for v in rank_key(h)))):
+        if exists(h.get("checkpoint_path")):
+            return h["checkpoint_path"]
+    return None
+
+
+def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, settings):
+    """Per backbone: the best trial's best checkpoint, calibrated on validation, to ``models/<backbone>/``."""
+    import ray.train
+
+    from .data import class_counts, fingerprint
+
+    runs_fs, _ = storage.filesystem(storage.join(cfg.output, "_tune", "runs"), settings)
+    if not storage.is_s3(cfg.output):
+        import pyarrow.fs as pafs
+
+        runs_fs = pafs.LocalFileSystem()
+    images = y = None
+    exported, models, val_probs = {}, [], {}
+    for backbone in cfg.backbones:
+        candidates = [r for r in rows if r["backbone"] == backbone and r.get("history")]
+        for row in candidates:  # rows are ranked already
+            path = _checkpoint_of(row["history"], row["best_epoch"], runs_fs)
+            if path is None:
+                continue
+            if images is None:
+                images, y = validation_arrays(data)
+            out = storage.join(cfg.output, "models", backbone)
+            provenance = {
+                "data": {"uri": cfg.data, "fingerprint": fingerprint(data.files), "counts": data.counts,
+                         "train": class_counts(data.train_files), "validation": class_counts(data.val_files), "undecodable": data.undecodable},
+                "training": {"backbone": backbone, "weights": row["weights"], "epochs": cfg.epochs, "lr": row["lr"], "covid_weight": row["covid_weight"],
+                             "oversample": cfg.oversample, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "seed": cfg.seed,
+                             "best_epoch": row["best_epoch"], "epochs_run": row["epochs_run"]},
+                "tune": {"trial_id": row["trial_id"], "rank": row["rank"], "trials": len(rows), "selection": "specificity at target sensitivity, ties by ROC AUC"},
+                "validation": {k: row.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
+            }
+            with tempfile.TemporaryDirectory() as d:
+                ray.train.Checkpoint(path, filesystem=runs_fs).to_directory(d)
+                info, cal, probs = export_calibrated(d, images, y, cfg.target_sensitivity, out, provenance)
+            write_metrics_csv([{k: v for k, v in h.items() if not str(k).startswith("config/")} for h in row["history"]],
+                              storage.join(out, "metrics.csv"))
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.stack([probs, y.astype(np.float32)]))
+            storage.write_bytes(storage.join(out, "val_scores.npy"), buf.getvalue(), settings)
+            row.update({"temperature": cal.temperature, "ece_before": cal.ece_before, "ece_after": cal.ece_after, "exported_to": out})
+            log.info("exported %s (trial %s, epoch %d): T=%.3f, ECE %.4f -> %.4f, validation specificity %.3f at sensitivity %.3f -> %s",
+                     backbone, row["trial_id"], row["best_epoch"], cal.temperature, cal.ece_before, cal.ece_after, cal.specificity, cal.sensitivity, out)
+            exported[backbone] = out
+            val_probs[backbone] = probs
+            models.append({**row, "kind": "model", "val_auc": cal.auc, "val_spec_at_target": cal.specificity,
+                           "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold})
+            break
+        else:
+            log.warning("no checkpoint to export for %s", backbone)
+    return exported, models, val_probs
+
+
+def ensemble_figures(p: np.ndarray, y: np.ndarray, target: float) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    threshold = choose_threshold(y, p, target)
+    return {"val_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+            "val_spec_at_target": float(np.mean(p[y == 0] < threshold)), "val_sens_at_threshold": float(np.mean(p[y == 1] >= threshold)),
+            "val_threshold": float(threshold), "val_ece": expected_calibration_error(y, p)}
+
+
+def choose_members(val_probs: dict[str, np.ndarray], y: np.ndarray, target: float) -> tuple[list[str], dict, list[dict]]:
+    """The subset of exported models (at least two when there are two) whose mean calibrated probability ranks best
+    on validation (:func:`rank_key`; ties: more members). Exhaustive: at most 31 subsets for five backbones.
+    A model that learned nothing would only dilute the mean, so it is left out."""
+    from itertools import combinations
+
+    names = list(val_probs)
+    tried = []
+    for k in range(min(2, len(names)), len(names) + 1):
+        for subset in combinations(names, k):
+            figures = ensemble_figures(np.mean([val_probs[n] for n in subset], axis=0), y, target)
+            tried.append({"members": list(subset), **figures})
+    best = max(tried, key=lambda t: (*rank_key(t), len(t["members"])))
+    return best["members"], {k: v for k, v in best.items() if k != "members"}, tried
+
+
+def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_probs: dict, y: np.ndarray, settings):
+    members, validation, tried = choose_members(val_probs, y, cfg.target_sensitivity)
+    out = storage.join(cfg.output, "ensemble")
+    info = save_ensemble({m: exported[m] for m in members}, out, validation["val_threshold"], {
+        "members": members, "combination": "mean of the members' calibrated probabilities",
+        "member_selection": "the subset of the exported models ranking best on validation (specificity at target sensitivity, ties ROC AUC)",
+        "subsets_tried": [{"members": t["members"], "val_spec_at_target": t["val_spec_at_target"], "val_auc": t["val_auc"]} for t in tried],
+        "threshold_rule": f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}",
+        "validation": validation, "data": {"uri": cfg.data, "validation_n": int(len(y))}}, settings)
+    log.info("exported the ensemble of %s: validation specificity %.3f at sensitivity %.3f (threshold %.4f) -> %s",
+             ", ".join(members), validation["val_spec_at_target"], validation["val_sens_at_threshold"], validation["val_threshold"], out)
+    row = {"kind": "ensemble", "backbone": "ensemble", "rank": "", **validation, "exported_to": out, "members": "+".join(members),
+           "seconds_per_epoch": None, "trial_id": info.model_id}
+    return out, row
+
+
+__all__ = ["SearchConfig", "SearchResult", "Calibration", "run_search", "calibrate", "export_calibrated", "plan_trials", "rank_key",
+           "trial_rows", "CheckpointError"]

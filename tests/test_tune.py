@@ -1,0 +1,176 @@
+"""Ray Tune search on a real local 2-node cluster: it finishes, ranks, exports calibrated models and an ensemble,
+and an interrupted search resumes; calibration lowers ECE; the ensemble checkpoint works wherever a model does."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_labelled_tree
+
+from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
+from cxr.decode import decode
+from cxr.metrics import expected_calibration_error
+from cxr.preprocess import preprocess
+from cxr.tune import SearchConfig, calibrate, choose_members, plan_trials, rank_key, run_search
+
+pytestmark = pytest.mark.timeout(900)
+
+BACKBONES = ["mobilenet_v2", "mobilenet_v3_large"]
+
+
+def _images(folder: Path, spec) -> tuple[np.ndarray, np.ndarray]:
+    images, y = [], []
+    for label, cls in ((1, "covid"), (0, "non")):
+        for f in sorted((folder / cls).iterdir()):
+            images.append(preprocess(decode(f.read_bytes(), f.name).image, spec))
+            y.append(label)
+    return np.stack(images), np.array(y)
+
+
+@pytest.fixture(scope="module")
+def search(ray_driver, tmp_path_factory):
+    """A 2 backbones x 2 samples search, 2 epochs at 32 px, whose trials crash once in epoch 1 and are then resumed."""
+    root = tmp_path_factory.mktemp("tune")
+    data = make_labelled_tree(root / "data", n=16, size=48)
+    common = dict(data=str(data), output=str(root / "out"), backbones=BACKBONES, num_samples=2, epochs=2, image_size=32,
+                  weights="none", oversample=1, batch_size=8, val_fraction=0.25, grace_period=2, lr_range=(3e-4, 3e-3),
+                  max_failures=0, trial_max_failures=0, cpus_per_trial=0.9)
+    interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
+    resumed = run_search(SearchConfig(**common))
+    return interrupted, resumed, root
+
+
+def test_plan_trials_leaves_room_for_drivers_and_ray_data():
+    cpus, n = plan_trials([2.0], 0.0, 1.0, 0.0, None)
+    assert (cpus, n) == (1.0, 1)  # 2 CPUs: one trial worker + its driver + Ray Data's reserve
+    cpus, n = plan_trials([2.0], 0.0, 0.7, 0.0, 4)
+    assert n == 2 and 2 * (cpus + 0.05) + 0.5 <= 2.0  # fractional trials run two at a time, still leaving room
+    cpus, n = plan_trials([2.0], 0.0, 4.0, 0.0, None)
+    assert cpus <= 1.45 and n == 1  # a request larger than a node is reduced, never left pending forever
+    assert plan_trials([16.0] * 2, 2.0, 4.0, 1.0, None)[1] == 2  # GPUs bound concurrency
+
+
+def test_rank_key_prefers_specificity_then_auc():
+    rows = [{"val_spec_at_target": 0.9, "val_auc": 0.99}, {"val_spec_at_target": 0.95, "val_auc": 0.90},
+            {"val_spec_at_target": 0.95, "val_auc": 0.97}, {"val_spec_at_target": float("nan"), "val_auc": 1.0}]
+    assert [rows.index(r) for r in sorted(rows, key=rank_key, reverse=True)] == [2, 1, 0, 3]
+
+
+def test_ensemble_members_leave_out_a_model_that_learned_nothing():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20), np.zeros(80)].astype(int)
+    probs = {"a": np.clip(0.6 * y + rng.uniform(0, 0.4, 100), 0, 1), "noise": rng.uniform(0, 1, 100),
+             "b": np.clip(0.5 * y + rng.uniform(0, 0.5, 100), 0, 1)}
+    members, figures, tried = choose_members(probs, y, 0.98)
+    assert members == ["a", "b"] and len(tried) == 4  # every subset of two or more
+    assert figures["val_spec_at_target"] == max(t["val_spec_at_target"] for t in tried)
+    assert choose_members({"only": probs["a"]}, y, 0.98)[0] == ["only"]
+
+
+def test_search_finishes_ranks_exports_and_resumes(search):
+    interrupted, resumed, root = search
+    out = root / "out"
+    assert interrupted.errors >= 1 and not interrupted.resumed  # the crash hook made trials fail
+    assert resumed.resumed and resumed.errors == 0 and resumed.trials == 4
+    trials = [r for r in resumed.leaderboard if r["kind"] == "trial"]
+    assert sorted(r["backbone"] for r in trials) == sorted(BACKBONES * 2)
+    assert all(r["epochs_run"] == 2 for r in trials), [(r["trial_id"], r["epochs_run"]) for r in trials]
+    keys = [rank_key(r) for r in trials]
+    assert keys == sorted(keys, reverse=True) and [r["rank"] for r in trials] == [1, 2, 3, 4]
+
+    # The restored trials went on from their last epoch's checkpoint (Train V2 run named after the trial).
+    histories = [json.loads(p.read_text()) for p in (out / "_tune" / "runs").glob("train-*/checkpoint_*/history.json")]
+    assert any(h[-1]["resumed"] for h in histories if len(h) == 2 and h[-1]["epoch"] == 1)
+
+    # leaderboard.csv and chart; one exported, calibrated model per backbone and an ensemble.
+    with (out / "leaderboard.csv").open() as f:
+        board = list(csv.DictReader(f))
+    assert [r["kind"] for r in board].count("trial") == 4 and board[-1]["kind"] == "ensemble"
+    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(resumed.exported) == set(BACKBONES)
+    for backbone, uri in resumed.exported.items():
+        best = next(r for r in trials if r["backbone"] == backbone)  # the best-ranked trial of the backbone
+        info = load_info(uri)
+        cal = info.provenance["calibration"]
+        assert info.backbone == backbone and info.provenance["tune"]["trial_id"] == best["trial_id"]
+        assert info.temperature == pytest.approx(cal["temperature"]) and cal["ece_after"] <= cal["ece_before"] + 1e-9
+        assert info.preprocess.input_size == 32 and (Path(uri) / "metrics.csv").exists()
+        # the threshold keeps validation sensitivity at the target on the calibrated probabilities
+        p, y = np.load(Path(uri) / "val_scores.npy")
+        assert np.mean(p[y == 1] >= info.threshold) >= 0.98
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] and set(summary["models"]) == {*BACKBONES, "ensemble"}
+
+
+def test_calibration_lowers_ece_of_an_over_confident_model(tiny_model, tmp_path):
+    import torch
+
+    loaded = load_checkpoint(tiny_model, optimize=False)
+    with torch.no_grad():  # deliberately over-confident: logits scaled up 40x
+        head = loaded.model.classifier[-1]
+        head.weight.mul_(40.0)
+        head.bias.mul_(40.0)
+    images, y = _images(make_labelled_tree(tmp_path, n=20, layout=""), loaded.info.preprocess)
+    cal = calibrate(loaded, images, y, 0.98)
+    assert cal.temperature > 2.0
+    assert cal.ece_after < cal.ece_before - 0.05, cal
+    p = loaded.predict_proba(images)
+    assert expected_calibration_error(y, p) == pytest.approx(cal.ece_before, abs=1e-4)  # temperature 1 so far
+    loaded.info.temperature = cal.temperature  # predict_proba applies the stored temperature
+    assert expected_calibration_error(y, loaded.predict_proba(images)) == pytest.approx(cal.ece_after, abs=1e-4)
+
+
+def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_path):
+    from cxr.evaluate import evaluate
+    from cxr.score import score
+
+    _, resumed, root = search
+    ens = load_checkpoint(resumed.ensemble)
+    assert isinstance(ens, LoadedEnsemble) and ens.info.kind == "ensemble" and ens.info.model_id.startswith("ensemble@")
+    assert ens.info.threshold == pytest.approx(json.loads((Path(resumed.ensemble) / "model.json").read_text())["threshold"])
+    fresh = make_labelled_tree(tmp_path / "fresh", n=5, size=48, seed=9, layout="")
+    images, y = _images(fresh, ens.info.preprocess)
+    members = [load_checkpoint(resumed.exported[b]) for b in BACKBONES]
+    expected = np.mean([m.predict_proba(images) for m in members], axis=0)
+    np.testing.assert_allclose(ens.predict_proba(images), expected, atol=1e-5)
+    np.testing.assert_allclose(np.exp(ens.logits(images).numpy())[:, 1], expected, atol=1e-5)
+
+    # The score pipeline takes it as --model: the table carries its probabilities, threshold and id.
+    summary = score([str(fresh)], str(tmp_path / "scores"), resumed.ensemble)
+    table = pq.read_table(tmp_path / "scores").to_pandas().sort_values("path")
+    assert summary.files == 10 and table["error"].isna().all()
+    assert set(table["model"]) == {ens.info.model_id} and np.allclose(table["threshold"], ens.info.threshold)
+    order = [str(p) for p in sorted(fresh.glob("covid/*"))] + [str(p) for p in sorted(fresh.glob("non/*"))]
+    by_path = dict(zip(table["path"], table["prob_covid"]))
+    np.testing.assert_allclose([by_path[p] for p in order], expected, atol=1e-4)
+    # ... and so does evaluate.
+    result = evaluate([str(fresh)], resumed.ensemble, str(tmp_path / "report"), split=None, n_bootstrap=20)
+    assert (tmp_path / "report" / "report.html").exists() and result.errors == 0
+
+    # Tampering with a member is detected; members with another preprocessing spec are refused.
+    import shutil
+
+    copy = shutil.copytree(resumed.ensemble, tmp_path / "ensemble")
+    member = copy / "members" / BACKBONES[0] / "model.json"
+    meta = json.loads(member.read_text())
+    meta["weights_sha256"] = "0" * 64
+    member.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(copy))
+    with pytest.raises(CheckpointError, match="preprocessing"):
+        save_ensemble({"a": resumed.exported[BACKBONES[0]], "b": tiny_model}, str(tmp_path / "mixed"), 0.5)
+
+
+def test_tune_job_rejects_bad_input(tmp_path):
+    from conftest import run_job
+
+    bad = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,vgg99", timeout=120)
+    assert bad.returncode == 2 and "unknown backbone" in bad.stderr
+    missing = run_job("tune.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
+    assert missing.returncode == 3 and "error:" in missing.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for a search that cannot start

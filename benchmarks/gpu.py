@@ -8,7 +8,9 @@ JPEG bytes) and writes, on the node's local disk, an archive of ``--files`` JPEG
 files (the same pixels re-encoded losslessly), repeating the images. Then, in order:
 
 1. CPU decode: decode + preprocess (the score job's own functions) in one process per core, per format:
-   the most the CPU side can feed.
+   the most the CPU side can feed; device JPEG decode + preprocess (``cxr.device_decode``, nvJPEG, batched):
+   the issue's JPEG reference; and checks on the device: device decode vs CPU decode, and the shipped
+   model's probabilities (mixed precision on the device) vs float32 on the CPU.
 2. Per backbone (``--backbones``): model-only images/s (random weights; bf16 autocast, channels-last,
    batch ``--batch-size`` on a device-resident batch: the ceiling), the same through
    ``LoadedModel.predict_proba`` from host memory (adds the pinned host->device copy), and the score job
@@ -107,6 +109,61 @@ def cpu_decode_rate(folder: str, workers: int, size: int) -> float:
         start = time.perf_counter()
         n = sum(pool.map(_decode_chunk, chunks))
     return n / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- device JPEG decode + checks
+
+
+def device_decode_rate(data: str, device: str, batch: int, size: int, seconds: float) -> float:
+    """images/s of cxr.device_decode (nvJPEG on CUDA) over the carried JPEGs, bytes in host memory."""
+    import pyarrow.parquet as pq
+
+    from cxr.device_decode import decode_preprocess_jpegs
+    from cxr.preprocess import PreprocessSpec
+
+    jpegs = pq.read_table(data, columns=["jpeg"]).column("jpeg").to_pylist()
+    chunk = [jpegs[i % len(jpegs)] for i in range(batch)]
+    spec = PreprocessSpec(input_size=size)
+    decode_preprocess_jpegs(chunk, spec, device)
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - start < seconds:
+        decode_preprocess_jpegs(chunk, spec, device)
+        n += 1
+    _sync(device)
+    return n * batch / (time.perf_counter() - start)
+
+
+def device_checks(data: str, device: str) -> dict:
+    """On the device: cxr.device_decode against the CPU decode + preprocess, and the shipped model's
+    probabilities (mixed precision on the device) against float32 on the CPU, on the carried X-rays."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from cxr.checkpoint import load_checkpoint
+    from cxr.decode import decode
+    from cxr.device_decode import decode_preprocess_jpegs
+    from cxr.preprocess import preprocess
+
+    jpegs = pq.read_table(data, columns=["jpeg"]).column("jpeg").to_pylist()
+    cpu = load_checkpoint("default")
+    on_device = load_checkpoint("default", device=device)
+    spec = cpu.info.preprocess
+    want = np.stack([preprocess(decode(j).image, spec) for j in jpegs])
+    got, errors = decode_preprocess_jpegs(jpegs, spec, device)
+    got = got.cpu().numpy()
+    p_cpu, p_dev = cpu.predict_proba(want), on_device.predict_proba(want)
+    p_dev_decoded = on_device.predict_proba(got)
+    t = cpu.info.threshold
+    return {
+        "device_decode_errors": sum(e is not None for e in errors),
+        "device_decode_max_abs_diff": float(np.abs(got - want).max()),
+        "device_decode_mean_abs_diff": float(np.abs(got - want).mean()),
+        "proba_max_abs_diff_device_vs_cpu_fp32": float(np.abs(p_dev - p_cpu).max()),
+        "proba_max_abs_diff_device_decode_vs_cpu": float(np.abs(p_dev_decoded - p_cpu).max()),
+        "decisions_differing": int(np.sum((p_dev >= t) != (p_cpu >= t))),
+        "images": len(jpegs),
+    }
 
 
 # --------------------------------------------------------------------------- model ceiling
@@ -306,6 +363,10 @@ def main() -> int:
         decode = {k: cpu_decode_rate(os.path.join(work, k), cpus, args.image_size) for k in ("jpeg", "png")}
         results["cpu_decode"] = decode
         log(f"CPU decode+preprocess, {cpus} processes: JPEG {decode['jpeg']:,.0f}/s, PNG {decode['png']:,.0f}/s")
+        results["device_decode"] = device_decode_rate(args.data, device, args.batch_size, args.image_size, args.model_seconds)
+        log(f"device JPEG decode+preprocess (cxr.device_decode, {device}): {results['device_decode']:,.0f}/s")
+        results["checks"] = device_checks(args.data, device)
+        log(f"checks on {device}: {results['checks']}")
 
         if (backbones and not args.skip_score) or train_backbones:
             import logging
@@ -330,6 +391,7 @@ def main() -> int:
                     bound = min(ceiling, decode[kind])
                     row[f"score_{kind}"] = rate
                     row[f"score_{kind}_ratio_to_bound"] = rate / bound
+                    row[f"score_{kind}_ratio_to_target_base"] = rate / (results["device_decode"] if kind == "jpeg" else decode[kind])
                     log(f"{b}: score job {kind.upper()} {rate:,.0f}/s ({secs:.1f} s, {errors} errors) = "
                         f"{rate / bound:.2f} of min(model {ceiling:,.0f}, CPU decode {decode[kind]:,.0f})")
             results["backbones"][b] = row
@@ -351,13 +413,19 @@ def main() -> int:
 
     print(f"\n{results['device']}, {cpus} CPUs, {results['date']} (batch {args.batch_size}, {args.image_size} px, "
           f"{'bf16' if results['bf16'] else 'fp16' if gpu else 'fp32'}, channels-last)")
-    print(f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} images/s")
+    print(f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} images/s; "
+          f"device JPEG decode+preprocess {results['device_decode']:,.0f} images/s")
+    print(f"checks: {results['checks']}")
     print(f"{'backbone':20s} {'model only':>11s} {'from host':>10s} {'score JPEG':>11s} {'ratio':>6s} {'score PNG':>10s} {'ratio':>6s}")
     for b, r in results["backbones"].items():
         print(f"{b:20s} {r['model_only']:11,.0f} {r['predict_proba_from_host']:10,.0f} "
               f"{r.get('score_jpeg', float('nan')):11,.0f} {r.get('score_jpeg_ratio_to_bound', float('nan')):6.2f} "
               f"{r.get('score_png', float('nan')):10,.0f} {r.get('score_png_ratio_to_bound', float('nan')):6.2f}")
     print("(ratio: score job / min(model only, CPU decode); images/s)")
+    for b, r in results["backbones"].items():
+        if "score_jpeg" in r:
+            print(f"targets {b}: score JPEG / device JPEG decode {r['score_jpeg_ratio_to_target_base']:.2f} (target >= 0.6 "
+                  f"for mobilenet_v2); score PNG / CPU PNG decode {r['score_png_ratio_to_target_base']:.2f} (target >= 0.8)")
     for b, r in results["train"].items():
         print(f"train {b}: plain AMP loop {steady(r['plain_loop']):,.1f}, train job {steady(r['train_job']):,.1f} "
               f"images/s (epochs after the first) -> ratio {r['ratio']:.2f}")

@@ -226,22 +226,25 @@ class LoadedModel:
         if self._cuda:
             torch.backends.cudnn.benchmark = True
 
-    def logits(self, images: np.ndarray):
-        """(N, S, S) preprocessed images -> (N, num_classes) float32 logits tensor (no grad)."""
+    def logits(self, images):
+        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad)."""
         import torch
 
         from .preprocess import to_model_input
 
-        x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32))
-        if self._cuda:  # one channel travels, not three: expand and normalise on the GPU
+        if isinstance(images, torch.Tensor):
+            x = images.float()
+        else:
+            x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32))
+        if self._cuda and x.device.type == "cpu":  # one channel travels, not three: expand and normalise on the GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.info.preprocess).to(self.device, memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=self.amp_dtype or torch.float32,
                                                     enabled=self.amp_dtype is not None):
             return self.model(x).float()
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probability of the positive class, float32 (N,)."""
+    def predict_proba(self, images) -> np.ndarray:
+        """Calibrated probability of the positive class, float32 (N,); ``images`` as for :meth:`logits`."""
         import torch
 
         logits = self.logits(images) / self.info.temperature

@@ -14,8 +14,9 @@ files (the same pixels re-encoded losslessly), repeating the images. Then, in or
 2. Per backbone (``--backbones``): model-only images/s (random weights; bf16 autocast, channels-last,
    batch ``--batch-size`` on a device-resident batch: the ceiling), the same through
    ``LoadedModel.predict_proba`` from host memory (adds the pinned host->device copy), and the score job
-   (``cxr.score.score``, Ray Data, end to end incl. actor start-up) on the JPEG and on the PNG archive,
-   with its ratio to min(ceiling, CPU decode) -- whichever bounds it.
+   (``cxr.score.score``, Ray Data, end to end incl. actor start-up) on the JPEG archive (JPEGs decoded by
+   the predictor on the GPU, its default there) and on the PNG archive (CPU decode tasks), with its ratio
+   to min(ceiling, CPU decode); for ``--cpu-jpeg-backbones`` also the JPEG archive decoded on the CPU.
 3. Per ``--train-backbones``: a plain single-process mixed-precision PyTorch loop (the same preprocessed
    images in memory, the same augmentation, bf16 autocast, channels-last) against the train job
    (``cxr.train.train``, Ray Train, one GPU worker); images/s per epoch after the first, and their ratio.
@@ -220,7 +221,8 @@ def model_rates(backbone: str, device: str, batch: int, size: int, seconds: floa
 # --------------------------------------------------------------------------- score job
 
 
-def score_rate(folder: str, backbone: str, size: int, work: str, batch: int | None) -> tuple[float, float, int]:
+def score_rate(folder: str, backbone: str, size: int, work: str, batch: int | None,
+               device_jpeg: bool | None = None) -> tuple[float, float, int]:
     from cxr.checkpoint import ModelInfo, save_checkpoint
     from cxr.models import create_model
     from cxr.preprocess import PreprocessSpec
@@ -230,7 +232,7 @@ def score_rate(folder: str, backbone: str, size: int, work: str, batch: int | No
     if not os.path.exists(model_uri):
         save_checkpoint(create_model(backbone, "none"), ModelInfo(backbone, PreprocessSpec(input_size=size)), model_uri)
     out = os.path.join(work, f"scores-{backbone}-{os.path.basename(folder)}")
-    summary = score([folder], out, model_uri, batch_size=batch, overwrite=True)
+    summary = score([folder], out, model_uri, batch_size=batch, overwrite=True, device_jpeg=device_jpeg)
     shutil.rmtree(out, ignore_errors=True)
     return summary.images_per_s, summary.seconds, summary.errors
 
@@ -323,6 +325,8 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--model-seconds", type=float, default=3.0, help="timing window per model-only figure")
     p.add_argument("--skip-score", action="store_true")
+    p.add_argument("--cpu-jpeg-backbones", default="mobilenet_v2",
+                   help="also score the JPEG archive with CPU decoding (device_jpeg=False) for these; '' for none")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, to prove the script runs end to end")
     p.add_argument("--workdir", help="where the archive goes (default: a fresh temporary folder, removed at the end)")
     p.add_argument("--out", help="write every figure here as JSON")
@@ -332,6 +336,7 @@ def main() -> int:
         args.batch_size, args.train_batch_size, args.image_size, args.model_seconds = 8, 8, 64, 0.2
     backbones = [b for b in args.backbones.split(",") if b]
     train_backbones = [b for b in args.train_backbones.split(",") if b]
+    cpu_jpeg_backbones = [b for b in args.cpu_jpeg_backbones.split(",") if b]
     if unknown := [b for b in backbones + train_backbones if b not in ALL_BACKBONES]:
         p.error(f"unknown backbone(s) {unknown}; choose from {ALL_BACKBONES}")
     if not os.path.isfile(args.data):
@@ -394,6 +399,11 @@ def main() -> int:
                     row[f"score_{kind}_ratio_to_target_base"] = rate / (results["device_decode"] if kind == "jpeg" else decode[kind])
                     log(f"{b}: score job {kind.upper()} {rate:,.0f}/s ({secs:.1f} s, {errors} errors) = "
                         f"{rate / bound:.2f} of min(model {ceiling:,.0f}, CPU decode {decode[kind]:,.0f})")
+                if b in cpu_jpeg_backbones:  # the same JPEG archive with the decode tasks decoding on the CPU
+                    rate, secs, errors = score_rate(os.path.join(work, "jpeg"), b, args.image_size, work,
+                                                    args.batch_size if args.quick else None, device_jpeg=False)
+                    row["score_jpeg_cpu_decode"] = rate
+                    log(f"{b}: score job JPEG with CPU decoding {rate:,.0f}/s ({secs:.1f} s, {errors} errors)")
             results["backbones"][b] = row
 
         for b in train_backbones:

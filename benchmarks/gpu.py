@@ -391,8 +391,9 @@ def main() -> int:
             log(f"{b}: model only {ceiling:,.0f}/s; predict_proba from host {through:,.0f}/s")
             if not args.skip_score:
                 for kind in ("jpeg", "png"):
+                    # JPEG: the device route (the default on GPU actors; forced so that a CPU smoke run takes it too)
                     rate, secs, errors = score_rate(os.path.join(work, kind), b, args.image_size, work,
-                                                    args.batch_size if args.quick else None)
+                                                    args.batch_size if args.quick else None, device_jpeg=kind == "jpeg" or None)
                     bound = min(ceiling, decode[kind])
                     row[f"score_{kind}"] = rate
                     row[f"score_{kind}_ratio_to_bound"] = rate / bound

@@ -1,6 +1,6 @@
 """JPEG decode and preprocessing as torch operations on a device (nvJPEG on a CUDA GPU), batched.
 
-The building block for GPU-side decoding; the score job does not use it yet (its decode stays on the CPU):
+The score job's predictor uses it for JPEGs on GPU actors (``score.device_jpeg_size`` picks which):
 
     decode_preprocess_jpegs(list of JPEG bytes, spec, device) -> ((N, S, S) float32 in [0, 1] on device, errors)
 

@@ -317,8 +317,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run: its figures mean nothing)")
     p.add_argument("--backbones", default=",".join(ALL_BACKBONES), help="comma-separated (default: all five)")
     p.add_argument("--train-backbones", default="mobilenet_v2", help="comma-separated; '' skips training")
-    p.add_argument("--files", type=int, default=6000, help="files per format in the scoring archive")
-    p.add_argument("--train-images", type=int, default=2560)
+    p.add_argument("--files", type=int, default=4000, help="files per format in the scoring archive")
+    p.add_argument("--train-images", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256, help="inference batch (model ceiling and score job)")
     p.add_argument("--train-batch-size", type=int, default=128)
@@ -358,6 +358,12 @@ def main() -> int:
         "bf16": bool(gpu and torch.cuda.is_bf16_supported()), "backbones": {}, "train": {},
     }
     log(f"{results['device']}, {cpus} CPUs, torch {torch.__version__}; backbones {backbones}; train {train_backbones}")
+    def save() -> None:  # after every phase: a run stopped at its time limit still leaves its figures so far
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
     work = args.workdir or tempfile.mkdtemp(prefix="cxr-gpu-bench-")
     started = time.perf_counter()
     try:
@@ -372,6 +378,7 @@ def main() -> int:
         log(f"device JPEG decode+preprocess (cxr.device_decode, {device}): {results['device_decode']:,.0f}/s")
         results["checks"] = device_checks(args.data, device)
         log(f"checks on {device}: {results['checks']}")
+        save()
 
         if (backbones and not args.skip_score) or train_backbones:
             import logging
@@ -406,6 +413,7 @@ def main() -> int:
                     row["score_jpeg_cpu_decode"] = rate
                     log(f"{b}: score job JPEG with CPU decoding {rate:,.0f}/s ({secs:.1f} s, {errors} errors)")
             results["backbones"][b] = row
+            save()
 
         for b in train_backbones:
             root = os.path.join(work, "train")
@@ -414,6 +422,7 @@ def main() -> int:
             job = train_job_rates(root, b, gpu, args.epochs, args.train_batch_size, args.image_size, work)
             log(f"{b}: train job {steady(job):,.1f} training images/s (epochs {[round(r) for r in job]})")
             results["train"][b] = {"plain_loop": loop, "train_job": job, "ratio": steady(job) / steady(loop)}
+            save()
     finally:
         import ray
 
@@ -441,10 +450,7 @@ def main() -> int:
         print(f"train {b}: plain AMP loop {steady(r['plain_loop']):,.1f}, train job {steady(r['train_job']):,.1f} "
               f"images/s (epochs after the first) -> ratio {r['ratio']:.2f}")
     print(f"total {results['seconds']:.0f} s")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    save()
     return 0
 
 

@@ -299,6 +299,39 @@ def test_optimize_matches_unoptimised(backbone, images):
     assert np.ptp(p_plain) > 1e-3  # a meaningful comparison, not constant outputs
 
 
+def test_mixed_precision_matches_float32():
+    """The GPU path's autocast (bf16) + channels-last, run on CPU with the shipped (trained) model on its
+    bundled real X-rays: the same probabilities within bf16 tolerance, and the convolutions really ran
+    in bfloat16."""
+    from cxr.decode import decode
+    from cxr.preprocess import preprocess
+
+    plain = load_checkpoint("default", optimize=False)
+    mixed = load_checkpoint("default", precision="bf16")
+    assert plain.amp_dtype is None and mixed.amp_dtype == torch.bfloat16  # "auto" on CPU stays float32
+    samples = Path(default_model_path()).parents[1] / "samples"
+    files = sorted(p for p in samples.rglob("*") if p.suffix in (".png", ".jpeg"))
+    images = np.stack([preprocess(decode(p.read_bytes(), p.name).image, plain.info.preprocess) for p in files])
+    seen = []
+    conv = next(m for m in mixed.model.modules() if isinstance(m, nn.Conv2d))
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    p_mixed = mixed.predict_proba(images)
+    handle.remove()
+    p_plain = plain.predict_proba(images)
+    assert seen == [torch.bfloat16] and p_mixed.dtype == np.float32
+    assert np.ptp(p_plain) > 0.1  # a meaningful comparison, not constant outputs
+    assert np.abs(p_mixed - p_plain).max() <= 0.02, (p_mixed, p_plain)
+    threshold = plain.info.threshold
+    assert ((p_mixed >= threshold) == (p_plain >= threshold)).all()
+
+
+def test_precision_validated(saved):
+    _, _, path = saved
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_checkpoint(path, precision="int8")
+    assert load_checkpoint(path, precision="fp16").amp_dtype == torch.float16
+
+
 def test_temperature_scales_logits(saved, tmp_path, images):
     model, _, path = saved
     copy = _copy_checkpoint(path, tmp_path / "m")

@@ -103,6 +103,60 @@ def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, t
     assert written["files"] == len(files) and written["run_id"] == table["run_id"][0].as_py()
 
 
+def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_folder, tiny_model, tmp_path):
+    """The GPU path's JPEG route (bytes to the predictor, decoded there by device_decode), run on CPU:
+    the same rows as the CPU path; truncated and EXIF-rotated JPEGs keep the CPU decoder's results."""
+    import io
+
+    from PIL import Image
+    from conftest import jpeg_bytes, xray_like
+
+    from cxr.score import device_jpeg_size
+
+    folder, files = mixed_folder
+    good = jpeg_bytes(xray_like(50, 40, seed=7))
+    im = Image.open(io.BytesIO(good))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90: the CUDA decoder would not, so it must stay on the CPU path
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes())
+    extra = {"jpegs/rotated.jpg": (buf.getvalue(), None, (50, 40)), "jpegs/truncated.jpg": (good[: len(good) // 2], "truncated", None),
+             "jpegs/big.jpg": (jpeg_bytes(xray_like(300, 260, seed=8)), None, (260, 300))}
+    for name, (data, _, _) in extra.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+    files = {**files, **extra}
+    assert device_jpeg_size(extra["jpegs/big.jpg"][0]) == (260, 300)
+    assert device_jpeg_size(extra["jpegs/rotated.jpg"][0]) is None and device_jpeg_size(extra["jpegs/truncated.jpg"][0]) is None
+    assert device_jpeg_size(files["good/a.png"][0]) is None
+    summary = score([str(folder)], str(tmp_path / "scores"), tiny_model, device_jpeg=True, batch_size=4)
+    check_table(read_table(str(tmp_path / "scores")), files, str(folder), tiny_model)
+    assert summary.errors == sum(1 for _, e, _ in files.values() if e)
+
+
+def test_device_jpeg_route_in_the_stages(mixed_folder, tiny_model):
+    """Without Ray: with device_jpeg the decode task leaves good JPEGs undecoded (bytes in ``jpeg``) and the
+    predictor decodes them itself, giving the rows the CPU route gives."""
+    from cxr import storage
+    from cxr.score import Predictor, decode_batch
+
+    folder, files = mixed_folder
+    batch = {"path": np.array([str(folder / n) for n in sorted(files)], dtype=object)}
+    spec = load_checkpoint(tiny_model).info.preprocess.to_dict()
+    settings = storage.s3_settings()
+    cpu = decode_batch(batch, spec, settings)
+    dev = decode_batch(batch, spec, settings, device_jpeg=True)
+    jpeg_rows = [i for i, n in enumerate(sorted(files)) if n.endswith((".jpg", ".jpeg")) and files[n][1] is None]
+    assert jpeg_rows and "jpeg" not in cpu
+    assert [i for i, b in enumerate(dev["jpeg"]) if len(b)] == jpeg_rows
+    assert not dev["image"][jpeg_rows].any() and cpu["image"][jpeg_rows].any()
+    assert (dev["width"] == cpu["width"]).all() and (dev["height"] == cpu["height"]).all()
+    predictor = Predictor(tiny_model, "run", 1, False, settings)
+    want, got = predictor(cpu).to_pydict(), predictor(dev).to_pydict()
+    assert got["error"] == want["error"] and got["prediction"] == want["prediction"]
+    np.testing.assert_allclose(np.array(got["prob_covid"], dtype=float), np.array(want["prob_covid"], dtype=float), atol=1e-5)
+
+
 def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, tiny_model, tmp_path):
     folder, files = mixed_folder
     # A manifest adds a read task; 3 actors x 2 CPUs on this 2+1-CPU cluster would leave nothing for

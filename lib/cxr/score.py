@@ -126,11 +126,7 @@ def cluster_plan(**overrides) -> ResourcePlan:
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings) -> tuple[np.ndarray | None, int, int, str | None]:
-    try:
-        data = storage.read_bytes(path, settings)
-    except Exception as exc:  # noqa: BLE001 - any read failure is this file's error, not the job's
-        return None, -1, -1, f"read failed: {storage.describe_error(exc)}"
+def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec) -> tuple[np.ndarray | None, int, int, str | None]:
     decoded = decode(data, path)
     if not decoded.ok:
         return None, decoded.width or -1, decoded.height or -1, decoded.error
@@ -140,18 +136,56 @@ def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings) -> 
         return None, decoded.width, decoded.height, f"preprocess failed: {type(exc).__name__}: {exc}"
 
 
-def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
+def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) when ``data`` is a JPEG that the device decoder gives exactly as the CPU path does:
+    a complete (ends with EOI) baseline/progressive JPEG, grayscale or RGB, no EXIF rotation, within the
+    pixel cap. Anything else (None) stays on the CPU path. Reads the header only."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from .decode import MAX_PIXELS
+
+    if not (data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(BytesIO(data), formats=("JPEG",)) as im:
+            if im.format != "JPEG" or im.mode not in ("L", "RGB") or im.getexif().get(0x0112, 1) != 1:
+                return None
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - the CPU path reports what is wrong with it
+        return None
+    return (width, height) if 0 < width * height <= MAX_PIXELS else None
+
+
+def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings,
+              device_jpeg: bool = False) -> tuple[np.ndarray | None, int, int, str | None, bytes]:
+    """(image, width, height, error, JPEG bytes left for the device decoder or b"")."""
+    try:
+        data = storage.read_bytes(path, settings)
+    except Exception as exc:  # noqa: BLE001 - any read failure is this file's error, not the job's
+        return None, -1, -1, f"read failed: {storage.describe_error(exc)}", b""
+    if device_jpeg and (size := device_jpeg_size(data)) is not None:
+        return None, size[0], size[1], None, data
+    return (*_decode_preprocess(data, path, spec), b"")
+
+
+def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False) -> dict:
     """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding).
 
-    Columns other than ``path`` (e.g. training labels) pass through unchanged.
+    Columns other than ``path`` (e.g. training labels) pass through unchanged. ``device_jpeg``: JPEGs that
+    the device decoder takes (:func:`device_jpeg_size`) are not decoded here; their bytes go in a ``jpeg``
+    column (b"" for the other rows, whose ``image`` is decoded here as usual) for the predictor.
     """
     spec_ = PreprocessSpec.from_dict(spec)
     paths = [str(p) for p in batch["path"]]
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
-        results = list(pool.map(lambda p: _load_one(p, spec_, settings), paths))
+        results = list(pool.map(lambda p: _load_one(p, spec_, settings, device_jpeg), paths))
     size = spec_.input_size
     blank = np.zeros((size, size), np.float32)
+    extra = {"jpeg": np.array([r[4] for r in results], dtype=object)} if device_jpeg else {}
     return {
+        **extra,
         **{k: v for k, v in batch.items() if k != "path"},
         "path": np.array(paths, dtype=object),
         "image": np.stack([r[0] if r[0] is not None else blank for r in results]),
@@ -162,10 +196,13 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings) -> dict:
     }
 
 
-def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32):
-    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``."""
+def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32,
+                    device_jpeg: bool = False):
+    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``
+    (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
     return paths_ds.map_batches(
-        decode_batch, fn_args=(spec.to_dict(), settings), batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus,
+        decode_batch, fn_args=(spec.to_dict(), settings), fn_kwargs={"device_jpeg": device_jpeg}, batch_size=batch_size,
+        batch_format="numpy", num_cpus=task_cpus,
     )
 
 
@@ -191,7 +228,15 @@ class Predictor:
         n = len(errors)
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            prob[ok] = self.loaded.predict_proba(batch["image"][ok])
+            images = self._device_images(batch, errors, ok) if "jpeg" in batch else batch["image"][ok]
+            still = np.array([errors[i] is None for i in np.flatnonzero(ok)], dtype=bool)  # device JPEGs the CPU could not decode either
+            ok = np.array([e is None for e in errors], dtype=bool)
+            if not still.all():  # only with device JPEGs: images is a tensor
+                import torch
+
+                images = images[torch.from_numpy(still).to(images.device)]
+            if ok.any():
+                prob[ok] = self.loaded.predict_proba(images)
         prediction = np.where(prob >= self.threshold, self.positive, self.negative)
         width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
         now = datetime.now(timezone.utc)
@@ -211,14 +256,45 @@ class Predictor:
             schema=OUTPUT_SCHEMA,
         )
 
+    def _device_images(self, batch: dict, errors: list, ok: np.ndarray):
+        """The ``ok`` rows' images as one tensor on the model's device: rows with JPEG bytes decoded there
+        (``device_decode``), the others as decoded by the tasks. A JPEG the device cannot decode goes
+        through the CPU decoder, whose error (if any) becomes the row's."""
+        import torch
+
+        from .device_decode import decode_preprocess_jpegs
+
+        spec = self.loaded.info.preprocess
+        index = np.flatnonzero(ok)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok], dtype=np.float32))
+        rows = [k for k, i in enumerate(index) if len(batch["jpeg"][i])]
+        if not rows:
+            return images
+        images = images.to(self.loaded.device)
+        datas = [bytes(batch["jpeg"][index[k]]) for k in rows]
+        decoded, device_errors = decode_preprocess_jpegs(datas, spec, self.loaded.device)
+        images[rows] = decoded
+        for k, data, err in zip(rows, datas, device_errors):
+            if err is not None:
+                i = index[k]
+                image, _, _, cpu_error = _decode_preprocess(data, str(batch["path"][i]), spec)
+                if cpu_error:
+                    errors[i] = cpu_error
+                else:
+                    images[k] = torch.from_numpy(image).to(images.device)
+        return images
+
 
 def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings,
-                  predictor_cls: type = None):
+                  predictor_cls: type = None, device_jpeg: bool | None = None):
     """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``; a ``predictor_cls``
-    subclassing :class:`Predictor` may add columns)."""
+    subclassing :class:`Predictor` may add columns). ``device_jpeg`` (default: when the actors have GPUs):
+    JPEGs are decoded by the predictor on its device (nvJPEG), not by the CPU decode tasks."""
     import ray.data
 
-    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
+    if device_jpeg is None:
+        device_jpeg = plan.gpus_per_actor > 0
+    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size, device_jpeg)
     return decoded.map_batches(
         predictor_cls or Predictor,
         fn_constructor_kwargs={
@@ -311,9 +387,11 @@ def score(
     threads_per_actor: int | None = None,
     overwrite: bool = False,
     run_id: str | None = None,
+    device_jpeg: bool | None = None,
 ) -> ScoreSummary:
     """Score every image under ``inputs`` into a Parquet table at ``output``.
 
+    ``device_jpeg`` (default: on GPU actors) decodes JPEGs on the predictor's device, see :func:`score_dataset`.
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
@@ -335,7 +413,7 @@ def score(
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
     start = time.perf_counter()
-    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)
+    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg)
     fs, path = storage.filesystem(output, settings)
     results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus})
     seconds = time.perf_counter() - start

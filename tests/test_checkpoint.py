@@ -241,6 +241,18 @@ def test_weights_for_another_backbone_rejected(saved, tmp_path):
         load_checkpoint(copy)
 
 
+def test_any_other_failure_is_a_checkpoint_error_naming_the_model(saved, monkeypatch):
+    """What the jobs turn into exit code 4: not a traceback from deep inside torch or storage."""
+    import cxr.checkpoint as ckpt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while building the model")
+
+    monkeypatch.setattr(ckpt, "LoadedModel", broken)
+    with pytest.raises(CheckpointError, match=r"cannot load model .*out of memory while building"):
+        load_checkpoint(saved[2])
+
+
 
 
 @pytest.mark.parametrize("hash_matches", [True, False])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -187,7 +186,7 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
 
     fig = Figure(figsize=(10.5, 0.55 * len(sets) + 2.2), layout="constrained")
     ax = fig.subplots()
-    data, pos, colours, labels = [], [], [], []
+    data, pos, colours = [], [], []
     for i, name in enumerate(sets):
         for k, (label, cls) in enumerate(((1, "covid"), (0, "non"))):
             v = [r["focus"] for r in rows if r["set"] == name and r["label"] == label and r["focus"] is not None]

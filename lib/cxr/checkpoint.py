@@ -314,7 +314,21 @@ def save_ensemble(members: dict[str, str], uri: str, threshold: float, provenanc
 def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settings: storage.S3Settings | None = None,
                     precision: str = "auto") -> LoadedModel | LoadedEnsemble:
     """``settings``: S3 endpoint/region captured on the driver (default: this process's environment);
-    ``precision``: see :func:`autocast_dtype` (``auto``: mixed precision on CUDA, float32 on CPU)."""
+    ``precision``: see :func:`autocast_dtype` (``auto``: mixed precision on CUDA, float32 on CPU).
+
+    Every failure of the checkpoint is a :class:`CheckpointError` naming the model (what jobs turn into exit
+    code 4); a bad argument stays a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    try:
+        return _load_checkpoint(uri, device, optimize, settings, precision)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage, JSON, torch: all mean "this model cannot be used"
+        raise CheckpointError(f"cannot load model {uri}: {storage.describe_error(exc)}") from exc
+
+
+def _load_checkpoint(uri: str, device: str, optimize: bool, settings: storage.S3Settings | None, precision: str) -> LoadedModel | LoadedEnsemble:
     from safetensors.torch import load
 
     from .models import create_model

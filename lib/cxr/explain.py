@@ -29,7 +29,6 @@ import hashlib
 import html
 import json
 import logging
-import os
 import posixpath
 import re
 import time
@@ -306,16 +305,11 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
     import pyarrow.parquet as pq
 
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import load_checkpoint
     from .score import prepare_output
 
     settings = storage.s3_settings()
-    try:
-        load_checkpoint(model, settings=settings)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load model {model}: {storage.describe_error(exc)}") from exc
+    load_checkpoint(model, optimize=False, settings=settings)
     prepare_output(output, overwrite, settings)
     start = time.perf_counter()
     result = run_explain(pa.table({"path": pa.array(paths, pa.string())}), model, settings, output, overlay_all=True, layer=layer,

@@ -48,7 +48,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
 from .score import OUTPUT_SCHEMA, OutputError, Predictor, cluster_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
@@ -303,12 +303,7 @@ def run_incremental(
     Raises InputError, CheckpointError or OutputError before any work when it cannot run.
     """
     settings = storage.s3_settings()
-    try:
-        info = load_checkpoint(model, settings=settings).info
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load model {model}: {storage.describe_error(exc)}") from exc
+    info = load_checkpoint(model, optimize=False, settings=settings).info
     start = time.perf_counter()
     fs, root = _root(table, settings)
     local = not storage.is_s3(table)

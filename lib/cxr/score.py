@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from . import storage
 from .runtime import ensure_ray
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .decode import decode
 from .preprocess import PreprocessSpec, preprocess
 from .sources import input_dataset
@@ -395,12 +395,7 @@ def score(
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
-    try:
-        loaded = load_checkpoint(model, settings=settings)  # validates the checkpoint fully before starting the cluster work
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load model {model}: {storage.describe_error(exc)}") from exc
+    loaded = load_checkpoint(model, optimize=False, settings=settings)  # validates the checkpoint fully before starting the cluster work
     info = loaded.info
     del loaded
     prepare_output(output, overwrite, settings)

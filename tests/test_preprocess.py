@@ -10,7 +10,7 @@ import torch
 from conftest import png_bytes, xray_like
 
 from cxr.decode import decode
-from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess, to_model_input
+from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, crop_box, equalize, preprocess, to_model_input
 
 
 def _check(out: np.ndarray, size: int) -> None:
@@ -97,6 +97,7 @@ def test_deterministic():
         PreprocessSpec(input_size=64, autocontrast=None),
         PreprocessSpec(input_size=320, autocontrast=(1, 99)),
         PreprocessSpec(input_size=32, channels=1, mean=(0.5,), std=(0.25,)),
+        PreprocessSpec(input_size=64, crop=(0.1, 0.85, 0.15, 0.85), equalize=True),
     ],
 )
 def test_spec_dict_round_trip(spec):
@@ -114,8 +115,10 @@ def test_spec_defaults_and_unknown_keys():
     spec = PreprocessSpec()
     assert spec.to_dict() == {
         "input_size": 224,
+        "crop": None,
         "resize": "squash",
         "autocontrast": [0.5, 99.5],
+        "equalize": False,
         "channels": 3,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -139,6 +142,10 @@ def test_spec_defaults_and_unknown_keys():
         ({"autocontrast": (5, 5)}, "autocontrast"),
         ({"autocontrast": (-1, 50)}, "autocontrast"),
         ({"autocontrast": (1, 101)}, "autocontrast"),
+        ({"crop": (0.1, 0.9, 0.2)}, "crop"),
+        ({"crop": (0.5, 0.4, 0.0, 1.0)}, "crop"),
+        ({"crop": (0.0, 1.0, 0.45, 0.55)}, "crop"),
+        ({"crop": (-0.1, 1.0, 0.0, 1.0)}, "crop"),
     ],
 )
 def test_spec_validation(kwargs, message):
@@ -190,3 +197,47 @@ def test_8_and_16_bit_sources_preprocess_alike():
     d12 = decode(png_bytes(arr.astype(np.uint16) * 16, "I;16"), "a12.png")
     np.testing.assert_allclose(preprocess(d12.image, spec), p8, atol=1e-4)
     assert not np.allclose(preprocess(d12.image, PreprocessSpec(input_size=48, autocontrast=None)), p8, atol=1e-2)
+
+
+# ------------------------------------------------------------------ crop and equalisation
+
+
+def test_crop_keeps_only_the_box_before_resizing():
+    img = np.zeros((200, 100), np.float32)
+    img[:20] = 1.0  # a bright band along the top (a text strip)
+    img[:, 90:] = 0.6  # and one along the right edge (a side marker)
+    img[40:150, 30:70] = np.linspace(0.2, 0.4, 40, dtype=np.float32)  # the "lungs"
+    spec = PreprocessSpec(input_size=32, autocontrast=None, crop=(0.15, 0.85, 0.15, 0.85))
+    out = preprocess(img, spec)
+    assert out.shape == (32, 32)
+    assert out.max() <= 0.4 + 1e-6  # neither border band survives
+    whole = preprocess(img, PreprocessSpec(input_size=32, autocontrast=None))
+    assert whole.max() == pytest.approx(1.0)
+    # crop_box rounds the fractions to pixels and never yields an empty box
+    assert crop_box(200, 100, (0.15, 0.85, 0.15, 0.85)) == (30, 170, 15, 85)
+    assert crop_box(200, 100, None) == (0, 200, 0, 100)
+    assert crop_box(2, 2, (0.0, 0.2, 0.0, 0.2)) == (0, 1, 0, 1)
+
+
+def test_equalize_spreads_grey_levels_uniformly_and_ignores_the_tone_curve():
+    rng = np.random.default_rng(0)
+    img = rng.random((64, 64)).astype(np.float32) ** 3  # dark, skewed histogram
+    spec = PreprocessSpec(input_size=64, equalize=True)
+    out = preprocess(img, spec)
+    assert out.min() == 0.0 and out.max() == 1.0
+    np.testing.assert_allclose(np.sort(out.ravel()), np.linspace(0, 1, out.size), atol=1e-6)  # uniform
+    # any monotonic change of exposure (another source's tone curve) gives the same model input
+    # (to within a few ranks: float32 rounding merges a few neighbouring values into ties)
+    np.testing.assert_allclose(preprocess(np.sqrt(img), spec), out, atol=2e-3)
+    np.testing.assert_allclose(preprocess(0.2 + 0.5 * img, spec), out, atol=2e-3)
+    # with the percentile stretch instead, the tone curve shows through
+    assert np.abs(preprocess(np.sqrt(img), PreprocessSpec(input_size=64)) - preprocess(img, PreprocessSpec(input_size=64))).max() > 0.2
+
+
+def test_equalize_gives_equal_values_equal_outputs():
+    img = np.zeros((10, 10), np.float32)
+    img[:5] = 0.3  # two values, 50 pixels each
+    out = equalize(img)
+    np.testing.assert_allclose(np.unique(out), [24.5 / 99, 74.5 / 99], rtol=1e-6)
+    assert np.all(out[5:] == out[5, 0]) and np.all(out[:5] == out[0, 0])
+    assert np.all(equalize(np.full((4, 4), 0.7, np.float32)) == 0.5)

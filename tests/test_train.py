@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
-from cxr.preprocess import preprocess
+from cxr.metrics import choose_threshold
+from cxr.preprocess import LUNG_BOX, preprocess
 from cxr.train import TrainConfig, train, validation_metrics
 
 pytestmark = pytest.mark.timeout(600)
@@ -67,6 +68,29 @@ def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path)
     assert load_checkpoint(result.output).info.backbone == "mobilenet_v2"
 
 
+def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_driver, tmp_path):
+    data = make_labelled_tree(tmp_path / "data", n=12)
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", epochs=1, image_size=32, batch_size=8,
+                      oversample=1, val_fraction=0.25, threshold_folds=4, target_sensitivity=0.9,
+                      crop=LUNG_BOX, equalize=True)
+    result = train(cfg)
+    cv = result.cross_validation
+    assert (cv["folds"], cv["n"], cv["positives"]) == (4, 24, 12)  # every image scored once, out of fold
+    assert len(cv["per_fold"]) == 4 and sum(f["shipped"] for f in cv["per_fold"]) == 1
+    assert sum(f["n"] for f in cv["per_fold"]) == 24
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")) and \
+        len([p for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")]) == 3  # 3 extra models
+    rows = np.loadtxt(tmp_path / "run" / "cv_scores.csv", delimiter=",", skiprows=1)
+    assert rows.shape == (24, 2) and rows[:, 0].sum() == 12
+    assert cv["threshold"] == pytest.approx(choose_threshold(rows[:, 0], rows[:, 1], 0.9), abs=1e-6)
+    assert cv["sensitivity"]["k"] == int(np.sum(rows[rows[:, 0] == 1, 1] >= cv["threshold"] - 1e-6)) >= 11
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert info["threshold"] == pytest.approx(cv["threshold"]) == pytest.approx(result.threshold)
+    assert "pooled out-of-fold" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
+    assert info["preprocess"]["crop"] == list(LUNG_BOX) and info["preprocess"]["equalize"] is True
+    assert load_checkpoint(result.output).info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
+
+
 def test_train_job_rejects_bad_input(tmp_path):
     from conftest import run_job
 
@@ -78,3 +102,7 @@ def test_train_job_rejects_bad_input(tmp_path):
     assert layout.returncode == 3 and "covid" in layout.stderr
     bad = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbone", "vgg99", timeout=120)
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
+    crop = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.1,0.9", timeout=120)
+    assert crop.returncode == 2 and "--crop" in crop.stderr
+    crop = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.5,0.4,0,1", timeout=120)
+    assert crop.returncode == 2 and "crop must satisfy" in crop.stderr

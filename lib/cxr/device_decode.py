@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, crop_box
 
 
 def preprocess_tensor(image, spec: PreprocessSpec):
@@ -27,9 +27,17 @@ def preprocess_tensor(image, spec: PreprocessSpec):
 
     size = spec.input_size
     x = image.float()
+    if spec.crop is not None:
+        top, bottom, left, right = crop_box(*x.shape, spec.crop)
+        x = x[top:bottom, left:right]
     if tuple(x.shape) != (size, size):
         x = F.interpolate(x[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    if spec.autocontrast is not None:
+    if spec.equalize:  # mid-rank of each value, as preprocess.equalize
+        flat = x.flatten()
+        _, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
+        mid_rank = torch.cumsum(counts, 0).to(x.dtype) - (counts.to(x.dtype) + 1) / 2
+        x = (mid_rank[inverse] / max(flat.numel() - 1, 1)).view(x.shape) if flat.numel() > 1 else torch.full_like(x, 0.5)
+    elif spec.autocontrast is not None:
         q = torch.tensor([spec.autocontrast[0] / 100.0, spec.autocontrast[1] / 100.0], device=x.device, dtype=x.dtype)
         lo, hi = torch.quantile(x.flatten(), q)
         span = hi - lo

@@ -5,6 +5,7 @@ and the cheap tensor part runs next to the model:
 
     decode.Decoded.image (2-D float [0,1], any size)
       -> preprocess(image, spec)         -> (S, S) float32 in [0, 1]     numpy + Pillow only
+         (crop to a central box, squash-resize, then per-image intensity: percentile stretch or equalisation)
       -> to_model_input(batch, spec)     -> (N, C, S, S) float32 tensor  torch, normalised
 
 Training augmentation lives in ``augment.py`` and is applied between the two steps, so that what
@@ -20,6 +21,9 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A central box holding both lungs on a frontal chest X-ray, as (top, bottom, left, right) fractions: 10-85% of
+# the height, 15-85% of the width (the audit's lung box). Outside it: side markers, text, rulers, collimation.
+LUNG_BOX = (0.10, 0.85, 0.15, 0.85)
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,18 @@ class PreprocessSpec:
     """How a decoded grayscale image becomes model input. Stored verbatim in ``model.json``."""
 
     input_size: int = 224
+    # Fractions of the decoded image kept before resizing: (top, bottom, left, right), e.g. the central lung box
+    # (0.10, 0.85, 0.15, 0.85). Cuts away the borders where side markers, text, rulers and collimation edges live,
+    # which identify an image's source rather than its disease. None: the whole image.
+    crop: tuple[float, float, float, float] | None = None
     # "squash": resize the whole image to a square (the Deep-COVID recipe; keeps every pixel in view).
     resize: str = "squash"
     # Percentile contrast stretch after resizing, per image: (low, high) percentiles mapped to 0 and 1.
     # Makes 8-, 12- and 16-bit sources and differently exposed films comparable. None: off.
     autocontrast: tuple[float, float] | None = (0.5, 99.5)
+    # Histogram equalisation after resizing (instead of the percentile stretch): every image's grey levels are
+    # spread uniformly over [0, 1], which erases the exposure and tone curve of its source.
+    equalize: bool = False
     channels: int = 3
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
@@ -45,6 +56,13 @@ class PreprocessSpec:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if self.crop is not None:
+            if len(self.crop) != 4:
+                raise ValueError(f"crop must be (top, bottom, left, right) fractions, got {self.crop}")
+            top, bottom, left, right = self.crop
+            if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1) or min(bottom - top, right - left) < 0.2:
+                raise ValueError(f"crop must satisfy 0 <= top < bottom <= 1 and 0 <= left < right <= 1, "
+                                 f"keeping at least 20% of each side, got {self.crop}")
         if self.autocontrast is not None:
             lo, hi = self.autocontrast
             if not 0 <= lo < hi <= 100:
@@ -54,6 +72,7 @@ class PreprocessSpec:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["autocontrast"] = list(self.autocontrast) if self.autocontrast is not None else None
+        d["crop"] = list(self.crop) if self.crop is not None else None
         return d
 
     @classmethod
@@ -62,9 +81,31 @@ class PreprocessSpec:
         for key in ("mean", "std"):
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])
-        if known.get("autocontrast") is not None:
-            known["autocontrast"] = tuple(float(v) for v in known["autocontrast"])
+        for key in ("autocontrast", "crop"):  # missing from older model.json files: the defaults (off)
+            if known.get(key) is not None:
+                known[key] = tuple(float(v) for v in known[key])
         return cls(**known)
+
+
+def crop_box(height: int, width: int, crop: tuple[float, float, float, float] | None) -> tuple[int, int, int, int]:
+    """Pixel rows and columns ``(top, bottom, left, right)`` kept by ``crop`` (never empty)."""
+    if crop is None:
+        return 0, height, 0, width
+    top, bottom = round(crop[0] * height), round(crop[1] * height)
+    left, right = round(crop[2] * width), round(crop[3] * width)
+    return top, max(bottom, top + 1), left, max(right, left + 1)
+
+
+def equalize(img: np.ndarray) -> np.ndarray:
+    """Histogram equalisation of a float image: each pixel becomes its value's mid-rank, scaled to [0, 1].
+
+    Equal values get equal outputs (the mean of their ranks), so a flat image maps to 0.5."""
+    flat = img.ravel()
+    values, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    if flat.size < 2:
+        return np.full(img.shape, 0.5, np.float32)
+    mid_rank = np.cumsum(counts) - (counts + 1) / 2.0  # 0-based mean rank of each distinct value
+    return (mid_rank[inverse] / (flat.size - 1)).reshape(img.shape).astype(np.float32)
 
 
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -73,10 +114,15 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     size = spec.input_size
     img = np.asarray(image, dtype=np.float32)
+    if spec.crop is not None:
+        top, bottom, left, right = crop_box(*img.shape, spec.crop)
+        img = img[top:bottom, left:right]
     if img.shape != (size, size):
         # Pillow's "F" mode resizes float data with proper antialiasing when shrinking.
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    if spec.autocontrast is not None:
+    if spec.equalize:
+        img = equalize(img)
+    elif spec.autocontrast is not None:
         lo, hi = np.percentile(img, spec.autocontrast)
         if hi - lo > 1e-6:
             img = (img - lo) / (hi - lo)

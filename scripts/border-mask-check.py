@@ -1,7 +1,8 @@
 """How much do a model's decisions rest on the image borders (side markers, text, collimation)?
 
 Scores each set twice with the model's own preprocessing: as is, and with everything outside the audit's
-lung box (15-85% of the width, 10-85% of the height) replaced by the median of the inside. A model that
+lung box (15-85% of the width, 10-85% of the height) of the decoded image replaced by the median of the
+inside. A model that
 reads the lungs changes little; one that reads the borders changes a lot.
 
     .venv/bin/python scripts/border-mask-check.py --model default --data ../shared/data
@@ -21,9 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cxr.checkpoint import load_checkpoint  # noqa: E402
 from cxr.decode import decode  # noqa: E402
-from cxr.preprocess import preprocess  # noqa: E402
+from cxr.preprocess import LUNG_BOX, preprocess  # noqa: E402
 
-BOX = (0.10, 0.85, 0.15, 0.85)  # top, bottom, left, right: the audit's lung box
+BOX = LUNG_BOX  # top, bottom, left, right: the audit's lung box
 
 
 def positive_share(model, files: list[str], masked: bool, batch: int = 32) -> tuple[float, float]:
@@ -32,12 +33,13 @@ def positive_share(model, files: list[str], masked: bool, batch: int = 32) -> tu
         arrays = []
         for path in files[i : i + batch]:
             with open(path, "rb") as f:
-                x = preprocess(decode(f.read(), path).image, spec)
-            if masked:
-                s = x.shape[-1]
-                keep = np.zeros(x.shape, bool)
-                keep[int(BOX[0] * s) : int(BOX[1] * s), int(BOX[2] * s) : int(BOX[3] * s)] = True
-                x = np.where(keep, x, np.median(x[keep])).astype(np.float32)
+                image = decode(f.read(), path).image
+            if masked:  # on the decoded image, before the model's own preprocessing (which may crop)
+                h, w = image.shape
+                keep = np.zeros(image.shape, bool)
+                keep[int(BOX[0] * h) : int(BOX[1] * h), int(BOX[2] * w) : int(BOX[3] * w)] = True
+                image = np.where(keep, image, np.median(image[keep])).astype(np.float32)
+            x = preprocess(image, spec)
             arrays.append(x)
         probs.append(model.predict_proba(np.stack(arrays)))
     p = np.concatenate(probs)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.explain import GradCam, LUNG_BOX, corner_mask, focus_scores, heatmap_name, lung_mask, overlay_png, target_layer
+from cxr.explain import (GradCam, LUNG_BOX, corner_mask, focus_scores, heatmap_name, lung_box_in_input, lung_mask, overlay_png,
+                         target_layer)
+from cxr.preprocess import LUNG_BOX as PREPROCESS_LUNG_BOX
 
 
 class Window(nn.Module):
@@ -54,6 +56,19 @@ def test_region_geometry_is_the_documented_one():
     assert corner_mask(100, 100).mean() == pytest.approx(0.16) and corner_mask(100, 100)[0, 99]
     assert focus_scores(np.ones((80, 80)))[0] == pytest.approx(0.525, abs=0.01)  # a constant map is uniform
     assert focus_scores(np.zeros((8, 8))) == (None, None)  # no evidence at all
+
+
+def test_the_lung_box_follows_the_models_crop():
+    # a model cropped to the lung box sees nothing else: its whole input is the lung region
+    assert lung_box_in_input(PREPROCESS_LUNG_BOX) == pytest.approx((0.0, 1.0, 0.0, 1.0))
+    assert focus_scores(np.ones((40, 40)), PREPROCESS_LUNG_BOX)[0] == pytest.approx(1.0)
+    # a wider crop (top, bottom, left, right) = (0, 1, 0.1, 0.9): x 15-85% of the image is x 6.25-93.75% of the input
+    x0, x1, y0, y1 = lung_box_in_input((0.0, 1.0, 0.1, 0.9))
+    assert (x0, x1, y0, y1) == pytest.approx((0.0625, 0.9375, 0.10, 0.85))
+    cam = np.zeros((100, 100))
+    cam[:, :5] = 1.0  # evidence in the left 5% of the input: outside the lung box either way
+    assert focus_scores(cam, (0.0, 1.0, 0.1, 0.9))[0] == 0.0
+    assert lung_mask(100, 100, (0.0, 1.0, 0.1, 0.9)).mean() == pytest.approx(0.875 * 0.75, abs=0.01)  # whole pixels
 
 
 def test_a_model_that_looks_at_a_corner_marker_gets_a_low_focus():

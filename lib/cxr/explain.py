@@ -18,7 +18,9 @@ of the area): in a frontal chest X-ray it holds both lung fields and the heart, 
 outside it hold the shoulders, neck, abdomen, the film's borders, the corners, and where burnt-in text
 and side markers ("L", "R", "PORTABLE", hospital labels) sit. ``focus`` = share of the CAM mass inside
 the box (the CAM minus its minimum, so a constant map counts as uniform). A uniform map gives 0.525;
-``focus < 0.5`` means the evidence sits mostly outside the lungs (``outside_lungs``). ``corner_share``
+``focus < 0.5`` means the evidence sits mostly outside the lungs (``outside_lungs``). A model whose
+preprocessing crops (``PreprocessSpec.crop``) sees only part of the image: the box is then mapped into its
+input frame, and a model cropped to the lung box itself has focus 1 by construction. ``corner_share``
 is the share in the four 20% x 20% corner squares (16% of the area; uniform: 0.16). A map with no
 positive evidence at all has focus null.
 """
@@ -39,10 +41,11 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .preprocess import LUNG_BOX as _LUNG_TBLR
 
 log = logging.getLogger(__name__)
 
-LUNG_BOX = (0.15, 0.85, 0.10, 0.85)  # x0, x1, y0, y1 as fractions of width / height
+LUNG_BOX = (_LUNG_TBLR[2], _LUNG_TBLR[3], _LUNG_TBLR[0], _LUNG_TBLR[1])  # x0, x1, y0, y1 as fractions of width / height
 CORNER = 0.20
 FOCUS_THRESHOLD = 0.5  # below: most CAM mass outside the lung box (uniform map: 0.525)
 HEATMAP_DIR = "heatmaps"
@@ -53,8 +56,20 @@ EXPLAIN_COLUMNS = [("focus", pa.float32()), ("corner_share", pa.float32()), ("ou
 # --------------------------------------------------------------------------- Grad-CAM and focus (pure)
 
 
-def lung_mask(h: int, w: int) -> np.ndarray:
+def lung_box_in_input(crop: tuple[float, float, float, float] | None = None) -> tuple[float, float, float, float]:
+    """The lung box (x0, x1, y0, y1) in the model input's frame, which shows the ``crop`` box
+    (top, bottom, left, right, as in PreprocessSpec) of the original image; the whole input when inside it."""
+    if crop is None:
+        return LUNG_BOX
+    top, bottom, left, right = crop
     x0, x1, y0, y1 = LUNG_BOX
+    fx = lambda v: min(1.0, max(0.0, (v - left) / (right - left)))  # noqa: E731
+    fy = lambda v: min(1.0, max(0.0, (v - top) / (bottom - top)))  # noqa: E731
+    return fx(x0), fx(x1), fy(y0), fy(y1)
+
+
+def lung_mask(h: int, w: int, crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    x0, x1, y0, y1 = lung_box_in_input(crop)
     m = np.zeros((h, w), bool)
     m[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = True
     return m
@@ -69,8 +84,9 @@ def corner_mask(h: int, w: int) -> np.ndarray:
     return m
 
 
-def focus_scores(cam: np.ndarray) -> tuple[float | None, float | None]:
-    """(focus, corner_share) of one 2-D CAM: the shares of its mass in the lung box and in the corners."""
+def focus_scores(cam: np.ndarray, crop: tuple[float, float, float, float] | None = None) -> tuple[float | None, float | None]:
+    """(focus, corner_share) of one 2-D CAM: the shares of its mass in the lung box and in the corners
+    (of the model's input; ``crop``: the checkpoint's PreprocessSpec.crop)."""
     cam = np.asarray(cam, dtype=np.float64)
     if not np.isfinite(cam).all() or cam.max() <= 1e-12:
         return None, None
@@ -79,7 +95,7 @@ def focus_scores(cam: np.ndarray) -> tuple[float | None, float | None]:
         cam = np.ones_like(cam)
     total = cam.sum()
     h, w = cam.shape
-    return float(cam[lung_mask(h, w)].sum() / total), float(cam[corner_mask(h, w)].sum() / total)
+    return float(cam[lung_mask(h, w, crop)].sum() / total), float(cam[corner_mask(h, w)].sum() / total)
 
 
 def target_layer(model, backbone: str, layer: str | None = None):
@@ -120,7 +136,8 @@ class GradCam:
 # --------------------------------------------------------------------------- overlays
 
 
-def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int = 320) -> bytes:
+def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int = 320,
+                crop: tuple[float, float, float, float] | None = None) -> bytes:
     """The preprocessed image (what the model saw) in gray with the CAM in colour on top, the lung box
     outlined in white, and a caption strip below. PNG bytes."""
     from matplotlib import colormaps
@@ -131,7 +148,7 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int
     alpha = 0.45 * np.clip(cam, 0, 1)[..., None] + 0.1
     rgb = (1 - alpha) * gray[..., None] + alpha * heat
     im = Image.fromarray((rgb * 255).astype(np.uint8), "RGB").resize((size, size), Image.Resampling.BILINEAR)
-    x0, x1, y0, y1 = LUNG_BOX
+    x0, x1, y0, y1 = lung_box_in_input(crop)
     ImageDraw.Draw(im).rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=(255, 255, 255), width=1)
     out = Image.new("RGB", (size, size + 22), (255, 255, 255))
     out.paste(im, (0, 0))
@@ -192,14 +209,14 @@ class Explainer:
             cams = self.gradcam(to_model_input(batch["image"][idx], self.info.preprocess))
             probs = table["prob_covid"].to_numpy(zero_copy_only=False)
             for k, i in enumerate(idx):
-                f, c = focus_scores(cams[k])
+                f, c = focus_scores(cams[k], self.info.preprocess.crop)
                 focus[i] = np.nan if f is None else f
                 corner[i] = np.nan if c is None else c
                 if self.output and (want[i] or self.overlay_all):
                     name = heatmap_name(str(batch["path"][i]))
                     caption = f"p={probs[i]:.2f} focus={'n/a' if f is None else f'{f:.2f}'}"
                     storage.write_bytes(storage.join(self.output, HEATMAP_DIR, name),
-                                        overlay_png(batch["image"][i], cams[k], caption), self.settings)
+                                        overlay_png(batch["image"][i], cams[k], caption, crop=self.info.preprocess.crop), self.settings)
                     heatmaps[i] = f"{HEATMAP_DIR}/{name}"
         has = ~np.isnan(focus)
         cols = {

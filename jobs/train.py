@@ -54,22 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_crop(text: str):
-    from cxr.preprocess import LUNG_BOX
-
-    if text.lower() == "none":
-        return None
-    if text.lower() == "lung":
-        return LUNG_BOX
-    try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise ValueError(f"--crop must be lung, none or four fractions top,bottom,left,right, got {text!r}")
-    return box
-
-
 def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
@@ -78,7 +62,7 @@ def main() -> int:
 
     try:
         check_backbone(args.backbone)
-        from cxr.preprocess import PreprocessSpec
+        from cxr.preprocess import PreprocessSpec, parse_crop
 
         crop = parse_crop(args.crop)
         PreprocessSpec(input_size=args.image_size, crop=crop, equalize=args.equalize)  # validates

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of each trial's training worker (fractions allowed)")
     p.add_argument("--target-sensitivity", type=float, default=0.98, help="models are ranked by validation specificity at this sensitivity")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--crop", default="none", metavar="lung|none|T,B,L,R", help="keep only this box of each image (see train.py --crop)")
+    p.add_argument("--equalize", action="store_true", help="histogram equalisation instead of the percentile stretch (see train.py)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | auto (ImageNet where its weights are available offline, else from scratch)")
     p.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"), help="log-uniform learning rate")
     p.add_argument("--covid-weight-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
@@ -50,12 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
+    from cxr.preprocess import parse_crop
     from cxr.tune import SearchConfig, run_search
 
+    try:
+        crop = parse_crop(args.crop)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return cli.USAGE
     cfg = SearchConfig(
         data=args.data, output=args.output, backbones=[b.strip() for b in args.backbones.split(",") if b.strip()],
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial, target_sensitivity=args.target_sensitivity, image_size=args.image_size,
+        crop=crop, equalize=args.equalize,
         weights=args.weights, lr_range=tuple(args.lr_range), covid_weight_range=tuple(args.covid_weight_range),
         oversample=args.oversample, batch_size=args.batch_size, val_fraction=args.val_fraction, grace_period=args.grace_period,
         seed=args.seed,

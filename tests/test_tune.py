@@ -15,7 +15,7 @@ from conftest import make_labelled_tree
 from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
 from cxr.decode import decode
 from cxr.metrics import expected_calibration_error
-from cxr.preprocess import preprocess
+from cxr.preprocess import LUNG_BOX, preprocess
 from cxr.tune import SearchConfig, calibrate, choose_members, plan_trials, rank_key, run_search
 
 pytestmark = pytest.mark.timeout(900)
@@ -39,7 +39,7 @@ def search(ray_driver, tmp_path_factory):
     data = make_labelled_tree(root / "data", n=16, size=48)
     common = dict(data=str(data), output=str(root / "out"), backbones=BACKBONES, num_samples=2, epochs=2, image_size=32,
                   weights="none", oversample=1, batch_size=8, val_fraction=0.25, grace_period=2, lr_range=(3e-4, 3e-3),
-                  max_failures=0, trial_max_failures=0, cpus_per_trial=0.9)
+                  max_failures=0, trial_max_failures=0, cpus_per_trial=0.9, crop=LUNG_BOX)
     interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
     resumed = run_search(SearchConfig(**common))
     return interrupted, resumed, root
@@ -100,6 +100,7 @@ def test_search_finishes_ranks_exports_and_resumes(search):
         assert info.backbone == backbone and info.provenance["tune"]["trial_id"] == best["trial_id"]
         assert info.temperature == pytest.approx(cal["temperature"]) and cal["ece_after"] <= cal["ece_before"] + 1e-9
         assert info.preprocess.input_size == 32 and (Path(uri) / "metrics.csv").exists()
+        assert info.preprocess.crop == LUNG_BOX  # the search's preprocessing travels with every exported model
         # the threshold keeps validation sensitivity at the target on the calibrated probabilities
         p, y = np.load(Path(uri) / "val_scores.npy")
         assert np.mean(p[y == 1] >= info.threshold) >= 0.98
@@ -174,3 +175,5 @@ def test_tune_job_rejects_bad_input(tmp_path):
     missing = run_job("tune.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
     assert missing.returncode == 3 and "error:" in missing.stderr
     assert not (tmp_path / "o").exists()  # nothing written for a search that cannot start
+    crop = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.9,0.1,0,1", timeout=120)
+    assert crop.returncode == 2 and "crop must satisfy" in crop.stderr

@@ -87,6 +87,21 @@ class PreprocessSpec:
         return cls(**known)
 
 
+def parse_crop(text: str) -> tuple[float, float, float, float] | None:
+    """A ``--crop`` argument: ``lung`` (:data:`LUNG_BOX`), ``none``, or ``top,bottom,left,right`` fractions."""
+    if text.strip().lower() == "none":
+        return None
+    if text.strip().lower() == "lung":
+        return LUNG_BOX
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"--crop must be lung, none or four fractions top,bottom,left,right, got {text!r}")
+    return box
+
+
 def crop_box(height: int, width: int, crop: tuple[float, float, float, float] | None) -> tuple[int, int, int, int]:
     """Pixel rows and columns ``(top, bottom, left, right)`` kept by ``crop`` (never empty)."""
     if crop is None:

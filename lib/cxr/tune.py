@@ -39,6 +39,7 @@ import numpy as np
 from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
+from .preprocess import PreprocessSpec
 from .models import check_backbone, list_backbones
 from .train import PreparedData, TrainConfig, fit, prepare_data, write_metrics_csv
 
@@ -48,7 +49,7 @@ DRIVER_CPUS = 0.05  # a trial's driver only waits on its TorchTrainer
 DATA_RESERVE_CPUS = 0.5  # never reserved by trials: Ray Data's tasks need it
 SEARCH_NAME = "search"
 # Settings that define the search: a resumed search keeps its stored values of these.
-_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "weights", "lr_range",
+_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "crop", "equalize", "weights", "lr_range",
                 "covid_weight_range", "oversample", "batch_size", "val_fraction", "seed", "grace_period", "reduction_factor")
 
 
@@ -64,6 +65,8 @@ class SearchConfig:
     cpus_per_trial: float = 1.0  # CPUs of a trial's Ray Train worker (its driver takes DRIVER_CPUS more)
     target_sensitivity: float = 0.98
     image_size: int = 224
+    crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop for every trial (see train --crop)
+    equalize: bool = False
     weights: str = "imagenet"  # imagenet | none | auto (ImageNet where the weights are available offline, else none)
     lr_range: tuple[float, float] = (1e-4, 3e-3)
     covid_weight_range: tuple[float, float] = (0.5, 2.0)  # multiples of the balanced class weight
@@ -95,6 +98,7 @@ class SearchConfig:
         for lo, hi in (self.lr_range, self.covid_weight_range):
             if not 0 < lo <= hi:
                 raise ValueError(f"bad range ({lo}, {hi}): need 0 < low <= high")
+        PreprocessSpec(input_size=self.image_size, crop=self.crop, equalize=self.equalize)  # raises on a bad crop
 
 
 @dataclass
@@ -378,7 +382,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             log.warning("resuming the search in %s with its stored settings; ignoring %s", cfg.output, changed)
         for k in _SEARCH_KEYS:
             if k in stored:
-                setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") else stored[k])
+                setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") or (k == "crop" and stored[k]) else stored[k])
         log.info("resuming the interrupted search in %s", experiment)
     else:
         from .data import labelled_files
@@ -387,7 +391,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         storage.write_bytes(storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings)
 
     base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,
-                       batch_size=cfg.batch_size, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+                       batch_size=cfg.batch_size, image_size=cfg.image_size, crop=cfg.crop, equalize=cfg.equalize,
+                       val_fraction=cfg.val_fraction,
                        target_sensitivity=cfg.target_sensitivity, gpu=cfg.gpus_per_trial > 0, seed=cfg.seed,
                        max_failures=cfg.max_failures, fail_once_at_epoch=cfg.fail_once_at_epoch)
     weights = weights_per_backbone(list(cfg.backbones), cfg.weights)

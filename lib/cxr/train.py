@@ -431,7 +431,7 @@ def cross_validate_threshold(cfg: TrainConfig, data: PreparedData, main_scores: 
     trained on. Pooled, every training image is scored once by a model that never saw it, so the threshold
     rests on all ~80 COVID images instead of ~17. The fold models are thrown away (their runs stay under
     ``_ray_fold<k>/``); the threshold is then applied to the shipped model, whose calibration matches theirs
-    only as far as the same recipe on 75% of the same data gives (the per-fold figures show the spread)."""
+    only as far as the same recipe on (K-1)/K of the same data gives (the per-fold figures show the spread)."""
     from sklearn.metrics import roc_auc_score
 
     from .metrics import choose_threshold, wilson_ci

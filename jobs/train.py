@@ -89,9 +89,11 @@ def main() -> int:
           f"specificity {m['val_spec_at_target']:.3f} at sensitivity >= {cfg.target_sensitivity} (threshold {result.threshold:.4f}) -> {result.output}")
     if result.cross_validation:
         cv = result.cross_validation
-        print(f"threshold {cv['threshold']:.4f} from {cv['folds']} folds' pooled out-of-fold scores: sensitivity "
-              f"{cv['sensitivity']['k']}/{cv['sensitivity']['n']} (95% CI {cv['sensitivity']['ci95'][0]:.3f}-{cv['sensitivity']['ci95'][1]:.3f}), "
-              f"specificity {cv['specificity']['value']:.3f} (95% CI {cv['specificity']['ci95'][0]:.3f}-{cv['specificity']['ci95'][1]:.3f}), AUC {cv['auc']:.3f}")
+        ps, sv = cv["pooled_sensitivity"], cv["shipped_validation"]["specificity"]
+        print(f"threshold {cv['threshold']:.4f} from {cv['folds']} folds: operating specificity {cv['operating_specificity']:.3f} keeps "
+              f"{ps['k']}/{ps['n']} out-of-fold COVID images (sensitivity 95% CI {ps['ci95'][0]:.3f}-{ps['ci95'][1]:.3f}); "
+              f"shipped model's validation specificity {sv['value']:.3f} ({sv['k']}/{sv['n']}); per-fold AUC "
+              + ", ".join(f"{f['auc']:.3f}" for f in cv["per_fold"]))
     print(json.dumps({"train": {"model": result.model_id, "output": result.output, "threshold": result.threshold,
                                 "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                                 "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}}))

@@ -15,7 +15,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, train, validation_metrics
+from cxr.train import TrainConfig, train, transfer_threshold, validation_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,6 +29,26 @@ def test_validation_metrics_pick_the_highest_threshold_keeping_sensitivity():
     assert m["val_auc"] == pytest.approx(15 / 16)
     m = validation_metrics(y, p, target=0.75)
     assert m["val_threshold"] == 0.7 and m["val_spec_at_target"] == 1.0
+
+
+def test_threshold_transfer_pools_folds_by_operating_point_not_by_probability():
+    # Two fold models ranking alike but calibrated differently: fold B's probabilities are fold A's squared.
+    neg_a = np.arange(100) / 100  # 100 non-COVID per fold: 0.00, 0.01, ..., 0.99
+    pos_a = np.array([0.605, 0.992, 0.994, 0.996, 0.998])  # 0.605 sits above 61 of the 100 negatives
+    fold_a = (np.r_[pos_a, neg_a], np.r_[np.ones(5), np.zeros(100)].astype(int))
+    fold_b = (fold_a[0] ** 2, fold_a[1])
+    t = transfer_threshold([fold_a, fold_b], fold_a, target=0.8)
+    # 8 of the 10 positives must be caught: every positive but the two lowest sits above all negatives.
+    assert t["operating_specificity"] == 1.0 and t["pooled_sensitivity"] == {"k": 8, "n": 10, "value": 0.8}
+    assert t["threshold_at_operating_point"] == pytest.approx(0.99)  # the top negative of the shipped fold
+    assert t["threshold_single_split"] == pytest.approx(0.992) and t["threshold"] == pytest.approx(0.99)
+    # Every positive: the operating point drops to where the lowest ones sit (61 negatives below them) on
+    # either calibration, and lands on the shipped model's own scale: its 61st negative, 0.60 ** 2.
+    t = transfer_threshold([fold_a, fold_b], fold_b, target=1.0)
+    assert t["operating_specificity"] == pytest.approx(0.61) and t["pooled_sensitivity"]["k"] == 10
+    assert t["threshold"] == pytest.approx(0.60**2) and t["threshold_single_split"] == pytest.approx(0.605**2)
+    with pytest.raises(ValueError, match="every fold"):
+        transfer_threshold([(np.array([0.5]), np.array([1]))], fold_a, target=0.9)
 
 
 def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, tmp_path):
@@ -80,13 +100,16 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_dri
     assert sum(f["n"] for f in cv["per_fold"]) == 24
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")) and \
         len([p for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")]) == 3  # 3 extra models
-    rows = np.loadtxt(tmp_path / "run" / "cv_scores.csv", delimiter=",", skiprows=1)
-    assert rows.shape == (24, 2) and rows[:, 0].sum() == 12
-    assert cv["threshold"] == pytest.approx(choose_threshold(rows[:, 0], rows[:, 1], 0.9), abs=1e-6)
-    assert cv["sensitivity"]["k"] == int(np.sum(rows[rows[:, 0] == 1, 1] >= cv["threshold"] - 1e-6)) >= 11
+    rows = np.loadtxt(tmp_path / "run" / "cv_scores.csv", delimiter=",", skiprows=1)  # fold, label, prob
+    assert rows.shape == (24, 3) and rows[:, 1].sum() == 12 and sorted(set(rows[:, 0])) == [0, 1, 2, 3]
+    shipped = next(f["fold"] for f in cv["per_fold"] if f["shipped"])
+    folds = [(rows[rows[:, 0] == k, 2], rows[rows[:, 0] == k, 1].astype(int)) for k in range(4)]
+    again = transfer_threshold(folds, folds[shipped], 0.9)
+    assert cv["threshold"] == pytest.approx(again["threshold"], abs=1e-5)
+    assert cv["pooled_sensitivity"]["n"] == 12 and cv["pooled_sensitivity"]["k"] >= 11
     info = json.loads((tmp_path / "run" / "model.json").read_text())
     assert info["threshold"] == pytest.approx(cv["threshold"]) == pytest.approx(result.threshold)
-    assert "pooled out-of-fold" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
+    assert "pooled by operating point" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
     assert info["preprocess"]["crop"] == list(LUNG_BOX) and info["preprocess"]["equalize"] is True
     assert load_checkpoint(result.output).info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
 

@@ -7,8 +7,8 @@ Driver (:func:`train`):
     -> ``TorchTrainer(train_loop_per_worker)``, data-parallel, CPU or GPU, FailureConfig resumes
     -> best checkpoint by validation specificity at the target sensitivity (ties: ROC AUC)
     -> with ``threshold_folds`` K > 1: the same training on the other folds of the K-fold split, and the
-       threshold chosen on the pooled out-of-fold probabilities (every training image scored once, by a
-       model that did not see it) instead of one small validation split
+       threshold chosen from all folds' out-of-fold scores (every training image scored once, by a model
+       that did not see it; pooled by operating point) instead of one small validation split
     -> output: ``model.safetensors`` + ``model.json`` (threshold chosen on validation), ``config.json``,
        ``metrics.csv`` (per epoch), and Ray Train's run folder ``_ray/``.
 
@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -386,8 +387,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             main_scores = np.load(os.path.join(d, "val_scores.npy"))
         cv = cross_validate_threshold(cfg, data, main_scores, settings, storage_path, storage_fs)
         threshold_rule = (
-            f"highest threshold keeping sensitivity >= {cfg.target_sensitivity} on the pooled out-of-fold scores of "
-            f"{cfg.threshold_folds} patient-grouped folds ({cv['positives']} COVID, {cv['n'] - cv['positives']} non-COVID)")
+            f"the validation non-COVID quantile at specificity {cv['operating_specificity']:.4f}: the highest operating point keeping "
+            f"sensitivity >= {cfg.target_sensitivity} on the out-of-fold scores of {cfg.threshold_folds} patient-grouped folds "
+            f"({cv['positives']} COVID, {cv['n'] - cv['positives']} non-COVID), pooled by operating point")
     seconds = time.perf_counter() - started
     provenance = {
         "data": {"uri": cfg.data, "fingerprint": fingerprint(files), "counts": counts, "train": class_counts(train_files),
@@ -424,27 +426,22 @@ def _best(result) -> tuple[object, dict]:
 
 def cross_validate_threshold(cfg: TrainConfig, data: PreparedData, main_scores: np.ndarray, settings,
                              storage_path: str, storage_fs) -> dict:
-    """Train the same model on the other folds of the K-fold split and pool the out-of-fold scores.
+    """Train the same model on the other folds of the K-fold split; choose the threshold from all folds.
 
     The shipped model is one fold's model (its validation split is fold ``k`` of the same
     ``StratifiedGroupKFold``); the other K-1 models are trained only to score the images the shipped model
-    trained on. Pooled, every training image is scored once by a model that never saw it, so the threshold
-    rests on all ~80 COVID images instead of ~17. The fold models are thrown away (their runs stay under
-    ``_ray_fold<k>/``); the threshold is then applied to the shipped model, whose calibration matches theirs
-    only as far as the same recipe on (K-1)/K of the same data gives (the per-fold figures show the spread)."""
-    from sklearn.metrics import roc_auc_score
-
-    from .metrics import choose_threshold, wilson_ci
+    trained on, so that every training image is scored once by a model that never saw it: the threshold
+    rests on all ~80 COVID images instead of ~17. The fold models' probabilities are not comparable with
+    each other (their calibration differs from run to run), so the folds are pooled by *operating point*:
+    see :func:`transfer_threshold`. The fold models are not kept beyond their runs under ``_ray_fold<k>/``."""
+    from .metrics import wilson_ci
 
     folds = cv_folds(data.files, cfg.threshold_folds, cfg.seed)
     main_val = {f.path for f in data.val_files}
-    includes_main = any({f.path for f in va} == main_val for _, va in folds)
-    pooled, per_fold = [], []
-    if includes_main:
-        pooled.append(main_scores)
+    scores: list[tuple[int, bool, np.ndarray]] = []  # (fold, shipped, [p; y])
     for k, (train_files, val_files) in enumerate(folds):
         if {f.path for f in val_files} == main_val:
-            per_fold.append({"fold": k, "shipped": True, **_fold_summary(main_scores, cfg.target_sensitivity)})
+            scores.append((k, True, main_scores))
             continue
         log.info("threshold cross-validation: fold %d of %d (train %s, validation %s)", k + 1, len(folds),
                  class_counts(train_files), class_counts(val_files))
@@ -453,23 +450,57 @@ def cross_validate_threshold(cfg: TrainConfig, data: PreparedData, main_scores: 
         best_checkpoint, _ = _best(fit(fold_cfg, fold_data, storage_path=storage_path, storage_filesystem=storage_fs,
                                        run_name=f"_ray_fold{k}"))
         with best_checkpoint.as_directory() as d:
-            scores = np.load(os.path.join(d, "val_scores.npy"))
-        pooled.append(scores)
-        per_fold.append({"fold": k, "shipped": False, **_fold_summary(scores, cfg.target_sensitivity)})
-    p, y = np.concatenate([s[0] for s in pooled]), np.concatenate([s[1] for s in pooled]).astype(int)
-    threshold = choose_threshold(y, p, cfg.target_sensitivity)
-    tp, fn = int(np.sum(p[y == 1] >= threshold)), int(np.sum(p[y == 1] < threshold))
-    tn, fp = int(np.sum(p[y == 0] < threshold)), int(np.sum(p[y == 0] >= threshold))
+            scores.append((k, False, np.load(os.path.join(d, "val_scores.npy"))))
+    t = transfer_threshold([(s[0], s[1].astype(int)) for _, _, s in scores],
+                           (main_scores[0], main_scores[1].astype(int)), cfg.target_sensitivity)
+    p, y = main_scores[0], main_scores[1].astype(int)
+    tn, fp = int(np.sum(p[y == 0] < t["threshold"])), int(np.sum(p[y == 0] >= t["threshold"]))
+    tp, fn = int(np.sum(p[y == 1] >= t["threshold"])), int(np.sum(p[y == 1] < t["threshold"]))
     buf = io.StringIO()
-    np.savetxt(buf, np.column_stack([y, p]), fmt=["%d", "%.6f"], delimiter=",", header="label,prob", comments="")
+    rows = np.concatenate([np.column_stack([np.full(s.shape[1], k), s[1], s[0]]) for k, _, s in scores])
+    np.savetxt(buf, rows, fmt=["%d", "%d", "%.6f"], delimiter=",", header="fold,label,prob", comments="")
     storage.write_bytes(storage.join(cfg.output, "cv_scores.csv"), buf.getvalue().encode())
+    pooled = t["pooled_sensitivity"]
     return {
-        "folds": cfg.threshold_folds, "n": int(len(y)), "positives": int(y.sum()), "threshold": float(threshold),
-        "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-        "sensitivity": {"k": tp, "n": tp + fn, "value": tp / max(1, tp + fn), "ci95": list(wilson_ci(tp, tp + fn))},
-        "specificity": {"k": tn, "n": tn + fp, "value": tn / max(1, tn + fp), "ci95": list(wilson_ci(tn, tn + fp))},
-        "per_fold": per_fold,
+        "folds": cfg.threshold_folds, "n": int(sum(s.shape[1] for _, _, s in scores)),
+        "positives": int(sum(s[1].sum() for _, _, s in scores)), "method": "operating point (specificity) pooled over folds",
+        **{k: t[k] for k in ("threshold", "operating_specificity", "threshold_at_operating_point", "threshold_single_split")},
+        "pooled_sensitivity": {**pooled, "ci95": list(wilson_ci(pooled["k"], pooled["n"]))},
+        "shipped_validation": {"sensitivity": {"k": tp, "n": tp + fn, "ci95": list(wilson_ci(tp, tp + fn))},
+                               "specificity": {"k": tn, "n": tn + fp, "value": tn / max(1, tn + fp), "ci95": list(wilson_ci(tn, tn + fp))}},
+        "per_fold": [{"fold": k, "shipped": shipped, **_fold_summary(s, cfg.target_sensitivity)} for k, shipped, s in scores],
     }
+
+
+def transfer_threshold(folds: list[tuple[np.ndarray, np.ndarray]], shipped: tuple[np.ndarray, np.ndarray], target: float) -> dict:
+    """The shipped model's threshold from several models' out-of-fold scores ``(prob, label)``.
+
+    Each fold's model ranks its own images; its probabilities are not on a common scale with the others'.
+    So every COVID image is placed by the share of its fold's non-COVID images that score below it (the
+    specificity at which it is still caught), the folds are pooled on that scale, and the *operating
+    specificity* ``q`` is the highest that keeps pooled sensitivity >= ``target``. The shipped model's
+    threshold is then its own validation non-COVID images' ``q`` quantile (a few hundred of them, so the
+    quantile is well determined), and never above the threshold its validation split alone gives
+    (sensitivity first)."""
+    from .metrics import choose_threshold
+
+    places = []
+    for prob, label in folds:
+        neg = np.sort(prob[label == 0])
+        if neg.size == 0 or not np.any(label == 1):
+            raise ValueError("every fold needs COVID and non-COVID images to transfer a threshold")
+        places.append(np.searchsorted(neg, prob[label == 1], side="left") / neg.size)
+    places = np.concatenate(places)
+    q = choose_threshold(np.ones(places.size, int), places, target)
+    prob, label = shipped
+    neg = np.sort(prob[label == 0])
+    # the highest negative at or below the operating point: about q * n negatives score below it (one fewer
+    # at most, erring towards sensitivity); the tolerance keeps 0.61 * 100 from counting as 62
+    at_q = float(neg[min(max(math.ceil(q * neg.size - 1e-9) - 1, 0), neg.size - 1)])
+    single = choose_threshold(label, prob, target)
+    return {"threshold": float(min(at_q, single)), "operating_specificity": float(q), "threshold_at_operating_point": at_q,
+            "threshold_single_split": float(single),
+            "pooled_sensitivity": {"k": int(np.sum(places >= q)), "n": int(places.size), "value": float(np.mean(places >= q))}}
 
 
 def _fold_summary(scores: np.ndarray, target: float) -> dict:

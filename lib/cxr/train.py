@@ -329,10 +329,6 @@ def fit(cfg: TrainConfig, data: PreparedData, *, storage_path: str, run_name: st
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             callbacks=callbacks or None,
-            # Ray runs every worker process at niceness 15 (RAY_worker_niceness), its control-plane actors
-            # (train controller, split coordinators, ...) included: the training workers, which do the job's
-            # work, run at normal priority so that those helpers' polling does not preempt them.
-            worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
         ),
         datasets={"train": data.train_ds, "val": data.val_ds},
     )

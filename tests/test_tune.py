@@ -91,6 +91,8 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     with (out / "leaderboard.csv").open() as f:
         board = list(csv.DictReader(f))
     assert [r["kind"] for r in board].count("trial") == 4 and board[-1]["kind"] == "ensemble"
+    assert [r["epochs_run"] for r in board if r["kind"] == "trial"] == ["2"] * 4  # integers, not "2.0"
+    assert [r["rank"] for r in board if r["kind"] == "trial"] == ["1", "2", "3", "4"]
     assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     assert set(resumed.exported) == set(BACKBONES)
     for backbone, uri in resumed.exported.items():

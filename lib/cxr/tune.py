@@ -306,6 +306,8 @@ def write_leaderboard(rows: list[dict], output: str) -> None:
     import pandas as pd
 
     df = pd.DataFrame([{k: r.get(k) for k in LEADERBOARD_COLUMNS} for r in rows], columns=LEADERBOARD_COLUMNS)
+    for col in ("rank", "epochs_run", "best_epoch"):  # counts stay integers where the ensemble row has none
+        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
     storage.write_bytes(storage.join(output, "leaderboard.csv"), df.to_csv(index=False).encode())
 
 

@@ -245,6 +245,14 @@ def export_calibrated(checkpoint_dir: str, images: np.ndarray, y: np.ndarray, ta
     info.provenance["threshold_rule"] = f"highest threshold keeping validation sensitivity >= {target_sensitivity} (calibrated probabilities)"
     info = save_checkpoint(loaded.model, info, output)
     probs = load_checkpoint(output, optimize=False).predict_proba(images)  # through the exported checkpoint itself
+    # The threshold was chosen on float64 probabilities; the checkpoint gives float32 ones. A COVID image scoring
+    # exactly at the threshold must not fall below it by a rounding: take the lower of the two choices.
+    again = choose_threshold(y, probs, target_sensitivity) if np.any(y == 1) else cal.threshold
+    if again < cal.threshold:
+        cal.threshold = info.threshold = float(again)
+        info.provenance["validation"]["val_threshold"] = cal.threshold
+        info.weights_sha256 = ""
+        info = save_checkpoint(loaded.model, info, output)
     return info, cal, probs
 
 

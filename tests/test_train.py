@@ -98,11 +98,11 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_dri
     assert (cv["folds"], cv["n"], cv["positives"]) == (4, 24, 12)  # every image scored once, out of fold
     assert len(cv["per_fold"]) == 4 and sum(f["shipped"] for f in cv["per_fold"]) == 1
     assert sum(f["n"] for f in cv["per_fold"]) == 24
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")) and \
-        len([p for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold")]) == 3  # 3 extra models
+    shipped = next(f["fold"] for f in cv["per_fold"] if f["shipped"])
+    extra = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold"))
+    assert extra == [f"_ray_fold{k}" for k in range(4) if k != shipped]  # one extra run per other fold
     rows = np.loadtxt(tmp_path / "run" / "cv_scores.csv", delimiter=",", skiprows=1)  # fold, label, prob
     assert rows.shape == (24, 3) and rows[:, 1].sum() == 12 and sorted(set(rows[:, 0])) == [0, 1, 2, 3]
-    shipped = next(f["fold"] for f in cv["per_fold"] if f["shipped"])
     folds = [(rows[rows[:, 0] == k, 2], rows[rows[:, 0] == k, 1].astype(int)) for k in range(4)]
     again = transfer_threshold(folds, folds[shipped], 0.9)
     assert cv["threshold"] == pytest.approx(again["threshold"], abs=1e-5)

@@ -6,12 +6,18 @@ Both sides use the same model (mobilenet_v2 at 224 px unless --model says otherw
 size and all of this machine's cores. Timed: from "start scoring" to "results written", model
 loading included on both sides; Ray's own start-up (``ray.init``) is not, as a user's cluster is
 already up. Prints images/s of both and their ratio (target on a 2-core machine: >= 1.0).
+
+The score job's actors start with the malloc settings of ``cxr.runtime.TORCH_WORKER_MALLOC_ENV``; the loop
+with the job's model optimisations runs once more, in a subprocess with those settings too, so the job is
+also compared with a loop given every advantage it has.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +69,12 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint (default: a fresh mobilenet_v2 at 224 px; speed does not depend on weights)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--loop-only", nargs=2, metavar=("PATHS_FILE", "MODEL"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
+    if args.loop_only:
+        paths_file, model = args.loop_only
+        print(json.dumps(plain_loop(open(paths_file).read().split("\n"), model, args.batch_size, optimized=True)))
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import ray
@@ -85,6 +96,15 @@ def main() -> None:
     print(f"plain loop            : {len(paths) / loop_s:7.1f} images/s ({loop_s:.1f} s)")
     opt_s = plain_loop(paths, model_uri, args.batch_size, optimized=True)
     print(f"loop, same model opts : {len(paths) / opt_s:7.1f} images/s ({opt_s:.1f} s)")
+    from cxr.runtime import TORCH_WORKER_MALLOC_ENV
+
+    paths_file = os.path.join(tmp, "paths.txt")
+    with open(paths_file, "w") as f:
+        f.write("\n".join(paths))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--loop-only", paths_file, model_uri, "--batch-size", str(args.batch_size)],
+                         env={**os.environ, **TORCH_WORKER_MALLOC_ENV}, check=True, capture_output=True, text=True)
+    all_s = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"loop, same opts+malloc: {len(paths) / all_s:7.1f} images/s ({all_s:.1f} s)")
 
     ray.init(logging_level="ERROR", include_dashboard=False)
     from ray.data import DataContext
@@ -98,6 +118,7 @@ def main() -> None:
     print(f"score job             : {summary.images_per_s:7.1f} images/s ({summary.seconds:.1f} s, {summary.errors} errors)")
     print(f"ratio score job / plain loop           : {summary.images_per_s / (len(paths) / loop_s):.2f}")
     print(f"ratio score job / loop with same opts  : {summary.images_per_s / (len(paths) / opt_s):.2f}")
+    print(f"ratio score job / loop, opts + malloc  : {summary.images_per_s / (len(paths) / all_s):.2f}")
     ray.shutdown()
 
 

@@ -239,6 +239,7 @@ def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings:
     """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap``."""
     import ray.data
 
+    from .runtime import torch_actor_remote_args
     from .score import decoded_dataset
 
     decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
@@ -248,6 +249,7 @@ def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings:
                                "output": output, "overlay_all": overlay_all, "layer": layer},
         batch_size=plan.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors), num_cpus=plan.cpus_per_actor,
+        **torch_actor_remote_args(),
     )
 
 

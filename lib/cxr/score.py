@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .runtime import ensure_ray
+from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
 from .decode import decode
 from .preprocess import PreprocessSpec, preprocess
@@ -309,6 +309,7 @@ def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: Resource
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
+        **torch_actor_remote_args(),
     )
 
 

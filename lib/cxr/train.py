@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import storage
-from .runtime import ensure_ray
+from .runtime import ensure_ray, torch_worker_runtime_env
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
 from .data import LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
@@ -329,6 +329,7 @@ def fit(cfg: TrainConfig, data: PreparedData, *, storage_path: str, run_name: st
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             callbacks=callbacks or None,
+            worker_runtime_env=torch_worker_runtime_env(),
         ),
         datasets={"train": data.train_ds, "val": data.val_ds},
     )

@@ -82,6 +82,11 @@ def main() -> int:
                   f"at sensitivity >= {cfg.target_sensitivity}  -> {row['exported_to']}")
     print(json.dumps({"tune": {"output": result.output, "trials": result.trials, "errors": result.errors, "unfinished": result.unfinished, "seconds": round(result.seconds, 1),
                                "models": result.exported, "ensemble": result.ensemble}}))
+    if result.errors:
+        print(f"error: {result.errors} of {result.trials} trials failed (see the leaderboard's error column and the log); "
+              f"{'the other trials were exported' if result.exported else 'nothing was exported'}. "
+              "Run the same command again to restart the failed trials from their last checkpoints.", file=sys.stderr)
+        return cli.FAILED
     return cli.OK if result.exported else cli.FAILED
 
 

@@ -76,6 +76,10 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     interrupted, resumed, root = search
     out = root / "out"
     assert interrupted.errors >= 1 and not interrupted.resumed  # the crash hook made trials fail
+    failed = {r["trial_id"] for r in interrupted.leaderboard if r.get("error")}
+    for backbone, uri in interrupted.exported.items():  # only trials that finished are exported
+        assert load_info(uri).provenance["tune"]["trial_id"] not in failed, backbone
+    assert set(interrupted.exported) == {r["backbone"] for r in interrupted.leaderboard if r["kind"] == "trial" and not r.get("error")}
     assert resumed.resumed and resumed.errors == 0 and resumed.trials == 4
     trials = [r for r in resumed.leaderboard if r["kind"] == "trial"]
     assert sorted(r["backbone"] for r in trials) == sorted(BACKBONES * 2)

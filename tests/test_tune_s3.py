@@ -42,6 +42,7 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
         os.chdir(cwd)
     assert interrupted.errors == 1 and not interrupted.resumed  # the crash hook failed the trial in epoch 1
     assert interrupted.leaderboard[0]["status"] == "ERROR" and interrupted.leaderboard[0]["epochs_run"] == 1
+    assert interrupted.exported == {} and interrupted.ensemble is None  # a failed trial's checkpoint is not exported
 
     # The same command again, through the job: it resumes the search from Tune's experiment state on S3.
     job = run_job("tune.py", "--data", common["data"], "--output", output, "--backbones", BACKBONE, "--num-samples", "1",

@@ -529,7 +529,11 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
     images = y = None
     exported, models, val_probs = {}, [], {}
     for backbone in cfg.backbones:
-        candidates = [r for r in rows if r["backbone"] == backbone and r.get("history")]
+        # A failed trial is not exported, however well its last checkpoint ranks: its run did not finish (the
+        # next run of the same command restarts it from that checkpoint). Interrupted trials are, as they stand.
+        candidates = [r for r in rows if r["backbone"] == backbone and r.get("history") and not r["error"]]
+        if not candidates and any(r["backbone"] == backbone and r["error"] for r in rows):
+            log.warning("%s: every trial failed; nothing exported for it", backbone)
         for row in candidates:  # rows are ranked already
             path = _checkpoint_of(row["history"], row["best_epoch"], runs_fs)
             if path is None:

@@ -11,8 +11,9 @@ from pathlib import Path
 # CNN's activations are that large (mobilenet_v2 at 224 px, batch 32: up to 154 MB); in a thread other than
 # the main one (where Ray Train runs the training function) the thread's own arena, whose heaps hold 64 MiB
 # at most, makes it worse. Measured on a 2-core CPU machine: ~0.8 million page faults per training step.
-# One arena, no mmap and no trimming let the freed buffers be reused: training 1.2-1.7x and inference
-# 1.6-2x faster, for ~8% more peak memory (the process keeps its peak instead of returning it between steps).
+# One arena, no mmap and no trimming let the freed buffers be reused: training 1.3-2x and inference
+# 1.6-3x faster, for ~20% more peak memory (the process keeps its peak instead of returning it between steps;
+# benchmarks/malloc.py).
 TORCH_WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
-from cxr.runtime import TORCH_WORKER_MALLOC_ENV, torch_actor_remote_args, torch_worker_env, torch_worker_runtime_env
+from cxr.runtime import TORCH_WORKER_MALLOC_ENV, torch_actor_remote_args, torch_worker_runtime_env
 from cxr.score import Predictor, cluster_plan, new_run_id, score_dataset
 from cxr.sources import table_dataset
 
@@ -21,14 +21,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # EnvPredictor runs
 def test_settings_by_default_and_the_users_own_win(monkeypatch):
     for name in [*TORCH_WORKER_MALLOC_ENV, "GLIBC_TUNABLES"]:
         monkeypatch.delenv(name, raising=False)
-    assert torch_worker_env() == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
-    assert torch_worker_runtime_env() == {"env_vars": torch_worker_env()}
-    assert torch_actor_remote_args() == {"runtime_env": {"env_vars": torch_worker_env()}}
+    settings = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+    assert torch_worker_runtime_env() == {"env_vars": settings}
+    assert torch_actor_remote_args() == {"runtime_env": {"env_vars": settings}}
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert torch_worker_env() == {} and torch_worker_runtime_env() == {} and torch_actor_remote_args() == {}
+    assert torch_worker_runtime_env() == {} and torch_actor_remote_args() == {}
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    assert torch_worker_env() == {}
+    assert torch_worker_runtime_env() == {}
 
 
 class EnvPredictor(Predictor):

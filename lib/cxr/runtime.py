@@ -24,18 +24,13 @@ def code_runtime_env() -> dict:
     return {"py_modules": [str(Path(__file__).resolve().parent)]}
 
 
-def torch_worker_env() -> dict[str, str]:
-    """The malloc settings above, for a torch worker process to start with; none where the driver's environment
-    sets any of them or ``GLIBC_TUNABLES`` (the user's choice wins)."""
+def torch_worker_runtime_env() -> dict:
+    """The runtime env of a process that runs torch: the malloc settings above as ``env_vars`` (Ray merges them
+    with the job's own), or nothing where the driver's environment sets any of them or ``GLIBC_TUNABLES``
+    (the user's choice wins)."""
     if "GLIBC_TUNABLES" in os.environ or any(k in os.environ for k in TORCH_WORKER_MALLOC_ENV):
         return {}
-    return dict(TORCH_WORKER_MALLOC_ENV)
-
-
-def torch_worker_runtime_env() -> dict:
-    """The runtime env of a torch worker actor (Ray merges its ``env_vars`` with the job's own)."""
-    env = torch_worker_env()
-    return {"env_vars": env} if env else {}
+    return {"env_vars": dict(TORCH_WORKER_MALLOC_ENV)}
 
 
 def torch_actor_remote_args() -> dict:

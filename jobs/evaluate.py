@@ -26,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, metavar="DIR", help="local directory for report.html, report.json, plots, predictions.parquet")
     p.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
     p.add_argument("--threshold", type=float, help="override the model's threshold (default: the one chosen on validation)")
+    p.add_argument("--group-by", metavar="source|REGEX",
+                   help="also report the rates per subgroup: 'source' (the --data each image came from) or a regular expression "
+                        "searched in each file name whose first group names the subgroup, e.g. '^([^-]+)-patient' for the "
+                        "finding that starts CheXpert-derived names")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--actors", type=int)
@@ -41,9 +45,11 @@ def main() -> int:
 
     result = evaluate(
         args.data, args.model, args.output, split=None if args.split == "all" else args.split, threshold=args.threshold,
-        n_bootstrap=args.bootstrap, batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        n_bootstrap=args.bootstrap, group_by=args.group_by, batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
     )
     print(result.line())
+    for line in result.subgroup_lines():
+        print(line)
     r = result.report
     print(json.dumps({"evaluate": {"n": r["n"], "threshold": r["threshold"], "sensitivity": r["sensitivity"], "specificity": r["specificity"],
                                    "roc_auc": r.get("roc_auc"), "errors": result.errors, "report": result.files["report_html"]}}))

@@ -60,3 +60,53 @@ def test_a_missing_split_is_an_error_not_a_fallback_to_training_images(tiny_mode
     with pytest.raises(InputError, match="no 'test' split folder"):
         evaluate([str(data)], tiny_model, str(tmp_path / "report"), split="test")
     assert not (tmp_path / "report" / "report.json").exists()
+
+
+def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_path):
+    # Two "sites": site A's names start "A-", site B's "B-"; site B also holds a second finding prefix.
+    a = make_labelled_tree(tmp_path / "siteA", n=6, seed=7, layout="")
+    b = make_labelled_tree(tmp_path / "siteB", n=4, seed=8, layout="")
+    for root, prefix in ((a, "A"), (b, "B")):
+        for f in sorted(root.glob("*/*.png")):
+            f.rename(f.with_name(f"{prefix}-{f.name}"))
+    (b / "non" / "Bx-extra.png").write_bytes((b / "non" / "B-non8-0.png").read_bytes())
+    out = tmp_path / "by-name"
+    proc = run_job("evaluate.py", "--data", str(a), "--data", str(b), "--model", trained_model.output, "--output", str(out),
+                   "--bootstrap", "20", "--group-by", r"^([A-Z]+x?)-", env={"RAY_ADDRESS": ray_driver.address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert sorted(pred["group"].unique()) == ["A", "B", "Bx"]
+    r = json.loads((out / "report.json").read_text())
+    assert r["subgroups"]["by"] == r"^([A-Z]+x?)-"
+    groups = {g["group"]: g for g in r["subgroups"]["groups"]}
+    assert (groups["A"]["n_positive"], groups["A"]["n_negative"]) == (6, 6)
+    assert (groups["B"]["n_positive"], groups["B"]["n_negative"]) == (4, 4)
+    assert (groups["Bx"]["n_positive"], groups["Bx"]["n_negative"]) == (0, 1) and groups["Bx"]["sensitivity"] is None
+    t = r["threshold"]
+    for name, g in groups.items():
+        sel = pred[pred.group == name]
+        assert g["false_positive_rate"]["k"] == int(((sel.label == 0) & (sel.prob_covid >= t)).sum()), name
+        if g["sensitivity"]:
+            assert g["sensitivity"]["k"] == int(((sel.label == 1) & (sel.prob_covid >= t)).sum()), name
+    assert sum(g["n"] for g in groups.values()) == r["n"] == 21
+    assert (out / "subgroups.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "<h2>Subgroups</h2>" in html and "<td>Bx</td>" in html
+    assert any(line.strip().startswith("Bx") and "sensitivity n/a" in line for line in proc.stdout.splitlines()), proc.stdout
+
+    # by source, into the same folder: groups are the --data URIs
+    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source")
+    assert [g["group"] for g in result.subgroups["groups"]] == sorted([str(a), str(b)])
+    assert [g["n"] for g in result.subgroups["groups"]] == [12, 9]
+    # and without grouping the stale subgroup picture goes
+    evaluate([str(a)], trained_model.output, str(out), n_bootstrap=20)
+    assert not (out / "subgroups.png").exists() and "subgroups" not in json.loads((out / "report.json").read_text())
+
+
+def test_a_bad_group_pattern_is_a_bad_input_before_any_scoring(tiny_model, tmp_path):
+    data = make_labelled_tree(tmp_path / "data", n=2, layout="")
+    proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"),
+                   "--group-by", "([unclosed")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "--group-by '([unclosed'" in proc.stderr and "not a valid regular expression" in proc.stderr
+    assert not (tmp_path / "r").exists()

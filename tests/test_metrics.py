@@ -20,6 +20,7 @@ from cxr.metrics import (
     fit_temperature,
     softmax_prob,
     specificity_at_sensitivity,
+    subgroup_report,
     to_jsonable,
     wilson_ci,
 )
@@ -253,6 +254,30 @@ def test_bootstrap_speed_1000_resamples_of_5000():
     start = time.perf_counter()
     bootstrap_auc_ci(y, p, n_bootstrap=1000, seed=0)
     assert time.perf_counter() - start < 5.0  # ~0.5 s on a laptop; generous for CI
+
+
+def test_subgroup_report_hand_example():
+    # group a: positives [0.9, 0.3], negatives [0.6, 0.1]; group b: negatives [0.7, 0.2, 0.4]; group c: positive [0.8]
+    y = [1, 1, 0, 0, 0, 0, 0, 1]
+    p = [0.9, 0.3, 0.6, 0.1, 0.7, 0.2, 0.4, 0.8]
+    g = ["a", "a", "a", "a", "b", "b", "b", "c"]
+    rows = subgroup_report(y, p, g, threshold=0.5)
+    assert [r["group"] for r in rows] == ["a", "b", "c"]
+    a, b, c = rows
+    assert (a["n"], a["n_positive"], a["n_negative"]) == (4, 2, 2)
+    assert a["sensitivity"]["k"] == 1 and a["sensitivity"]["n"] == 2 and a["sensitivity"]["value"] == 0.5
+    assert a["sensitivity"]["ci95"] == pytest.approx(list(wilson_ci(1, 2)))
+    assert a["false_positive_rate"]["k"] == 1 and a["false_positive_rate"]["value"] == 0.5
+    assert a["roc_auc"] == pytest.approx(0.75)  # pairs (0.9>0.6, 0.9>0.1, 0.3<0.6, 0.3>0.1): 3 of 4
+    assert b["sensitivity"] is None and b["roc_auc"] is None
+    assert b["false_positive_rate"]["k"] == 1 and b["false_positive_rate"]["n"] == 3
+    assert c["false_positive_rate"] is None and c["sensitivity"]["value"] == 1.0
+    assert json.loads(json.dumps(rows)) == rows
+
+
+def test_subgroup_report_rejects_misaligned_groups():
+    with pytest.raises(ValueError, match="groups has 2 entries for 5"):
+        subgroup_report(Y_HAND, P_HAND, ["a", "b"], 0.5)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -39,6 +39,7 @@ from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files
 from .explain import FOCUS_THRESHOLD, LUNG_BOX, run_explain
 from .metrics import binary_report, to_jsonable
+from .report import plot_rates
 from .sources import InputError
 
 log = logging.getLogger(__name__)
@@ -151,32 +152,6 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- plots and page
-
-
-def _plot_rates(sets: dict, threshold: float, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    from .report import _COLOURS, _save
-
-    names = list(sets)
-    fig = Figure(figsize=(9.0, 0.5 * len(names) + 2.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, colour, title in ((axes[0], "sensitivity", _COLOURS["covid"], "Sensitivity (COVID-19 found)"),
-                                   (axes[1], "false_positive_rate", _COLOURS["non"], "False-positive rate (normals flagged)")):
-        for i, name in enumerate(names):
-            r = sets[name].get(key) or {}
-            if r.get("value") is None:
-                ax.text(0.02, i, "no examples", va="center", fontsize=8, color="#777")
-                continue
-            lo, hi = r["ci95"]
-            ax.errorbar([r["value"]], [i], xerr=[[r["value"] - lo], [hi - r["value"]]], fmt="o", color=colour, capsize=4)
-            ax.text(r["value"], i - 0.22, f"{r['value']:.2f} ({r['k']}/{r['n']})", fontsize=8, ha="center" if 0.1 < r["value"] < 0.9 else
-                    ("left" if r["value"] <= 0.1 else "right"))
-        ax.set(xlim=(-0.02, 1.02), ylim=(len(names) - 0.5, -0.6), title=title)
-        ax.grid(alpha=0.3, axis="x")
-    axes[0].set_yticks(range(len(names)), labels=[f"{n} (internal)" if i == 0 else n for i, n in enumerate(names)])
-    fig.suptitle(f"At the model's threshold {threshold:.3f} (95% Wilson intervals)", fontsize=10)
-    _save(fig, path)
 
 
 def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
@@ -323,7 +298,7 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
         "data": dict(zip(names, (internal, *externals))), "seconds": round(time.perf_counter() - start, 1),
     }
     images = [(out / "rates.png", "Sensitivity and false-positive rate per set"), (out / "focus.png", "Focus score per set and class")]
-    _plot_rates(sets, info.threshold, images[0][0])
+    plot_rates(sets, info.threshold, images[0][0], labels=[f"{n} (internal)" if i == 0 else n for i, n in enumerate(names)])
     _plot_focus(rows, names, images[1][0])
     import json
 

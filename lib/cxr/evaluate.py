@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import re
 import time
 from dataclasses import dataclass
 
@@ -20,12 +22,36 @@ from . import storage
 from .runtime import ensure_ray
 from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files
-from .metrics import binary_report
+from .metrics import binary_report, subgroup_report
 from .report import write_report
 from .score import OUTPUT_SCHEMA, cluster_plan, new_run_id, score_dataset
 from .sources import InputError, table_dataset
 
 log = logging.getLogger(__name__)
+
+
+SOURCE = "source"
+
+
+def group_function(group_by: str):
+    """``path, source URI -> group name`` for ``--group-by``: ``source`` (the ``--data`` URI an image came
+    from) or a regular expression searched in the file name, whose first capturing group (or the whole
+    match when it has none) names the group; a name that does not match falls in ``(no match)``.
+    Raises :class:`InputError` for an invalid expression."""
+    if group_by == SOURCE:
+        return lambda path, source: source
+    try:
+        pattern = re.compile(group_by)
+    except re.error as exc:
+        raise InputError(f"--group-by {group_by!r}: not {SOURCE!r} and not a valid regular expression ({exc})") from None
+
+    def by_name(path: str, source: str) -> str:
+        m = pattern.search(posixpath.basename(path))
+        if m is None:
+            return "(no match)"
+        return (m.group(1) if pattern.groups else m.group(0)) or "(empty)"
+
+    return by_name
 
 
 @dataclass
@@ -34,6 +60,7 @@ class EvaluationResult:
     files: dict[str, str]
     errors: int
     seconds: float
+    subgroups: dict | None = None
 
     def line(self) -> str:
         r = self.report
@@ -50,6 +77,16 @@ class EvaluationResult:
                 f"{r['threshold']:.4f}: sensitivity {fmt(sens)}, specificity {fmt(spec)}, ROC AUC "
                 f"{'n/a' if auc is None else f'{auc:.4f}'} -> {self.files['report_html']}")
 
+    def subgroup_lines(self) -> list[str]:
+        """One line per subgroup (empty without ``group_by``)."""
+        def rate(d):
+            return "n/a" if not d else f"{d['value']:.3f} ({d['k']}/{d['n']})"
+
+        groups = (self.subgroups or {}).get("groups") or []
+        width = max((len(g["group"]) for g in groups), default=0)
+        return [f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate {rate(g['false_positive_rate'])}"
+                for g in groups]
+
 
 def evaluate(
     data: list[str],
@@ -60,19 +97,26 @@ def evaluate(
     threshold: float | None = None,
     n_bootstrap: int = 1000,
     title: str | None = None,
+    group_by: str | None = None,
     **plan_overrides,
 ) -> EvaluationResult:
-    """Score every labelled image under ``data`` with ``model`` and write the report to ``output_dir``."""
+    """Score every labelled image under ``data`` with ``model`` and write the report to ``output_dir``.
+
+    ``group_by`` (see :func:`group_function`) adds the rates per subgroup to the report and a ``group``
+    column to ``predictions.parquet``."""
     import ray
 
     settings = storage.s3_settings()
     info = load_checkpoint(model, settings=settings).info  # fails early and clearly on a bad checkpoint
     # A folder without a split level ignores ``split``; a missing split folder is an error, never a
     # silent fall-back to another split (evaluating on training images).
-    files = [f for uri in data for f in labelled_files(uri, split, settings)]
+    group_of = group_function(group_by) if group_by else None
+    sourced = [(f, uri) for uri in data for f in labelled_files(uri, split, settings)]
+    files = [f for f, _ in sourced]
     if not files:
         raise InputError("no labelled images found in " + ", ".join(data))
     labels = {f.path: f.label for f in files}
+    groups = {f.path: group_of(f.path, uri) for f, uri in sourced} if group_of else None
     os.makedirs(output_dir, exist_ok=True)
     ensure_ray()
     start = time.perf_counter()
@@ -84,6 +128,8 @@ def evaluate(
     results = results.append_column("label", pa.array([labels[p] for p in results["path"].to_pylist()], pa.int8()))
     if results.num_rows != len(labels):
         raise RuntimeError(f"scored {results.num_rows} rows for {len(labels)} files")
+    if groups is not None:
+        results = results.append_column("group", pa.array([groups[p] for p in results["path"].to_pylist()], pa.string()))
     pq.write_table(results, os.path.join(output_dir, "predictions.parquet"))
     ok = results.filter(pa.compute.is_null(results["error"]))
     errors = results.num_rows - ok.num_rows
@@ -91,6 +137,9 @@ def evaluate(
     p = np.asarray(ok["prob_covid"].to_numpy(zero_copy_only=False), dtype=float)
     t = info.threshold if threshold is None else threshold
     report = binary_report(y, p, t, n_bootstrap=n_bootstrap, class_names=CLASS_NAMES)
+    subgroups = None
+    if groups is not None:
+        subgroups = {"by": group_by, "groups": subgroup_report(y, p, ok["group"].to_pylist(), t)}
     seconds = time.perf_counter() - start
     extra = {
         "model": info.model_id, "model_uri": model, "data": ", ".join(data), "split": split or "all",
@@ -100,5 +149,6 @@ def evaluate(
     }
     if errors:
         extra["unreadable_examples"] = "; ".join(f"{r['path']}: {r['error']}" for r in results.filter(pa.compute.invert(pa.compute.is_null(results["error"]))).slice(0, 5).to_pylist())
-    paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(os.path.basename(d.rstrip('/')) for d in data)}", extra=extra)
-    return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds)
+    paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(os.path.basename(d.rstrip('/')) for d in data)}", extra=extra,
+                         subgroups=subgroups)
+    return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups)

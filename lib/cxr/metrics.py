@@ -41,6 +41,7 @@ __all__ = [
     "softmax_prob",
     "bootstrap_auc_ci",
     "binary_report",
+    "subgroup_report",
     "to_jsonable",
 ]
 
@@ -465,3 +466,36 @@ def binary_report(
         "curves": curves,
     }
     return to_jsonable(report)
+
+
+def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: float) -> list[dict[str, Any]]:
+    """The model's rates at ``threshold`` within each subgroup (hidden stratification).
+
+    One aggregate figure can hide a subgroup on which the model fails, e.g. normal X-rays of one finding
+    or one hospital that it flags far more often than the rest. One entry per distinct value of
+    ``groups`` (aligned with ``y_true``/``prob``), sorted by group name: ``group``, ``n``,
+    ``n_positive``, ``n_negative``; ``sensitivity`` and ``false_positive_rate`` as ``{"value", "ci95",
+    "k", "n"}`` (Wilson 95%), ``None`` where the group has no example of that class; ``roc_auc`` (a
+    float) where the group has both classes, else ``None``. JSON-serialisable like
+    :func:`binary_report`.
+    """
+    y, p = _inputs(y_true, prob)
+    g = np.asarray([str(v) for v in groups], dtype=object)
+    if g.size != y.size:
+        raise ValueError(f"groups has {g.size} entries for {y.size} examples")
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    pred = p >= threshold
+    out = []
+    for name in sorted(set(g.tolist())):
+        m = g == name
+        pos, neg = m & (y == 1), m & (y == 0)
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        out.append({
+            "group": name, "n": n_pos + n_neg, "n_positive": n_pos, "n_negative": n_neg,
+            "sensitivity": _proportion(int(pred[pos].sum()), n_pos) if n_pos else None,
+            "false_positive_rate": _proportion(int(pred[neg].sum()), n_neg) if n_neg else None,
+            "roc_auc": float(roc_auc_score(y[m], p[m])) if n_pos and n_neg else None,
+        })
+    return to_jsonable(out)

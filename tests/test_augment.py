@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -145,17 +144,3 @@ def test_config_roundtrip_and_validation():
                 dict(contrast=-0.1)):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
-
-
-def test_fast_enough():
-    img = _image(size=224)
-    rng = np.random.default_rng(0)
-    config = AugmentConfig()
-    for _ in range(5):
-        augment(img, rng, config)
-    times = []
-    for _ in range(50):
-        t = time.perf_counter()
-        augment(img, rng, config)
-        times.append(time.perf_counter() - t)
-    assert np.median(times) < 0.02  # ~2 ms on 2 busy cores; generous bound for loaded CI machines

@@ -15,7 +15,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, train, transfer_threshold, validation_metrics
+from cxr.train import TrainConfig, epoch_batches, prepare_data, train, transfer_threshold, validation_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -112,6 +112,34 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_dri
     assert "pooled by operating point" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
     assert info["preprocess"]["crop"] == list(LUNG_BOX) and info["preprocess"]["equalize"] is True
     assert load_checkpoint(result.output).info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
+
+
+def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
+    # Files arrive sorted by path (covid/ before non/) and the oversampled COVID copies are appended: unless
+    # the rows are shuffled globally, the workers' few-batch shuffle buffer leaves long one-class runs (an
+    # epoch that ends with COVID-only batches).
+    data = tmp_path / "data"
+    make_labelled_tree(data, n=12, size=32, seed=1)
+    for f in sorted((data / "train" / "non").glob("*.png"))[:2]:
+        f.unlink()  # 10 non for 12 covid would be balanced: add more non below
+    for i in range(98):
+        (data / "train" / "non" / f"extra{i}.png").write_bytes((data / "train" / "non" / "non1-5.png").read_bytes())
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", image_size=32, batch_size=8,
+                      oversample=4, val_fraction=0.2)
+    prepared = prepare_data(cfg)
+    labels = prepared.train_ds.to_pandas()["label"].to_numpy()
+    n_covid = int(labels.sum())
+    assert n_covid == 4 * sum(f.label for f in prepared.train_files)  # oversampled x4
+    share = n_covid / labels.size
+    orders = []
+    for epoch in range(2):
+        rng = np.random.default_rng([cfg.seed, epoch, 0])
+        seq = np.concatenate([b["label"] for b in epoch_batches(prepared.train_ds, cfg.batch_size, rng)])
+        assert seq.size == labels.size and seq.sum() == n_covid
+        quarters = [q.mean() for q in np.array_split(seq, 4)]
+        assert all(abs(q - share) < 0.2 for q in quarters), (share, quarters)
+        orders.append(seq)
+    assert not np.array_equal(orders[0], orders[1])  # the batches differ from epoch to epoch
 
 
 def test_train_job_rejects_bad_input(tmp_path):

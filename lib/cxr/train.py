@@ -123,6 +123,13 @@ def validation_metrics(y: np.ndarray, p: np.ndarray, target: float) -> dict:
             "val_score": spec + 1e-3 * auc}
 
 
+def epoch_batches(shard, batch_size: int, rng: np.random.Generator):
+    """One epoch of a worker's training rows (numpy batches), varied per epoch by a local shuffle buffer of a
+    few batches; the rows' global order is random already (:func:`prepare_split` shuffles them once)."""
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * batch_size,
+                              local_shuffle_seed=int(rng.integers(2**31)))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -171,10 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
         fetched = time.perf_counter()
-        for batch in train_shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=int(rng.integers(2**31)),
-        ):
+        for batch in epoch_batches(train_shard, cfg.batch_size, rng):
             waited += time.perf_counter() - fetched
             images = np.stack([augment(im, rng, aug) for im in batch["image"]])
             x = to_model_input(images, spec).to(device)
@@ -298,7 +302,12 @@ def prepare_split(cfg: TrainConfig, files, train_files, val_files, spec: Preproc
     n_covid = covid.count()
     n_non = train_ds.count() - n_covid
     if cfg.oversample > 1:
-        train_ds = train_ds.union(*[covid] * (cfg.oversample - 1)).materialize()
+        train_ds = train_ds.union(*[covid] * (cfg.oversample - 1))
+    # The rows arrive sorted by path (every COVID image before every non-COVID one) with the oversampled
+    # copies appended: the workers' local shuffle buffer (a few batches) cannot mix that, and every epoch
+    # would start with COVID-only batches and end with a run of them. One global shuffle here, while the
+    # cluster is idle, gives every batch the data's class mix; the buffer then varies the batches per epoch.
+    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
     return PreparedData(files, train_files, val_files, counts, spec, train_ds, val_ds, bad_train + bad_val,
                         n_non / max(1, n_covid * cfg.oversample))
 

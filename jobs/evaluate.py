@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, help="override the model's threshold (default: the one chosen on validation)")
     p.add_argument("--group-by", metavar="source|REGEX",
                    help="also report the rates per subgroup: 'source' (the --data each image came from) or a regular expression "
-                        "searched in each file name whose first group names the subgroup, e.g. '^([^-]+)-patient' for the "
+                        "searched in each file name whose first group names the subgroup, e.g. '^(.+?)-patient' for the "
                         "finding that starts CheXpert-derived names")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--batch-size", type=int)

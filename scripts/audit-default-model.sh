@@ -9,21 +9,7 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/default-audit}
 VAL=${VAL:-runs/default-val-split}
 rm -rf "$VAL"
-.venv/bin/python - "$DATA/covid-xray-5k" "$VAL" <<'PY'
-import csv, os, sys
-sys.path.insert(0, "lib")
-from cxr.data import labelled_files, split_train_val
-from cxr.train import _apply_groups
-data, out = sys.argv[1:]
-groups = {r["filename"]: r["url"] or r["filename"]
-          for r in csv.DictReader(open(f"{data}/SOURCE/covid_images_ieee8023_metadata.tsv", newline=""), delimiter="\t")}
-_, val = split_train_val(_apply_groups(labelled_files(data, "train"), groups), 0.2, 0)
-for f in val:
-    d = os.path.join(out, "validation", ("non", "covid")[f.label])
-    os.makedirs(d, exist_ok=True)
-    os.symlink(os.path.abspath(f.path), os.path.join(d, os.path.basename(f.path)))
-print(f"validation split: {sum(f.label == 0 for f in val)} non, {sum(f.label == 1 for f in val)} covid", file=sys.stderr)
-PY
+.venv/bin/python scripts/default-val-fold.py "$DATA/covid-xray-5k" "$VAL/validation"
 E=$DATA/external
 nice -n 5 .venv/bin/python jobs/audit.py --model default --internal "$VAL/validation" --output "$OUT" \
   --external "$E/hannover-covid/covid" --external "$E/actualmed" --external "$E/figure1" --external "$E/kermany-pediatric" \

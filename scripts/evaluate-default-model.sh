@@ -24,21 +24,5 @@ run kermany-pediatric-non --data "$EXT/kermany-pediatric"
 # it; the COVID-19 images carry none and form "(no match)"). Rebuilt as a folder of symlinks.
 DATA=${DATA:-../shared/data/covid-xray-5k}
 rm -rf "$OUT/validation-fold-images"
-.venv/bin/python - "$DATA" "$OUT/validation-fold-images" <<'PY'
-import csv, json, os, sys
-sys.path.insert(0, "lib")
-from cxr.checkpoint import default_model_path
-from cxr.data import class_counts, labelled_files, split_train_val
-from cxr.train import _apply_groups
-data, out = sys.argv[1:]
-training = json.load(open(os.path.join(default_model_path(), "model.json")))["provenance"]["training"]
-rows = csv.DictReader(open(os.path.join(data, "SOURCE", "covid_images_ieee8023_metadata.tsv"), newline=""), delimiter="\t")
-files = _apply_groups(labelled_files(data, "train"), {r["filename"]: r["url"] or r["filename"] for r in rows})
-_, val = split_train_val(files, training["val_fraction"], training["seed"])
-for f in val:
-    d = os.path.join(out, ("non", "covid")[f.label])
-    os.makedirs(d, exist_ok=True)
-    os.symlink(os.path.abspath(f.path), os.path.join(d, os.path.basename(f.path)))
-print("validation fold:", class_counts(val))
-PY
+.venv/bin/python scripts/default-val-fold.py "$DATA" "$OUT/validation-fold-images"
 run validation-by-finding --data "$OUT/validation-fold-images" --group-by '^(.+?)-patient'

@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
     p.add_argument("--limit", type=int, help="explain a random subset of this many images (fixed --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layer", help="module name Grad-CAM hooks (default: the backbone's last convolutional block)")
+    p.add_argument("--layer", help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
+                   "an ensemble: each member's own, and its maps averaged)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--actors", type=int)
     p.add_argument("--verbose", action="store_true")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_job
@@ -68,3 +69,35 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     explained = pq.read_table(scores / "_heatmaps" / "explanations.parquet").to_pandas()
     assert sorted(explained["path"]) == sorted(str(p) for p in (data / "covid").glob("*.png"))
     assert (scores / "_heatmaps" / "gallery.html").exists()
+
+
+def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, corner_model, tmp_path):
+    from cxr.checkpoint import save_ensemble
+    from cxr.explain import Explainer
+
+    data = marker_tree(tmp_path / "in", 2, 128, seed=6, cue="marker")
+    ensemble = str(tmp_path / "ensemble")
+    save_ensemble({"a": corner_model, "b": corner_model}, ensemble, threshold=0.5)  # two equal members: the member's maps
+    env = {"RAY_ADDRESS": ray_driver.address}
+    out = tmp_path / "explain"
+    proc = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout
+    table = pq.read_table(out / "explanations.parquet").to_pandas().sort_values("path")
+    assert table["heatmap"].notna().all() and (table["prediction"] == "covid").sum() == 2
+    assert table["model"].str.startswith("ensemble@").all()
+    # the same focus as the member explains itself (Explainer in this process, on the job's own rows)
+    from cxr import storage
+    from cxr.decode import decode
+    from cxr.preprocess import preprocess
+
+    single = Explainer(corner_model, "r", 1, storage.s3_settings())
+    paths = table["path"].tolist()
+    images = np.stack([preprocess(decode(open(p, "rb").read(), p).image, single.info.preprocess) for p in paths])
+    own = single({"path": np.array(paths), "image": images, "width": np.full(4, 128), "height": np.full(4, 128),
+                  "error": np.array([None] * 4, object)}).to_pandas()
+    assert table["focus"].notna().sum() == 2 and np.allclose(table["focus"], own["focus"], atol=1e-4, equal_nan=True)
+
+    bad = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(tmp_path / "bad"), "--layer", "features.99", env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --layer features.99: model mobilenet_v2 has no layer 'features.99'"
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

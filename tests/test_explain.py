@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.explain import (GradCam, LUNG_BOX, corner_mask, focus_scores, heatmap_name, lung_box_in_input, lung_mask, overlay_png,
-                         target_layer)
+from cxr.explain import (EnsembleCam, GradCam, LayerError, LUNG_BOX, cam_for, corner_mask, focus_scores, heatmap_name,
+                         lung_box_in_input, lung_mask, overlay_png, target_layer)
 from cxr.preprocess import LUNG_BOX as PREPROCESS_LUNG_BOX
 
 
@@ -86,6 +86,42 @@ def test_a_model_that_looks_at_the_lungs_gets_a_high_focus():
     for cam in cams:
         focus, corner = focus_scores(cam)
         assert focus > 0.95 and corner < 0.02
+
+
+def test_an_ensembles_map_is_the_mean_of_its_members_maps():
+    corner, lungs = LooksAt((slice(0, 10), slice(54, 64))), LooksAt((slice(20, 44), slice(14, 50)))
+    cams = [GradCam(m, target_layer(m, "hand-built", "features.2"), class_index=1) for m in (corner, lungs)]
+    x = torch.rand(2, 3, 64, 64)
+    both = EnsembleCam(cams)(x)
+    assert both.shape == (2, 64, 64) and np.allclose(both, (cams[0](x) + cams[1](x)) / 2, atol=1e-6)
+    focus = [focus_scores(c)[0] for c in (cams[0](x)[0], both[0], cams[1](x)[0])]
+    assert focus[0] < 0.1 < focus[1] < 0.95 < focus[2]  # half its evidence in a corner: in between
+
+
+def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model, tmp_path):
+    from cxr.checkpoint import ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+    from cxr.models import create_model
+    from cxr.preprocess import PreprocessSpec
+
+    torch.manual_seed(1)
+    other = save_checkpoint(create_model("efficientnet_b0"), ModelInfo("efficientnet_b0", PreprocessSpec(input_size=64), threshold=0.5),
+                            str(tmp_path / "effnet"))
+    assert other.backbone == "efficientnet_b0"
+    ens = str(tmp_path / "ensemble")
+    save_ensemble({"mnv2": tiny_model, "effnet": str(tmp_path / "effnet")}, ens, threshold=0.5)
+    loaded = load_checkpoint(ens, optimize=False)
+    cam = cam_for(loaded)
+    assert isinstance(cam, EnsembleCam) and len(cam.cams) == 2
+    hooked = [c.cam.target_layers[0] for c in cam.cams]
+    assert hooked[0] is loaded.members[0].model.get_submodule("features.18")
+    assert hooked[1] is loaded.members[1].model.get_submodule("features.8")
+    x = torch.rand(3, 3, 64, 64)
+    maps = cam(x)
+    assert maps.shape == (3, 64, 64) and np.isfinite(maps).all() and np.allclose(maps, (cam.cams[0](x) + cam.cams[1](x)) / 2, atol=1e-6)
+    # a layer one member lacks: a clear error naming it (the jobs exit 2 before any work)
+    with pytest.raises(LayerError, match="efficientnet_b0 has no layer 'features.18'"):
+        cam_for(load_checkpoint(ens, optimize=False), "features.18")
+    assert isinstance(cam_for(load_checkpoint(tiny_model, optimize=False)), GradCam)  # one model: its own Grad-CAM
 
 
 def test_the_default_layer_comes_from_the_backbone_registry():

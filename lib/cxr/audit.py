@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files
-from .explain import FOCUS_THRESHOLD, LUNG_BOX, run_explain
+from .explain import FOCUS_THRESHOLD, LUNG_BOX, check_model, run_explain
 from .metrics import binary_report, to_jsonable
 from .report import plot_rates
 from .sources import InputError
@@ -250,6 +250,7 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
 
     settings = storage.s3_settings()
     info = load_info(model, settings)  # raises CheckpointError early
+    check_model(model, layer, settings)  # loads, and has the Grad-CAM layer (LayerError)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     names = [set_name(u) for u in (internal, *externals)]

@@ -33,10 +33,11 @@ def setup_logging(verbose: bool = False) -> None:
 def run(main: Callable[[], int]) -> None:
     """Call ``main`` and exit with its code; known failures become one line on stderr."""
     from .checkpoint import CheckpointError
+    from .explain import LayerError
     from .score import OutputError
     from .sources import InputError
 
-    codes = {InputError: BAD_INPUT, CheckpointError: BAD_MODEL, OutputError: BAD_OUTPUT}
+    codes = {LayerError: USAGE, InputError: BAD_INPUT, CheckpointError: BAD_MODEL, OutputError: BAD_OUTPUT}
     try:
         code = main()
     except tuple(codes) as exc:

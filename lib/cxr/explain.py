@@ -9,7 +9,8 @@
 Grad-CAM (Selvaraju et al. 2017) weights the last convolutional block's activations (``cam_layer`` of
 the backbone in models.py) by the spatially pooled gradients of the COVID-19 logit, keeps the positive
 part and upsamples it to the model's input. It always explains the *positive* class, whatever the
-prediction: "which pixels raise the COVID-19 score".
+prediction: "which pixels raise the COVID-19 score". An ensemble checkpoint's map is the mean of its members'
+maps (:class:`EnsembleCam`), each at the member's own layer.
 
 **Focus score.** The map lives in the model's input frame: the whole image squashed to a square
 (``resize="squash"``), so fractions of the input are fractions of the original image. The *lung
@@ -51,6 +52,10 @@ FOCUS_THRESHOLD = 0.5  # below: most CAM mass outside the lung box (uniform map:
 HEATMAP_DIR = "heatmaps"
 EXPLAIN_COLUMNS = [("focus", pa.float32()), ("corner_share", pa.float32()), ("outside_lungs", pa.bool_()),
                    ("heatmap", pa.string())]
+
+
+class LayerError(ValueError):
+    """The model has no module of the name given for Grad-CAM (``--layer``): a bad command line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- Grad-CAM and focus (pure)
@@ -133,6 +138,47 @@ class GradCam:
         return np.asarray(maps, dtype=np.float32)
 
 
+class EnsembleCam:
+    """Grad-CAM of an ensemble checkpoint: the mean of its members' maps, each taken at the member's own layer
+    (members may be different backbones) and scaled to a per-image maximum of 1 before averaging, so every member
+    weighs the same, as in the ensemble's mean probability. A member with no positive evidence adds zeros."""
+
+    def __init__(self, cams: list[GradCam]):
+        self.cams = cams
+
+    def __call__(self, x) -> np.ndarray:
+        return np.mean([cam(x) for cam in self.cams], axis=0).astype(np.float32)
+
+
+def cam_for(loaded, layer: str | None = None) -> GradCam | EnsembleCam:
+    """The Grad-CAM of a loaded checkpoint (``load_checkpoint(..., optimize=False)``: unfused, so layer names are
+    those of models.py): one model's, or the mean over an ensemble's members. ``layer`` names the hooked module
+    (in every member of an ensemble); a model without it raises :class:`LayerError`."""
+    from .checkpoint import LoadedEnsemble
+
+    cams = []
+    for member in loaded.members if isinstance(loaded, LoadedEnsemble) else [loaded]:
+        model = member.model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)  # gradients flow to the activations only
+        for m in model.modules():  # in-place activations would overwrite the hooked tensors
+            if hasattr(m, "inplace"):
+                m.inplace = False
+        try:
+            module = target_layer(model, member.info.backbone, layer)
+        except ValueError as exc:
+            raise LayerError(f"--layer {layer}: {exc}" if layer else str(exc)) from exc
+        cams.append(GradCam(model, module, member.info.positive_index))
+    return cams[0] if len(cams) == 1 else EnsembleCam(cams)
+
+
+def check_model(model_uri: str, layer: str | None, settings: storage.S3Settings) -> None:
+    """Fail early, on the driver: the checkpoint loads (CheckpointError) and has the Grad-CAM layer (LayerError)."""
+    from .checkpoint import load_checkpoint
+
+    cam_for(load_checkpoint(model_uri, optimize=False, settings=settings), layer)
+
+
 # --------------------------------------------------------------------------- overlays
 
 
@@ -184,13 +230,7 @@ class Explainer:
         self.predictor = Predictor(model_uri, run_id, threads, False, settings)
         loaded = load_checkpoint(model_uri, optimize=False, settings=settings)  # unfused: layer names as in models.py
         self.info = loaded.info
-        self.model = loaded.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)  # gradients flow to the activations only
-        for m in self.model.modules():  # in-place activations would overwrite the hooked tensors
-            if hasattr(m, "inplace"):
-                m.inplace = False
-        self.gradcam = GradCam(self.model, target_layer(self.model, self.info.backbone, layer), self.info.positive_index)
+        self.gradcam = cam_for(loaded, layer)
         self.settings, self.output, self.overlay_all = settings, output, overlay_all
         torch.set_num_threads(threads)
 
@@ -324,11 +364,10 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
     import pyarrow.parquet as pq
 
-    from .checkpoint import load_checkpoint
     from .score import prepare_output
 
     settings = storage.s3_settings()
-    load_checkpoint(model, optimize=False, settings=settings)
+    check_model(model, layer, settings)
     prepare_output(output, overwrite, settings)
     start = time.perf_counter()
     result = run_explain(pa.table({"path": pa.array(paths, pa.string())}), model, settings, output, overlay_all=True, layer=layer,

@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="K > 1: also train on the other folds of a K-fold split and choose the threshold on the pooled "
                         "out-of-fold scores (all training images, not one small validation split); K times the training time. "
                         "With K = 1/--val-fraction (5 for 0.2) the shipped model is one of the K")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="N > 1: train N models per split that differ only in their seed and write an ensemble checkpoint "
+                        "(the mean of their probabilities; its threshold chosen on the ensemble's own validation scores, "
+                        "with --threshold-folds on every fold's ensemble); N times the training and scoring time")
     p.add_argument("--target-sensitivity", type=float, default=0.98, help="the threshold keeps validation sensitivity at this")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -68,6 +72,8 @@ def main() -> int:
         PreprocessSpec(input_size=args.image_size, crop=crop, equalize=args.equalize)  # validates
         if args.threshold_folds < 1:
             raise ValueError(f"--threshold-folds must be 1 (off) or >= 2, got {args.threshold_folds}")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return cli.USAGE
@@ -78,7 +84,7 @@ def main() -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs, lr=args.lr,
         covid_weight=args.covid_weight, oversample=args.oversample, batch_size=args.batch_size, image_size=args.image_size,
-        crop=crop, equalize=args.equalize, threshold_folds=args.threshold_folds,
+        crop=crop, equalize=args.equalize, threshold_folds=args.threshold_folds, seeds=args.seeds,
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, gpu=args.gpu, seed=args.seed,
         groups=groups, max_failures=args.max_failures,

@@ -114,6 +114,45 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_dri
     assert load_checkpoint(result.output).info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
 
 
+def test_a_seed_ensemble_scores_every_split_with_the_mean_of_its_members(ray_driver, tmp_path):
+    data = make_labelled_tree(tmp_path / "data", n=12)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(data), output=str(out), weights="none", epochs=1, image_size=32, batch_size=8,
+                      oversample=1, val_fraction=0.5, threshold_folds=2, target_sensitivity=0.9, seeds=2)
+    result = train(cfg)
+    info = json.loads((out / "model.json").read_text())
+    assert info["kind"] == "ensemble" and info["members"] == ["members/seed0", "members/seed1"]
+    assert result.model_id.startswith("ensemble@") and info["threshold"] == pytest.approx(result.threshold)
+    ens = load_checkpoint(str(out))
+    a, b = (dict(m.model.named_parameters())["classifier.1.weight"].detach().numpy() for m in ens.members)
+    assert not np.allclose(a, b)  # two models, not one twice
+    assert [m["seed"] for m in info["provenance"]["members"]] == [0, 1]
+    # two runs per split: the shipped split's and the other fold's, each with a second seed
+    shipped = next(f["fold"] for f in result.cross_validation["per_fold"] if f["shipped"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("_ray")) == sorted(
+        ["_ray", "_ray_seed1", f"_ray_fold{1 - shipped}", f"_ray_fold{1 - shipped}_seed1"])
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [(r["member"], r["epoch"]) for r in rows] == [("seed0", "0"), ("seed1", "0")]
+
+    # The validation scores are the ensemble's own: its mean probability on the validation images.
+    from cxr.data import labelled_files, split_train_val
+
+    _, val = split_train_val(labelled_files(str(data), "train"), 0.5, 0)
+    images = np.stack([preprocess(decode(open(f.path, "rb").read(), f.path).image, ens.info.preprocess) for f in val])
+    mine = ens.predict_proba(images)
+    scores = np.load(out / "val_scores.npy")
+    assert scores.shape == (2, len(val)) and scores[1].sum() == sum(f.label for f in val)
+    assert np.allclose(np.sort(scores[0]), np.sort(mine), atol=1e-5)
+    m = validation_metrics(scores[1].astype(int), scores[0], 0.9)
+    assert result.metrics["val_auc"] == pytest.approx(m["val_auc"])
+    # and the threshold comes from both folds' ensembles, pooled as for one model
+    cv = np.loadtxt(out / "cv_scores.csv", delimiter=",", skiprows=1)
+    assert cv.shape == (24, 3)
+    folds = [(cv[cv[:, 0] == k, 2], cv[cv[:, 0] == k, 1].astype(int)) for k in range(2)]
+    assert np.allclose(np.sort(folds[shipped][0]), np.sort(mine), atol=1e-5)
+    assert result.threshold == pytest.approx(transfer_threshold(folds, folds[shipped], 0.9)["threshold"], abs=1e-5)
+
+
 def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
     # Files arrive sorted by path (covid/ before non/) and the oversampled COVID copies are appended: unless
     # the rows are shuffled globally, the workers' few-batch shuffle buffer leaves long one-class runs (an
@@ -157,3 +196,5 @@ def test_train_job_rejects_bad_input(tmp_path):
     assert crop.returncode == 2 and "--crop" in crop.stderr
     crop = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.5,0.4,0,1", timeout=120)
     assert crop.returncode == 2 and "crop must satisfy" in crop.stderr
+    seeds = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--seeds", "0", timeout=120)
+    assert seeds.returncode == 2 and seeds.stderr.strip().splitlines()[-1] == "error: --seeds must be >= 1, got 0"

@@ -9,8 +9,10 @@ Driver (:func:`train`):
     -> with ``threshold_folds`` K > 1: the same training on the other folds of the K-fold split, and the
        threshold chosen from all folds' out-of-fold scores (every training image scored once, by a model
        that did not see it; pooled by operating point) instead of one small validation split
+    -> with ``seeds`` N > 1: N models per split that differ only in their seed (initialisation, batch order,
+       augmentation), the split's scores the mean of their probabilities, and the output an ensemble checkpoint
     -> output: ``model.safetensors`` + ``model.json`` (threshold chosen on validation), ``config.json``,
-       ``metrics.csv`` (per epoch), and Ray Train's run folder ``_ray/``.
+       ``metrics.csv`` (per epoch), and Ray Train's run folder ``_ray/`` (``_ray_seed<i>/`` for more seeds).
 
 Worker (:func:`train_loop_per_worker`): augmentation (both classes alike, so the augmentation itself is
 no class cue), class-weighted cross-entropy, AdamW with cosine decay, mixed precision on GPU, and per
@@ -62,6 +64,7 @@ class TrainConfig:
     equalize: bool = False  # PreprocessSpec.equalize: histogram equalisation instead of the percentile stretch
     val_fraction: float = 0.2
     threshold_folds: int = 1  # > 1: choose the threshold on pooled out-of-fold scores of this many folds
+    seeds: int = 1  # > 1: an ensemble of this many models per split (model seeds seed, seed+1, ...), their mean probability
     target_sensitivity: float = 0.98
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -377,20 +380,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     files, train_files, val_files, counts = data.files, data.train_files, data.val_files, data.counts
     covid_weight = cfg.covid_weight if cfg.covid_weight is not None else data.balanced_covid_weight
     storage_path, storage_fs = _storage_location(cfg.output, settings)
-    result = fit(cfg, data, storage_path=storage_path, storage_filesystem=storage_fs, run_name="_ray")
+    members = fit_members(cfg, data, storage_path, storage_fs, "_ray")
     import ray
 
     node_cpus = max((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
-    with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
-        with open(os.path.join(d, HISTORY)) as f:
-            history = json.load(f)
-    best_checkpoint, best_metrics = _best(result)
+    best_checkpoint, best_metrics, history = members[0]
+    main_scores = split_scores(members, data)
+    if len(members) > 1:  # the ensemble's own figures on validation
+        p, y = main_scores[0], main_scores[1].astype(int)
+        best_metrics = {"epoch": best_metrics["epoch"], "val_n": int(len(y)), "val_positives": int(y.sum()),
+                        **validation_metrics(y, p, cfg.target_sensitivity)}
     threshold_rule = f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}"
     cv = None
     if cfg.threshold_folds > 1:
-        with best_checkpoint.as_directory() as d:
-            main_scores = np.load(os.path.join(d, "val_scores.npy"))
         cv = cross_validate_threshold(cfg, data, main_scores, settings, storage_path, storage_fs)
         threshold_rule = (
             f"the validation non-COVID quantile at specificity {cv['operating_specificity']:.4f}: the highest operating point keeping "
@@ -407,19 +410,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     if cv is not None:
         provenance["cross_validation"] = cv
-    with best_checkpoint.as_directory() as d:
-        from .checkpoint import load_checkpoint
+    threshold = cv["threshold"] if cv is not None else best_metrics["val_threshold"]
+    if len(members) == 1:
+        with best_checkpoint.as_directory() as d:
+            from .checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(d, optimize=False)
-        info = loaded.info
-        if cv is not None:
-            info.threshold = cv["threshold"]
-        info.provenance = provenance
-        info.weights_sha256 = ""
-        info = save_checkpoint(loaded.model, info, cfg.output)
-        with open(os.path.join(d, "val_scores.npy"), "rb") as f:
-            storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), f.read())
-    write_metrics_csv(history, storage.join(cfg.output, "metrics.csv"))
+            loaded = load_checkpoint(d, optimize=False)
+            info = loaded.info
+            info.threshold = threshold
+            info.provenance = provenance
+            info.weights_sha256 = ""
+            info = save_checkpoint(loaded.model, info, cfg.output)
+        write_metrics_csv(history, storage.join(cfg.output, "metrics.csv"))
+    else:
+        provenance["members"] = [{"name": f"seed{cfg.seed + i}", "seed": cfg.seed + i, "best_epoch": int(m["epoch"]),
+                                  **{k: m[k] for k in m if k.startswith("val_")}} for i, (_, m, _) in enumerate(members)]
+        info = _save_ensemble(cfg, members, threshold, provenance, settings)
+        write_metrics_csv([{"member": f"seed{cfg.seed + i}", **row} for i, (_, _, h) in enumerate(members) for row in h],
+                          storage.join(cfg.output, "metrics.csv"))
+    buf = io.BytesIO()
+    np.save(buf, main_scores)
+    storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), buf.getvalue())
     storage.write_bytes(storage.join(cfg.output, "config.json"),
                         json.dumps({**asdict(cfg), "covid_weight_used": covid_weight, "threads_per_worker_used": threads}, indent=2, default=str).encode())
     return TrainResult(cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds, cv)
@@ -428,6 +439,71 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _best(result) -> tuple[object, dict]:
     """The checkpoint with the highest ``val_score`` (ties: the earlier epoch) and its metrics."""
     return max(result.best_checkpoints, key=lambda cm: (np.nan_to_num(cm[1].get("val_score", -1), nan=-1), -cm[1]["epoch"]))
+
+
+def member_config(cfg: TrainConfig, i: int) -> TrainConfig:
+    """Member ``i`` of a seed ensemble: the same recipe with model seed ``cfg.seed + i`` (initialisation, batch
+    order, augmentation); the split and fold assignment stay those of ``cfg.seed`` (made before, on the driver)."""
+    return TrainConfig(**{**asdict(cfg), "seed": cfg.seed + i, "fail_once_at_epoch": cfg.fail_once_at_epoch if i == 0 else None})
+
+
+def fit_members(cfg: TrainConfig, data: PreparedData, storage_path: str, storage_fs, run_name: str) -> list[tuple[object, dict, list]]:
+    """Fit ``cfg.seeds`` models on one split (runs ``run_name``, ``run_name_seed<i>``); per model its best
+    checkpoint, that checkpoint's metrics and the whole per-epoch history."""
+    members = []
+    for i in range(max(1, cfg.seeds)):
+        if cfg.seeds > 1:
+            log.info("%s: model %d of %d (seed %d)", run_name, i + 1, cfg.seeds, cfg.seed + i)
+        result = fit(member_config(cfg, i), data, storage_path=storage_path, storage_filesystem=storage_fs,
+                     run_name=run_name if i == 0 else f"{run_name}_seed{i}")
+        with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
+            with open(os.path.join(d, HISTORY)) as f:
+                history = json.load(f)
+        members.append((*_best(result), history))
+    return members
+
+
+def validation_arrays(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images (N, S, S) and labels, in one fixed order, on the driver."""
+    images, labels = [], []
+    for batch in data.val_ds.iter_batches(batch_size=256, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def split_scores(members: list[tuple[object, dict, list]], data: PreparedData) -> np.ndarray:
+    """``[prob; label]`` of a split's validation images: one model's own (saved with its checkpoint), or the
+    mean of the members' probabilities, every member scoring the same images in one order on the driver."""
+    if len(members) == 1:
+        with members[0][0].as_directory() as d:
+            return np.load(os.path.join(d, "val_scores.npy"))
+    from .checkpoint import load_checkpoint
+
+    images, y = validation_arrays(data)
+    probs = []
+    for checkpoint, _, _ in members:
+        with checkpoint.as_directory() as d:
+            loaded = load_checkpoint(d)
+            probs.append(np.concatenate([loaded.predict_proba(images[i:i + 64]) for i in range(0, len(images), 64)]))
+    return np.stack([np.mean(probs, axis=0), y.astype(np.float32)])
+
+
+def _save_ensemble(cfg: TrainConfig, members: list[tuple[object, dict, list]], threshold: float, provenance: dict, settings) -> ModelInfo:
+    """The members' best checkpoints as one ensemble checkpoint at ``cfg.output`` (``members/seed<s>/``)."""
+    from .checkpoint import save_ensemble
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {}
+        for i, (checkpoint, _, _) in enumerate(members):
+            with checkpoint.as_directory() as d:
+                from .checkpoint import load_checkpoint
+
+                loaded = load_checkpoint(d, optimize=False)
+                loaded.info.weights_sha256 = ""
+                sources[f"seed{cfg.seed + i}"] = os.path.join(tmp, f"seed{cfg.seed + i}")
+                save_checkpoint(loaded.model, loaded.info, sources[f"seed{cfg.seed + i}"])
+        return save_ensemble(sources, cfg.output, threshold, provenance, settings)
 
 
 def cross_validate_threshold(cfg: TrainConfig, data: PreparedData, main_scores: np.ndarray, settings,
@@ -453,10 +529,7 @@ def cross_validate_threshold(cfg: TrainConfig, data: PreparedData, main_scores: 
                  class_counts(train_files), class_counts(val_files))
         fold_data = prepare_split(cfg, data.files, train_files, val_files, data.spec, settings)
         fold_cfg = TrainConfig(**{**asdict(cfg), "fail_once_at_epoch": None})
-        best_checkpoint, _ = _best(fit(fold_cfg, fold_data, storage_path=storage_path, storage_filesystem=storage_fs,
-                                       run_name=f"_ray_fold{k}"))
-        with best_checkpoint.as_directory() as d:
-            scores.append((k, False, np.load(os.path.join(d, "val_scores.npy"))))
+        scores.append((k, False, split_scores(fit_members(fold_cfg, fold_data, storage_path, storage_fs, f"_ray_fold{k}"), fold_data)))
     t = transfer_threshold([(s[0], s[1].astype(int)) for _, _, s in scores],
                            (main_scores[0], main_scores[1].astype(int)), cfg.target_sensitivity)
     p, y = main_scores[0], main_scores[1].astype(int)

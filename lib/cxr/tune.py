@@ -41,7 +41,7 @@ from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkp
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
 from .preprocess import PreprocessSpec
 from .models import check_backbone, list_backbones
-from .train import PreparedData, TrainConfig, fit, prepare_data, write_metrics_csv
+from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +197,6 @@ def _trial(config: dict, *, data: PreparedData, base: dict, weights: dict, runs_
 
 
 # --------------------------------------------------------------------------- calibration
-
-
-def validation_arrays(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
-    """The validation images (N, S, S) and labels, in one fixed order, on the driver."""
-    images, labels = [], []
-    for batch in data.val_ds.iter_batches(batch_size=256, batch_format="numpy"):
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
 def _logits(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -26,10 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, metavar="DIR", help="local directory for report.html, report.json, plots, predictions.parquet")
     p.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
     p.add_argument("--threshold", type=float, help="override the model's threshold (default: the one chosen on validation)")
-    p.add_argument("--group-by", metavar="source|REGEX",
-                   help="also report the rates per subgroup: 'source' (the --data each image came from) or a regular expression "
-                        "searched in each file name whose first group names the subgroup, e.g. '^(.+?)-patient' for the "
-                        "finding that starts CheXpert-derived names")
+    p.add_argument("--group-by", metavar="source|TABLE.csv|REGEX",
+                   help="also report the rates per subgroup: 'source' (the --data each image came from), a .csv/.tsv with "
+                        "columns file,group (e.g. the view from a metadata export), or a regular expression searched in each "
+                        "file name whose first group names the subgroup, e.g. '^(.+?)-patient' for the finding that starts "
+                        "CheXpert-derived names")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC intervals")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--actors", type=int)

@@ -98,6 +98,15 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
     result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source")
     assert [g["group"] for g in result.subgroups["groups"]] == sorted([str(a), str(b)])
     assert [g["n"] for g in result.subgroups["groups"]] == [12, 9]
+    # by a metadata table (file,group; TSV), as exported from a PACS: unlisted files are a group of their own
+    views = tmp_path / "views.tsv"
+    listed = sorted(pred["path"])[:15]
+    views.write_text("file\tgroup\tother\n" + "".join(f"{p}\t{'AP' if i % 3 else 'PA'}\tx\n" for i, p in enumerate(listed)))
+    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by=str(views))
+    got = {g["group"]: g["n"] for g in result.subgroups["groups"]}
+    assert got == {"AP": 10, "PA": 5, "(not listed)": 6}
+    by_path = pq.read_table(out / "predictions.parquet").to_pandas().set_index("path")["group"]
+    assert all(by_path[p] == ("AP" if i % 3 else "PA") for i, p in enumerate(listed))
     # and without grouping the stale subgroup picture goes
     evaluate([str(a)], trained_model.output, str(out), n_bootstrap=20)
     assert not (out / "subgroups.png").exists() and "subgroups" not in json.loads((out / "report.json").read_text())
@@ -110,3 +119,8 @@ def test_a_bad_group_pattern_is_a_bad_input_before_any_scoring(tiny_model, tmp_p
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "--group-by '([unclosed'" in proc.stderr and "not a valid regular expression" in proc.stderr
     assert not (tmp_path / "r").exists()
+    (tmp_path / "bad.csv").write_text("name,site\na.png,x\n")
+    for table, says in ((tmp_path / "missing.csv", "cannot read it"), (tmp_path / "bad.csv", "needs the columns 'file' and 'group'")):
+        proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"), "--group-by", str(table))
+        assert proc.returncode == 3 and says in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+        assert not (tmp_path / "r").exists()

@@ -33,13 +33,37 @@ log = logging.getLogger(__name__)
 SOURCE = "source"
 
 
+def read_group_table(uri: str) -> dict[str, str]:
+    """File name -> group from a CSV or TSV (local or s3://) with the columns ``file`` and ``group`` (the
+    train job's ``--groups`` format; any other columns are ignored). :class:`InputError` if unreadable."""
+    import csv
+    import io
+
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except Exception as exc:  # noqa: BLE001 - missing, unreadable, not text: all mean a bad --group-by
+        raise InputError(f"--group-by {uri}: cannot read it ({storage.describe_error(exc)})") from None
+    rows = csv.DictReader(io.StringIO(text), delimiter="\t" if uri.lower().endswith(".tsv") else ",")
+    if not {"file", "group"} <= set(rows.fieldnames or []):
+        raise InputError(f"--group-by {uri}: needs the columns 'file' and 'group', has {rows.fieldnames}")
+    table = {}
+    for row in rows:
+        if row["file"]:
+            table[posixpath.basename(row["file"].strip())] = (row["group"] or "").strip() or "(empty)"
+    return table
+
+
 def group_function(group_by: str):
     """``path, source URI -> group name`` for ``--group-by``: ``source`` (the ``--data`` URI an image came
-    from) or a regular expression searched in the file name, whose first capturing group (or the whole
-    match when it has none) names the group; a name that does not match falls in ``(no match)``.
-    Raises :class:`InputError` for an invalid expression."""
+    from); a ``.csv``/``.tsv`` table of ``file,group`` (file names, e.g. the view or the scanner from a
+    metadata export; unlisted files fall in ``(not listed)``); or a regular expression searched in the file
+    name, whose first capturing group (or the whole match when it has none) names the group; a name that
+    does not match falls in ``(no match)``. Raises :class:`InputError` for an invalid expression or table."""
     if group_by == SOURCE:
         return lambda path, source: source
+    if group_by.lower().endswith((".csv", ".tsv")):
+        table = read_group_table(group_by)
+        return lambda path, source: table.get(posixpath.basename(path), "(not listed)")
     try:
         pattern = re.compile(group_by)
     except re.error as exc:

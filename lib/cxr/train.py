@@ -491,18 +491,12 @@ def split_scores(members: list[tuple[object, dict, list]], data: PreparedData) -
 
 def _save_ensemble(cfg: TrainConfig, members: list[tuple[object, dict, list]], threshold: float, provenance: dict, settings) -> ModelInfo:
     """The members' best checkpoints as one ensemble checkpoint at ``cfg.output`` (``members/seed<s>/``)."""
+    from contextlib import ExitStack
+
     from .checkpoint import save_ensemble
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sources = {}
-        for i, (checkpoint, _, _) in enumerate(members):
-            with checkpoint.as_directory() as d:
-                from .checkpoint import load_checkpoint
-
-                loaded = load_checkpoint(d, optimize=False)
-                loaded.info.weights_sha256 = ""
-                sources[f"seed{cfg.seed + i}"] = os.path.join(tmp, f"seed{cfg.seed + i}")
-                save_checkpoint(loaded.model, loaded.info, sources[f"seed{cfg.seed + i}"])
+    with ExitStack() as stack:  # each checkpoint as a local directory (downloaded when the output is on S3)
+        sources = {f"seed{cfg.seed + i}": stack.enter_context(checkpoint.as_directory()) for i, (checkpoint, _, _) in enumerate(members)}
         return save_ensemble(sources, cfg.output, threshold, provenance, settings)
 
 

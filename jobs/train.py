@@ -9,7 +9,6 @@ DATA is a folder or s3:// prefix laid out as {train,test}/{covid,non}/ (only tra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -52,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads-per-worker", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 mixed precision")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--groups", metavar="CSV", help="CSV with columns file,group: images of one group (a case, a patient) stay on one side of the split")
+    p.add_argument("--groups", metavar="CSV", help="CSV or TSV (local or s3://) with columns file,group: images of one group (a case, a patient) stay on one "
+                        "side of the split")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures survived by resuming from the last checkpoint")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
@@ -62,6 +62,7 @@ def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
     from cxr.models import check_backbone
+    from cxr.data import read_group_table
     from cxr.train import TrainConfig, train
 
     try:
@@ -77,10 +78,7 @@ def main() -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return cli.USAGE
-    groups = None
-    if args.groups:
-        with open(args.groups, newline="") as f:
-            groups = {row["file"]: row["group"] for row in csv.DictReader(f)}
+    groups = read_group_table(args.groups, "--groups") if args.groups else None
     cfg = TrainConfig(
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs, lr=args.lr,
         covid_weight=args.covid_weight, oversample=args.oversample, batch_size=args.batch_size, image_size=args.image_size,

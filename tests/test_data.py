@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import upload_tree
 from cxr.data import (
+    read_group_table,
     CLASS_NAMES, LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, patient_id, split_train_val,
 )
 from cxr.sources import InputError
@@ -170,3 +171,15 @@ def test_fingerprint_and_counts():
     assert class_counts(files) == {"non": 6, "covid": 3} and class_counts([]) == {"non": 0, "covid": 0}
     with pytest.raises(ValueError):
         LabelledFile("/x.png", 2, "/x.png")
+
+
+def test_group_tables_map_file_names_to_groups_csv_or_tsv(tmp_path):
+    (tmp_path / "g.csv").write_text("file,group,extra\nsub/a.png,case-1,x\nb.png, case-2 ,y\nc.png,,z\n,orphan,w\n")
+    assert read_group_table(str(tmp_path / "g.csv")) == {"a.png": "case-1", "b.png": "case-2", "c.png": "(empty)"}
+    (tmp_path / "g.tsv").write_text("file\tgroup\na.png\tAP Supine\n")
+    assert read_group_table(str(tmp_path / "g.tsv")) == {"a.png": "AP Supine"}
+    (tmp_path / "bad.csv").write_text("name,site\na.png,x\n")
+    with pytest.raises(InputError, match=r"--groups .*needs the columns 'file' and 'group'"):
+        read_group_table(str(tmp_path / "bad.csv"), "--groups")
+    with pytest.raises(InputError, match="cannot read it"):
+        read_group_table(str(tmp_path / "missing.csv"))

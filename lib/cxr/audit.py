@@ -245,12 +245,10 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
     external sets take every split. ``limit``: at most that many images per set and class, drawn at
     random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class.
     """
-    from .checkpoint import load_info
     from .validate import inspect_files, metadata_baseline
 
     settings = storage.s3_settings()
-    info = load_info(model, settings)  # raises CheckpointError early
-    check_model(model, layer, settings)  # loads, and has the Grad-CAM layer (LayerError)
+    info = check_model(model, layer, settings)  # early: CheckpointError, or LayerError for a layer it lacks
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     names = [set_name(u) for u in (internal, *externals)]

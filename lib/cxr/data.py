@@ -60,6 +60,23 @@ def patient_id(path: str) -> str | None:
     return None
 
 
+def read_group_table(uri: str, option: str = "groups") -> dict[str, str]:
+    """File name -> group from a CSV or TSV (local or s3://) with the columns ``file`` and ``group`` (other
+    columns are ignored): the train job's ``--groups`` and the evaluate job's ``--group-by TABLE``.
+    :class:`InputError` naming ``option`` when it cannot be read or lacks those columns."""
+    import csv
+    import io
+
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except Exception as exc:  # noqa: BLE001 - missing, unreadable, not text: all mean a bad table
+        raise InputError(f"{option} {uri}: cannot read it ({storage.describe_error(exc)})") from None
+    rows = csv.DictReader(io.StringIO(text), delimiter="\t" if uri.lower().endswith(".tsv") else ",")
+    if not {"file", "group"} <= set(rows.fieldnames or []):
+        raise InputError(f"{option} {uri}: needs the columns 'file' and 'group', has {rows.fieldnames}")
+    return {posixpath.basename(row["file"].strip()): (row["group"] or "").strip() or "(empty)" for row in rows if row["file"]}
+
+
 def _class_dirs(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted((i.path, CLASS_NAMES.index(posixpath.basename(i.path).lower())) for i in infos

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .runtime import ensure_ray
 from .checkpoint import load_checkpoint
-from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files
+from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files, read_group_table
 from .metrics import binary_report, subgroup_report
 from .report import write_report
 from .score import OUTPUT_SCHEMA, cluster_plan, new_run_id, score_dataset
@@ -33,26 +33,6 @@ log = logging.getLogger(__name__)
 SOURCE = "source"
 
 
-def read_group_table(uri: str) -> dict[str, str]:
-    """File name -> group from a CSV or TSV (local or s3://) with the columns ``file`` and ``group`` (the
-    train job's ``--groups`` format; any other columns are ignored). :class:`InputError` if unreadable."""
-    import csv
-    import io
-
-    try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-    except Exception as exc:  # noqa: BLE001 - missing, unreadable, not text: all mean a bad --group-by
-        raise InputError(f"--group-by {uri}: cannot read it ({storage.describe_error(exc)})") from None
-    rows = csv.DictReader(io.StringIO(text), delimiter="\t" if uri.lower().endswith(".tsv") else ",")
-    if not {"file", "group"} <= set(rows.fieldnames or []):
-        raise InputError(f"--group-by {uri}: needs the columns 'file' and 'group', has {rows.fieldnames}")
-    table = {}
-    for row in rows:
-        if row["file"]:
-            table[posixpath.basename(row["file"].strip())] = (row["group"] or "").strip() or "(empty)"
-    return table
-
-
 def group_function(group_by: str):
     """``path, source URI -> group name`` for ``--group-by``: ``source`` (the ``--data`` URI an image came
     from); a ``.csv``/``.tsv`` table of ``file,group`` (file names, e.g. the view or the scanner from a
@@ -62,7 +42,7 @@ def group_function(group_by: str):
     if group_by == SOURCE:
         return lambda path, source: source
     if group_by.lower().endswith((".csv", ".tsv")):
-        table = read_group_table(group_by)
+        table = read_group_table(group_by, "--group-by")
         return lambda path, source: table.get(posixpath.basename(path), "(not listed)")
     try:
         pattern = re.compile(group_by)

@@ -172,11 +172,14 @@ def cam_for(loaded, layer: str | None = None) -> GradCam | EnsembleCam:
     return cams[0] if len(cams) == 1 else EnsembleCam(cams)
 
 
-def check_model(model_uri: str, layer: str | None, settings: storage.S3Settings) -> None:
-    """Fail early, on the driver: the checkpoint loads (CheckpointError) and has the Grad-CAM layer (LayerError)."""
+def check_model(model_uri: str, layer: str | None, settings: storage.S3Settings):
+    """Fail early, on the driver: the checkpoint loads (CheckpointError) and has the Grad-CAM layer (LayerError).
+    Returns its ModelInfo."""
     from .checkpoint import load_checkpoint
 
-    cam_for(load_checkpoint(model_uri, optimize=False, settings=settings), layer)
+    loaded = load_checkpoint(model_uri, optimize=False, settings=settings)
+    cam_for(loaded, layer)
+    return loaded.info
 
 
 # --------------------------------------------------------------------------- overlays

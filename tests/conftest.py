@@ -234,6 +234,31 @@ def dicom_bytes(arr: np.ndarray, *, frames: int = 1, photometric: str = "MONOCHR
     return buf.getvalue()
 
 
+def compress_dicom(data: bytes, transfer_syntax: str) -> bytes:
+    """``data`` (an uncompressed DICOM file) re-encoded by GDCM into ``transfer_syntax`` (a UID), the way a
+    PACS export would: JPEG Lossless, JPEG-LS, JPEG 2000, RLE, or 12-bit lossy JPEG Extended."""
+    import tempfile
+
+    import gdcm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.dcm"), os.path.join(tmp, "out.dcm")
+        Path(src).write_bytes(data)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(src)
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(transfer_syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change(), f"GDCM cannot encode {transfer_syntax}"
+        writer = gdcm.ImageWriter()
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        writer.SetFileName(dst)
+        assert writer.Write()
+        return Path(dst).read_bytes()
+
+
 def xray_like(h: int, w: int, seed: int = 0, blob: bool = False) -> np.ndarray:
     """A smooth uint8 image; ``blob`` adds a bright disc (the synthetic 'finding')."""
     rng = np.random.default_rng(seed)
@@ -258,6 +283,8 @@ def mixed_files() -> dict[str, tuple[bytes, str | None, tuple[int, int] | None]]
         "good/scan.dcm": (dicom_bytes((gray.astype(np.uint16) * 16)), None, (120, 90)),
         "good/inverted.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), photometric="MONOCHROME1"), None, (120, 90)),
         "good/IM000001": (dicom_bytes((gray.astype(np.uint16) * 16)), None, (120, 90)),  # DICOM without extension
+        # JPEG Lossless (Process 14, SV1): how PACS archives commonly store CR/DX images
+        "good/lossless.dcm": (compress_dicom(dicom_bytes((gray.astype(np.uint16) * 16)), "1.2.840.10008.1.2.4.70"), None, (120, 90)),
         "bad/empty.png": (b"", "empty file", None),
         "bad/truncated.png": (good_png[: len(good_png) // 2], "truncated", None),
         "bad/text.jpg": (b"this is not an image\n" * 10, "not an image", None),

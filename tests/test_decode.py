@@ -16,11 +16,13 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000Lossless,
     ExplicitVRLittleEndian,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
+from conftest import compress_dicom, dicom_bytes, xray_like
 from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, sniff_kind
 
 
@@ -316,6 +318,33 @@ def test_dicom_rgb_luminance():
 def test_dicom_multiframe_rejected():
     err = _check_error(decode(_dicom(np.zeros((3, 4, 5), np.uint16), frames=3)), "multi-frame DICOM")
     assert "3 frames" in err
+
+
+@pytest.mark.parametrize("ts", [
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14 SV1: the usual PACS storage of CR/DX
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_losslessly_compressed_dicom_decodes_to_the_same_image(ts, photometric):
+    """A 12-bit X-ray, compressed the way PACS archives store it, decodes exactly like its uncompressed file."""
+    px = (xray_like(48, 64, seed=5).astype(np.uint16) * 16 + np.arange(64, dtype=np.uint16)) & 0x0FFF
+    raw = dicom_bytes(px, photometric=photometric)
+    packed = compress_dicom(raw, ts)
+    assert pydicom.dcmread(io.BytesIO(packed)).file_meta.TransferSyntaxUID == ts
+    assert len(packed) < len(raw)  # really compressed, not re-wrapped
+    want = _check_image(decode(raw, "raw.dcm"), (48, 64))
+    got = _check_image(decode(packed, "packed.dcm"), (48, 64))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dicom_12bit_lossy_jpeg_names_the_plugin_that_decodes_it():
+    """12-bit JPEG Extended: neither GDCM (through pydicom) nor Pillow decodes it; the error row says what would."""
+    data = _dicom(GRAY4, ts=JPEGExtended12Bit, BitsStored=12, HighBit=11)
+    err = _check_error(decode(data, "lossy12.dcm"), "unsupported DICOM transfer syntax JPEG Extended")
+    assert "1.2.840.10008.1.2.4.51" in err and "pylibjpeg-libjpeg" in err
 
 
 def test_dicom_jpeg2000_junk_is_unsupported_syntax():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import make_labelled_tree
+from conftest import make_labelled_tree, png_bytes, xray_like
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
@@ -179,6 +181,23 @@ def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
         assert all(abs(q - share) < 0.2 for q in quarters), (share, quarters)
         orders.append(seq)
     assert not np.array_equal(orders[0], orders[1])  # the batches differ from epoch to epoch
+
+
+def test_undecodable_training_files_are_left_out_named_and_counted(ray_driver, tmp_path, caplog):
+    data = make_labelled_tree(tmp_path / "data", n=6, size=32, seed=2)
+    (data / "train" / "covid" / "zz-cut.png").write_bytes(png_bytes(xray_like(32, 32))[:60])
+    (data / "train" / "non" / "zz-empty.png").write_bytes(b"")
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", image_size=32, batch_size=8,
+                      oversample=1, val_fraction=0.25)
+    with caplog.at_level(logging.WARNING, logger="cxr.train"):
+        prepared = prepare_data(cfg)
+    assert prepared.undecodable == 2
+    rows = pd.concat([prepared.train_ds.to_pandas(), prepared.val_ds.to_pandas()])
+    assert len(rows) == 12 and rows["label"].sum() == 6  # every decodable image, once, with its label
+    assert "zz-cut.png: truncated" in caplog.text and "zz-empty.png: empty file" in caplog.text
+    left_out = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
+    assert left_out and sum(int(m.split()[0]) for m in left_out) == 2  # per split: "N of M training files ..."
+    assert all(" training files " in m or " validation files " in m for m in left_out), left_out
 
 
 def test_train_job_rejects_bad_input(tmp_path):

@@ -90,7 +90,7 @@ def _val_scores(model, shard, spec, device, batch_size: int) -> tuple[np.ndarray
     with torch.inference_mode():
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             x = to_model_input(batch["image"], spec).to(device)
-            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
             logits = model(x).float()
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
             probs.append(torch.softmax(logits, 1)[:, 1].cpu().numpy())
@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
             x = to_model_input(images, spec).to(device)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(batch["label"], dtype=torch.long, device=device)
+            y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y, weight=class_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -239,21 +239,22 @@ class TrainResult:
     cross_validation: dict | None = None
 
 
-def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cpus: float):
+def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cpus: float, split: str):
     """Decode + preprocess once (the scoring pipeline's own function), materialised; undecodable files dropped."""
     import pyarrow as pa
+    from ray.data.expressions import col
 
     from .score import decoded_dataset
     from .sources import table_dataset
 
     table = pa.table({"path": [f.path for f in files], "label": pa.array([f.label for f in files], pa.int64())})
     ds = decoded_dataset(table_dataset(table), spec, settings, task_cpus).materialize()
-    bad = ds.filter(lambda r: r["error"] != "").select_columns(["path", "error"]).take_all()
+    bad = ds.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     for row in bad[:20]:
         log.warning("skipping %s: %s", row["path"], row["error"])
     if bad:
-        log.warning("%d of %d files could not be decoded and are left out", len(bad), len(files))
-    return ds.filter(lambda r: r["error"] == "").select_columns(["image", "label"]).materialize(), len(bad)
+        log.warning("%d of %d %s files could not be decoded and are left out", len(bad), len(files), split)
+    return ds.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize(), len(bad)
 
 
 def _apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> list[LabelledFile]:
@@ -297,11 +298,13 @@ def preprocess_spec(cfg: TrainConfig) -> PreprocessSpec:
 
 def prepare_split(cfg: TrainConfig, files, train_files, val_files, spec: PreprocessSpec, settings) -> PreparedData:
     """Decode and preprocess one train/validation split on the cluster; oversample the COVID training rows."""
+    from ray.data.expressions import col
+
     ensure_ray()
     counts = class_counts(files)
-    train_ds, bad_train = _prepared(train_files, spec, settings, 0.5)
-    val_ds, bad_val = _prepared(val_files, spec, settings, 0.5)
-    covid = train_ds.filter(lambda r: r["label"] == 1)
+    train_ds, bad_train = _prepared(train_files, spec, settings, 0.5, "training")
+    val_ds, bad_val = _prepared(val_files, spec, settings, 0.5, "validation")
+    covid = train_ds.filter(expr=col("label") == 1)
     n_covid = covid.count()
     n_non = train_ds.count() - n_covid
     if cfg.oversample > 1:

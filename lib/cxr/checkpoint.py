@@ -235,7 +235,8 @@ class LoadedModel:
         if isinstance(images, torch.Tensor):
             x = images.float()
         else:
-            x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32))
+            x = np.ascontiguousarray(images, dtype=np.float32)
+            x = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch warns on read-only (Ray Data) arrays
         if self._cuda and x.device.type == "cpu":  # one channel travels, not three: expand and normalise on the GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.info.preprocess).to(self.device, memory_format=torch.channels_last)

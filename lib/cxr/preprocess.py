@@ -148,6 +148,8 @@ def to_model_input(batch, spec: PreprocessSpec):
     """(N, S, S) array or tensor in [0, 1] -> normalised (N, C, S, S) float32 tensor."""
     import torch
 
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:  # Ray Data's batches are read-only,
+        batch = np.array(batch, dtype=np.float32)  # on which torch warns in every worker's log
     x = torch.as_tensor(batch, dtype=torch.float32)
     if x.ndim != 3:
         raise ValueError(f"expected (N, S, S), got shape {tuple(x.shape)}")

@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drift-threshold", type=float, default=0.1,
                    help="flag a change of the share predicted positive of at least this much (absolute; also tested for significance)")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with code 7 when the drift flag is raised (the run is committed)")
+    p.add_argument("--all-views", action="store_true",
+                   help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
+                        "'not a frontal view': the models read PA/AP chest X-rays")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.rows_per_file is not None and args.rows_per_file < 1:
@@ -50,7 +53,7 @@ def main() -> int:
         args.input, args.table, args.model,
         batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
-        rows_per_file=args.rows_per_file, drift_threshold=args.drift_threshold,
+        rows_per_file=args.rows_per_file, drift_threshold=args.drift_threshold, all_views=args.all_views,
     )
     print(report.line())
     print(json.dumps({"report": report.__dict__}))

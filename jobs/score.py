@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: ceil(cpus-per-actor))")
     p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
+    p.add_argument("--all-views", action="store_true",
+                   help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
+                        "'not a frontal view': the models read PA/AP chest X-rays")
     p.add_argument("--verbose", action="store_true")
     # --- explain post-step (cxr.explain): Grad-CAM heatmaps for the images predicted positive ---
     p.add_argument("--explain-positive", action="store_true",
@@ -45,7 +48,7 @@ def main() -> int:
         args.input, args.output, args.model,
         batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
-        overwrite=args.overwrite, run_id=args.run_id,
+        overwrite=args.overwrite, run_id=args.run_id, all_views=args.all_views,
     )
     print(summary.line())
     print(json.dumps({"summary": summary.__dict__}))

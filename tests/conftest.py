@@ -211,7 +211,8 @@ def jpeg_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def dicom_bytes(arr: np.ndarray, *, frames: int = 1, photometric: str = "MONOCHROME2", preamble: bool = True) -> bytes:
+def dicom_bytes(arr: np.ndarray, *, frames: int = 1, photometric: str = "MONOCHROME2", preamble: bool = True,
+                view: str | None = None) -> bytes:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -221,6 +222,8 @@ def dicom_bytes(arr: np.ndarray, *, frames: int = 1, photometric: str = "MONOCHR
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Modality = "DX"
+    if view is not None:
+        ds.ViewPosition = view
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
@@ -280,7 +283,7 @@ def mixed_files() -> dict[str, tuple[bytes, str | None, tuple[int, int] | None]]
         "good/nested/deeper/b.jpg": (jpeg_bytes(xray_like(70, 60, seed=3)), None, (60, 70)),
         "good/c.jpeg": (jpeg_bytes(rgb), None, (100, 80)),
         "good/d16.png": (png_bytes((gray.astype(np.uint16) * 257), "I;16"), None, (120, 90)),
-        "good/scan.dcm": (dicom_bytes((gray.astype(np.uint16) * 16)), None, (120, 90)),
+        "good/scan.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), view="PA"), None, (120, 90)),
         "good/inverted.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), photometric="MONOCHROME1"), None, (120, 90)),
         "good/IM000001": (dicom_bytes((gray.astype(np.uint16) * 16)), None, (120, 90)),  # DICOM without extension
         # JPEG Lossless (Process 14, SV1): how PACS archives commonly store CR/DX images
@@ -289,6 +292,7 @@ def mixed_files() -> dict[str, tuple[bytes, str | None, tuple[int, int] | None]]
         "bad/truncated.png": (good_png[: len(good_png) // 2], "truncated", None),
         "bad/text.jpg": (b"this is not an image\n" * 10, "not an image", None),
         "bad/multiframe.dcm": (dicom_bytes(gray.astype(np.uint16), frames=3), "multi-frame", None),
+        "bad/lateral.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), view="LL"), "not a frontal view", None),  # scored with all_views
     }
     return files
 

@@ -23,7 +23,7 @@ from pydicom.uid import (
 )
 
 from conftest import compress_dicom, dicom_bytes, xray_like
-from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, sniff_kind
+from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, is_non_frontal, sniff_kind
 
 
 # ------------------------------------------------------------------ helpers
@@ -345,6 +345,18 @@ def test_dicom_12bit_lossy_jpeg_names_the_plugin_that_decodes_it():
     data = _dicom(GRAY4, ts=JPEGExtended12Bit, BitsStored=12, HighBit=11)
     err = _check_error(decode(data, "lossy12.dcm"), "unsupported DICOM transfer syntax JPEG Extended")
     assert "1.2.840.10008.1.2.4.51" in err and "pylibjpeg-libjpeg" in err
+
+
+def test_dicom_view_position_is_read_and_classified():
+    assert decode(_dicom(GRAY4, ViewPosition="PA"), "a.dcm").view == "PA"
+    assert decode(_dicom(GRAY4, ViewPosition="LL "), "a.dcm").view == "LL"  # padded: normalised
+    assert decode(_dicom(GRAY4), "a.dcm").view is None
+    assert decode(_dicom(GRAY4, ViewPosition=""), "a.dcm").view is None
+    assert decode(_pil_bytes(Image.new("L", (4, 4), 9)), "a.png").view is None
+    for view in ("LL", "RL", "LATERAL", "LLD", "RAO", "lat", "LL EXTENDED"):
+        assert is_non_frontal(view), view
+    for view in ("PA", "AP", "AP SUPINE", "", None, "UNKNOWN"):  # frontal, or nothing to go by: scored
+        assert not is_non_frontal(view), view
 
 
 def test_dicom_jpeg2000_junk_is_unsupported_syntax():

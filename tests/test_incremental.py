@@ -7,12 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray.data
-from conftest import png_bytes, run_job, xray_like
+from conftest import dicom_bytes, png_bytes, run_job, xray_like
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import COMMIT_FILE, TABLE_SCHEMA, drift_check, read_table, run_incremental
@@ -90,6 +91,24 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     report = json.loads(Path(table, "_reports", f"{third.run_id}.json").read_text())
     assert report["skipped"] == 13 and report["scored"] == 0
     assert read_table(table, all_versions=True).num_rows == 16
+
+
+def test_lateral_views_are_left_out_each_night_until_all_views_scores_them(ray_driver, tiny_model, tmp_path):
+    images, table = tmp_path / "archive", str(tmp_path / "table")
+    images.mkdir()
+    px = xray_like(48, 48, seed=3).astype(np.uint16) * 16
+    (images / "pa.dcm").write_bytes(dicom_bytes(px, view="PA"))
+    (images / "lat.dcm").write_bytes(dicom_bytes(px, view="LL"))
+    first = run_incremental([str(images)], table, tiny_model, batch_size=4)
+    assert (first.scored, first.errors) == (2, 1)
+    again = run_incremental([str(images)], table, tiny_model, batch_size=4)
+    assert (again.retried, again.skipped, again.scored) == (0, 2, 0)  # a left-out view is final, not retried nightly
+    every = run_incremental([str(images)], table, tiny_model, batch_size=4, all_views=True)
+    assert (every.retried, every.skipped, every.scored, every.errors) == (1, 1, 1, 0)
+    rows = {Path(r["path"]).name: r for r in read_table(table).to_pylist()}
+    assert rows["lat.dcm"]["error"] is None and rows["lat.dcm"]["view"] == "LL" and rows["lat.dcm"]["run_id"] == every.run_id
+    assert rows["lat.dcm"]["prob_covid"] == pytest.approx(rows["pa.dcm"]["prob_covid"])  # the same pixels
+    assert rows["pa.dcm"]["view"] == "PA" and rows["pa.dcm"]["run_id"] == first.run_id
 
 
 def test_read_table_ignores_uncommitted_partitions(tmp_path):

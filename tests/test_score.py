@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, run_job, upload_tree
+from conftest import IGNORED, dicom_bytes, run_job, upload_tree, xray_like
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint
@@ -43,7 +43,7 @@ def check_table(table: pa.Table, files: dict, prefix: str, model_uri: str) -> No
     assert set(rows) == {f"{prefix}/{name}" for name in files}, "rows differ from the input files"
     direct = expected_probs(model_uri, files)
     info = load_checkpoint(model_uri).info
-    for name, (_, error, size) in files.items():
+    for name, (data, error, size) in files.items():
         row = rows[f"{prefix}/{name}"]
         assert row["model"] == info.model_id and row["threshold"] == pytest.approx(info.threshold)
         if error is None:
@@ -55,6 +55,7 @@ def check_table(table: pa.Table, files: dict, prefix: str, model_uri: str) -> No
             assert row["error"].startswith(error), (name, row["error"])
             assert row["prob_covid"] is None and row["prediction"] is None
             assert row["width"] is None and row["height"] is None
+        assert row["view"] == decode(data, name).view, (name, row["view"])  # DICOM ViewPosition, else null
     assert len({r["run_id"] for r in rows.values()}) == 1
     now = datetime.now(timezone.utc)
     assert all(now - timedelta(minutes=10) < r["scored_at"] <= now for r in rows.values())
@@ -101,6 +102,29 @@ def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, t
     assert (summary.files, summary.errors, summary.scored) == (len(files), n_bad, len(files) - n_bad)
     written = json.loads((tmp_path / "scores" / "_summary.json").read_text())
     assert written["files"] == len(files) and written["run_id"] == table["run_id"][0].as_py()
+
+
+def test_lateral_and_oblique_dicom_views_are_error_rows_unless_all_views(ray_driver, tiny_model, tmp_path):
+    px = xray_like(64, 64, seed=4).astype(np.uint16) * 16
+    folder = tmp_path / "views"
+    folder.mkdir()
+    for name, view in (("pa", "PA"), ("ap", "AP"), ("lateral", "LL"), ("oblique", "RAO"), ("decubitus", "LLD"), ("none", None)):
+        (folder / f"{name}.dcm").write_bytes(dicom_bytes(px, view=view))
+    score([str(folder)], str(tmp_path / "frontal"), tiny_model)
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in read_table(str(tmp_path / "frontal")).to_pylist()}
+    assert {n: r["view"] for n, r in rows.items()} == {"pa.dcm": "PA", "ap.dcm": "AP", "lateral.dcm": "LL", "oblique.dcm": "RAO",
+                                                       "decubitus.dcm": "LLD", "none.dcm": None}
+    for name in ("lateral.dcm", "oblique.dcm", "decubitus.dcm"):
+        assert rows[name]["error"].startswith(f"not a frontal view: DICOM ViewPosition {rows[name]['view']} "), rows[name]
+        assert rows[name]["prob_covid"] is None
+    same = rows["pa.dcm"]["prob_covid"]  # every file holds the same pixels
+    assert all(rows[n]["error"] is None and rows[n]["prob_covid"] == pytest.approx(same) for n in ("pa.dcm", "ap.dcm", "none.dcm"))
+
+    summary = score([str(folder)], str(tmp_path / "all"), tiny_model, all_views=True)
+    assert (summary.files, summary.errors) == (6, 0)
+    rows = read_table(str(tmp_path / "all")).to_pylist()
+    assert all(r["error"] is None and r["prob_covid"] == pytest.approx(same) for r in rows)
+    assert sorted(r["view"] or "-" for r in rows) == ["-", "AP", "LL", "LLD", "PA", "RAO"]
 
 
 def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_folder, tiny_model, tmp_path):

@@ -7,6 +7,7 @@ bright, i.e. MONOCHROME2-like), C-contiguous.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -18,6 +19,9 @@ MAX_PIXELS: int = 64_000_000  # default cap on width*height (decompression bombs
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 
 _EXT_KIND = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom"}
+# DICOM ViewPosition (0018,5101) values of projections other than the frontal (PA/AP) chest X-ray the
+# models read: lateral, decubitus, oblique (the DICOM defined terms, and the spellings vendors also use).
+NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO"})
 _PIL_FORMATS = ("PNG", "JPEG")  # the JPEG opener also yields MPO (phone photos); primary frame used
 _ERR_LEN = 200
 
@@ -34,6 +38,7 @@ class Decoded:
     width: int | None  # as displayed (after EXIF orientation); None if unknown
     height: int | None
     error: str | None  # None when fine; else a one-line human-readable reason
+    view: str | None = None  # DICOM ViewPosition (e.g. "PA", "AP", "LL"); None for PNG/JPEG or when absent
 
     @property
     def ok(self) -> bool:
@@ -194,7 +199,21 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     img = _minmax(arr)
     if photometric == "MONOCHROME1" and img.max() > 0:
         img = 1.0 - img
-    return _done(img, cols, rows)
+    done = _done(img, cols, rows)
+    return dataclasses.replace(done, view=_view_position(ds)) if done.ok else done
+
+
+def is_non_frontal(view: str | None) -> bool:
+    """True for a ViewPosition that names a lateral, decubitus or oblique projection; False for PA/AP,
+    unknown values and no value (those are scored)."""
+    words = (view or "").upper().replace("_", " ").split()
+    return bool(words) and words[0] in NON_FRONTAL_VIEWS
+
+
+def _view_position(ds) -> str | None:
+    value = ds.get("ViewPosition")
+    text = " ".join(str(value).split()).upper() if value is not None else ""
+    return text[:32] or None
 
 
 # ---------------------------------------------------------------- entry point

@@ -278,14 +278,14 @@ class Explainer:
 
 
 def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings: storage.S3Settings, output: str | None = None,
-                    overlay_all: bool = False, layer: str | None = None):
+                    overlay_all: bool = False, layer: str | None = None, all_views: bool = False):
     """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap``."""
     import ray.data
 
     from .runtime import torch_actor_remote_args
     from .score import decoded_dataset
 
-    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size)
+    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size, all_views=all_views)
     return decoded.map_batches(
         Explainer,
         fn_constructor_kwargs={"model_uri": model_uri, "run_id": run_id, "threads": plan.threads_per_actor, "settings": settings,
@@ -297,9 +297,9 @@ def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings:
 
 
 def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, output: str | None = None, *, overlay_all: bool = False,
-                layer: str | None = None, batch_size: int = 16, actors: int | None = None) -> pa.Table:
+                layer: str | None = None, batch_size: int = 16, actors: int | None = None, all_views: bool = False) -> pa.Table:
     """Explain every row of ``table`` (a ``path`` column, optional ``overlay`` and pass-through columns);
-    the result rows, collected on the driver."""
+    the result rows, collected on the driver. ``all_views``: lateral and oblique DICOM views too."""
     import ray
 
     from .checkpoint import load_info
@@ -310,7 +310,8 @@ def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, o
     info = load_info(model_uri, settings)
     ensure_ray()
     plan = cluster_plan(actors=actors, batch_size=batch_size, gpus_per_actor=0)
-    ds = explain_dataset(table_dataset(table), model_uri, info.preprocess, plan, new_run_id(), settings, output, overlay_all, layer)
+    ds = explain_dataset(table_dataset(table), model_uri, info.preprocess, plan, new_run_id(), settings, output, overlay_all, layer,
+                         all_views)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
 
 
@@ -363,7 +364,7 @@ class ExplainSummary:
 
 
 def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool = False, layer: str | None = None,
-                  batch_size: int = 16, actors: int | None = None, title: str | None = None) -> ExplainSummary:
+                  batch_size: int = 16, actors: int | None = None, title: str | None = None, all_views: bool = False) -> ExplainSummary:
     """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
     import pyarrow.parquet as pq
 
@@ -374,7 +375,7 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     prepare_output(output, overwrite, settings)
     start = time.perf_counter()
     result = run_explain(pa.table({"path": pa.array(paths, pa.string())}), model, settings, output, overlay_all=True, layer=layer,
-                         batch_size=batch_size, actors=actors)
+                         batch_size=batch_size, actors=actors, all_views=all_views)
     fs, path = storage.filesystem(output, settings)
     pq.write_table(result, f"{path}/explanations.parquet", filesystem=fs)
     rows = result.to_pylist()
@@ -418,4 +419,6 @@ def explain_positives(score_output: str, model: str, *, output: str | None = Non
     if positive.num_rows == 0:
         return None
     target = output or storage.join(score_output, POSITIVE_HEATMAPS_DIR)
-    return explain_paths(positive["path"].to_pylist(), model, target, title="Grad-CAM of images predicted COVID-19", **kwargs)
+    # every view: a row predicted positive was scored, whatever its view (score --all-views)
+    return explain_paths(positive["path"].to_pylist(), model, target, title="Grad-CAM of images predicted COVID-19", all_views=True,
+                         **kwargs)

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
-from .score import OUTPUT_SCHEMA, OutputError, Predictor, cluster_plan, new_run_id, score_dataset
+from .score import NOT_FRONTAL, OUTPUT_SCHEMA, OutputError, Predictor, cluster_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -296,9 +296,12 @@ def run_incremental(
     drift_threshold: float = 0.1,
     drift_window: int = 7,
     run_id: str | None = None,
+    all_views: bool = False,
 ) -> RunReport:
     """Score what is new or changed under ``inputs`` into the incremental table at ``table``, resuming a
     run of the same model that died, and commit it; returns the run's report (also in ``_reports/``).
+    ``all_views``: score lateral and oblique DICOM views too (and rows that earlier runs left unscored as
+    ``not a frontal view``).
 
     Raises InputError, CheckpointError or OutputError before any work when it cannot run.
     """
@@ -357,7 +360,7 @@ def run_incremental(
             kinds.append("new")
         elif (before[0], before[1]) != (s, m):
             kinds.append("changed")
-        elif before[2] is not None and before[2].startswith(READ_FAILED):
+        elif before[2] is not None and (before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)):
             kinds.append("retried")
         else:
             kinds.append("skipped")
@@ -393,7 +396,8 @@ def run_incremental(
         log.info("run %s: plan %s, ~%d rows per file", rid, plan, per_file)
         keyed = remaining.set_column(1, "source_size", pc.fill_null(remaining["source_size"], -1)).set_column(
             2, "source_mtime_ns", pc.fill_null(remaining["source_mtime_ns"], -1))  # missing file: -1 (numpy has no null ints)
-        results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor)
+        results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor,
+                                all_views=all_views)
         results.write_parquet(attempt, filesystem=fs, min_rows_per_file=per_file,
                               ray_remote_args={"num_cpus": plan.task_cpus})
         new_files = _usable_parquet(fs, [i.path for i in _list_files(fs, attempt) if i.path.endswith(".parquet")])

@@ -26,7 +26,7 @@ import pyarrow as pa
 from . import storage
 from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
-from .decode import decode
+from .decode import decode, is_non_frontal
 from .preprocess import PreprocessSpec, preprocess
 from .sources import input_dataset
 
@@ -42,11 +42,13 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("view", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 SUMMARY_FILE = "_summary.json"
+NOT_FRONTAL = "not a frontal view"  # the error of lateral/oblique DICOM rows
 
 
 class OutputError(Exception):
@@ -126,14 +128,20 @@ def cluster_plan(**overrides) -> ResourcePlan:
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec) -> tuple[np.ndarray | None, int, int, str | None]:
+def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec,
+                       all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
+    """(image, width, height, error, DICOM view). A lateral/oblique DICOM view is not scored (an error row)
+    unless ``all_views``: the models read frontal chest X-rays."""
     decoded = decode(data, path)
     if not decoded.ok:
-        return None, decoded.width or -1, decoded.height or -1, decoded.error
+        return None, decoded.width or -1, decoded.height or -1, decoded.error, None
+    if not all_views and is_non_frontal(decoded.view):
+        return (None, decoded.width, decoded.height, f"{NOT_FRONTAL}: DICOM ViewPosition {decoded.view} (the model reads "
+                "PA/AP chest X-rays; --all-views scores every view)", decoded.view)
     try:
-        return preprocess(decoded.image, spec), decoded.width, decoded.height, None
+        return preprocess(decoded.image, spec), decoded.width, decoded.height, None, decoded.view
     except Exception as exc:  # noqa: BLE001
-        return None, decoded.width, decoded.height, f"preprocess failed: {type(exc).__name__}: {exc}"
+        return None, decoded.width, decoded.height, f"preprocess failed: {type(exc).__name__}: {exc}", decoded.view
 
 
 def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -158,32 +166,33 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (width, height) if 0 < width * height <= MAX_PIXELS else None
 
 
-def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings,
-              device_jpeg: bool = False) -> tuple[np.ndarray | None, int, int, str | None, bytes]:
-    """(image, width, height, error, JPEG bytes left for the device decoder or b"")."""
+def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings, device_jpeg: bool = False,
+              all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None, bytes]:
+    """(image, width, height, error, DICOM view, JPEG bytes left for the device decoder or b"")."""
     try:
         data = storage.read_bytes(path, settings)
     except Exception as exc:  # noqa: BLE001 - any read failure is this file's error, not the job's
-        return None, -1, -1, f"read failed: {storage.describe_error(exc)}", b""
+        return None, -1, -1, f"read failed: {storage.describe_error(exc)}", None, b""
     if device_jpeg and (size := device_jpeg_size(data)) is not None:
-        return None, size[0], size[1], None, data
-    return (*_decode_preprocess(data, path, spec), b"")
+        return None, size[0], size[1], None, None, data
+    return (*_decode_preprocess(data, path, spec, all_views), b"")
 
 
-def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False) -> dict:
+def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False) -> dict:
     """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding).
 
     Columns other than ``path`` (e.g. training labels) pass through unchanged. ``device_jpeg``: JPEGs that
     the device decoder takes (:func:`device_jpeg_size`) are not decoded here; their bytes go in a ``jpeg``
-    column (b"" for the other rows, whose ``image`` is decoded here as usual) for the predictor.
+    column (b"" for the other rows, whose ``image`` is decoded here as usual) for the predictor. ``all_views``:
+    also lateral and oblique DICOM views (otherwise error rows, see :func:`_decode_preprocess`).
     """
     spec_ = PreprocessSpec.from_dict(spec)
     paths = [str(p) for p in batch["path"]]
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
-        results = list(pool.map(lambda p: _load_one(p, spec_, settings, device_jpeg), paths))
+        results = list(pool.map(lambda p: _load_one(p, spec_, settings, device_jpeg, all_views), paths))
     size = spec_.input_size
     blank = np.zeros((size, size), np.float32)
-    extra = {"jpeg": np.array([r[4] for r in results], dtype=object)} if device_jpeg else {}
+    extra = {"jpeg": np.array([r[5] for r in results], dtype=object)} if device_jpeg else {}
     return {
         **extra,
         **{k: v for k, v in batch.items() if k != "path"},
@@ -193,15 +202,17 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_j
         "height": np.array([r[2] for r in results], dtype=np.int32),
         # "" for no error: an all-None column would come back from Arrow as nulls of no type (floats)
         "error": np.array([r[3] or "" for r in results], dtype=object),
+        "view": np.array([r[4] or "" for r in results], dtype=object),
     }
 
 
 def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32,
-                    device_jpeg: bool = False):
-    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``
-    (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
+                    device_jpeg: bool = False, all_views: bool = False):
+    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``,
+    ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
     return paths_ds.map_batches(
-        decode_batch, fn_args=(spec.to_dict(), settings), fn_kwargs={"device_jpeg": device_jpeg}, batch_size=batch_size,
+        decode_batch, fn_args=(spec.to_dict(), settings), fn_kwargs={"device_jpeg": device_jpeg, "all_views": all_views},
+        batch_size=batch_size,
         batch_format="numpy", num_cpus=task_cpus,
     )
 
@@ -250,6 +261,7 @@ class Predictor:
                 "error": pa.array(errors, pa.string()),
                 "width": pa.array(width, pa.int32(), mask=~ok | (width < 0)),
                 "height": pa.array(height, pa.int32(), mask=~ok | (height < 0)),
+                "view": pa.array([v if isinstance(v, str) and v else None for v in batch["view"]], pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             },
@@ -277,7 +289,7 @@ class Predictor:
         for k, data, err in zip(rows, datas, device_errors):
             if err is not None:
                 i = index[k]
-                image, _, _, cpu_error = _decode_preprocess(data, str(batch["path"][i]), spec)
+                image, _, _, cpu_error, _ = _decode_preprocess(data, str(batch["path"][i]), spec)
                 if cpu_error:
                     errors[i] = cpu_error
                 else:
@@ -286,15 +298,16 @@ class Predictor:
 
 
 def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings,
-                  predictor_cls: type = None, device_jpeg: bool | None = None):
+                  predictor_cls: type = None, device_jpeg: bool | None = None, all_views: bool = False):
     """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``; a ``predictor_cls``
     subclassing :class:`Predictor` may add columns). ``device_jpeg`` (default: when the actors have GPUs):
-    JPEGs are decoded by the predictor on its device (nvJPEG), not by the CPU decode tasks."""
+    JPEGs are decoded by the predictor on its device (nvJPEG), not by the CPU decode tasks. ``all_views``: score
+    lateral and oblique DICOM views too (otherwise error rows)."""
     import ray.data
 
     if device_jpeg is None:
         device_jpeg = plan.gpus_per_actor > 0
-    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size, device_jpeg)
+    decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size, device_jpeg, all_views)
     return decoded.map_batches(
         predictor_cls or Predictor,
         fn_constructor_kwargs={
@@ -389,10 +402,12 @@ def score(
     overwrite: bool = False,
     run_id: str | None = None,
     device_jpeg: bool | None = None,
+    all_views: bool = False,
 ) -> ScoreSummary:
     """Score every image under ``inputs`` into a Parquet table at ``output``.
 
     ``device_jpeg`` (default: on GPU actors) decodes JPEGs on the predictor's device, see :func:`score_dataset`.
+    ``all_views``: score lateral and oblique DICOM views too; by default they are error rows (``not a frontal view``).
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
@@ -409,7 +424,7 @@ def score(
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
     start = time.perf_counter()
-    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg)
+    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views)
     fs, path = storage.filesystem(output, settings)
     results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus})
     seconds = time.perf_counter() - start

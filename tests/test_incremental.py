@@ -122,13 +122,14 @@ def test_read_table_ignores_uncommitted_partitions(tmp_path):
     good.mkdir(parents=True)
     one = pa.table({n: pa.array([None], t.type) for n, t in zip(TABLE_SCHEMA.names, TABLE_SCHEMA)}, schema=TABLE_SCHEMA)
     one = one.set_column(0, "path", pa.array(["/img/a.png"])).set_column(4, "model", pa.array(["m@1"]))
-    pq.write_table(one, good / "y.parquet")
+    pq.write_table(one.drop_columns(["view"]), good / "y.parquet")  # as written before the column existed
     assert read_table(str(table)).num_rows == 0  # no manifest yet
     (good / COMMIT_FILE).write_text(json.dumps({"run_id": "ok", "run_date": "2026-11-27", "model": "m@1",
                                                 "committed_at": "2026-11-27T02:00:00+00:00", "files": ["run_date=2026-11-27/run_id=ok/y.parquet"],
                                                 "counts": {"rows": 1, "ok": 0, "errors": 0, "predicted_positive": 0}}))
     got = read_table(str(table))
     assert got["path"].to_pylist() == ["/img/a.png"] and got["run_id"].to_pylist() == ["ok"]
+    assert got["view"].to_pylist() == [None] and got.schema.field("view").type == pa.string()
 
 
 def test_drift_flag_needs_a_large_and_significant_shift():

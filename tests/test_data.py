@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import upload_tree
 from cxr.data import (
+    apply_groups,
     read_group_table,
     CLASS_NAMES, LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, patient_id, split_train_val,
 )
@@ -183,3 +184,7 @@ def test_group_tables_map_file_names_to_groups_csv_or_tsv(tmp_path):
         read_group_table(str(tmp_path / "bad.csv"), "--groups")
     with pytest.raises(InputError, match="cannot read it"):
         read_group_table(str(tmp_path / "missing.csv"))
+    files = [LabelledFile("/d/covid/a.png", 1, "/d/covid/a.png"), LabelledFile("s3://b/non/patient7-x.png", 0, "patient7")]
+    grouped = apply_groups(files, {**read_group_table(str(tmp_path / "g.csv")), "patient7-x.png": "case-9"})
+    assert [f.group for f in grouped] == ["g:case-1", "g:case-9"] and [f.path for f in grouped] == [f.path for f in files]
+    assert apply_groups(files, {"other.png": "x"}) == files and apply_groups(files, None) is files

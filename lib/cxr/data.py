@@ -15,6 +15,7 @@ The patient comes from CheXpert-style names (``patient00042``); a file without o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 import re
@@ -91,6 +92,15 @@ def _split_dirs(fs: pafs.FileSystem, path: str) -> dict[str, list[str]]:
         if i.type == pafs.FileType.Directory and name in SPLIT_NAMES:
             out.setdefault(name, []).append(i.path)
     return out
+
+
+def apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> list[LabelledFile]:
+    """``files`` with the group of every file that ``groups`` (file name -> group, :func:`read_group_table`)
+    names; the others keep theirs (patient id or own path)."""
+    if not groups:
+        return files
+    return [dataclasses.replace(f, group=f"g:{groups[posixpath.basename(f.path)]}") if posixpath.basename(f.path) in groups else f
+            for f in files]
 
 
 def labelled_files(uri: str, split: str | None = "train",

@@ -37,7 +37,7 @@ from . import storage
 from .runtime import ensure_ray, torch_worker_runtime_env
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
-from .data import LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
+from .data import LabelledFile, apply_groups, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
 from .preprocess import PreprocessSpec
 from .sources import InputError
 
@@ -257,14 +257,6 @@ def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cp
     return ds.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize(), len(bad)
 
 
-def _apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> list[LabelledFile]:
-    if not groups:
-        return files
-    from dataclasses import replace
-
-    return [replace(f, group=f"g:{groups[os.path.basename(f.path)]}") if os.path.basename(f.path) in groups else f for f in files]
-
-
 @dataclass
 class PreparedData:
     """The decoded, preprocessed and split data, materialised once and shared by every run that trains on it."""
@@ -283,7 +275,7 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, settings=None) -> PreparedData:
     """List, split (patient-grouped), decode and preprocess ``cfg.data`` once, on the cluster."""
     settings = settings or storage.s3_settings()
-    files = _apply_groups(labelled_files(cfg.data, "train", settings), cfg.groups)
+    files = apply_groups(labelled_files(cfg.data, "train", settings), cfg.groups)
     counts = class_counts(files)
     if min(counts.values()) < 2:
         raise InputError(f"need at least 2 images of each class to train, found {counts} in {cfg.data}")

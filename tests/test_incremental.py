@@ -100,11 +100,11 @@ def test_lateral_views_are_left_out_each_night_until_all_views_scores_them(ray_d
     (images / "pa.dcm").write_bytes(dicom_bytes(px, view="PA"))
     (images / "lat.dcm").write_bytes(dicom_bytes(px, view="LL"))
     first = run_incremental([str(images)], table, tiny_model, batch_size=4)
-    assert (first.scored, first.errors) == (2, 1)
+    assert (first.scored, first.errors, first.not_frontal) == (2, 1, 1) and "(1 of them not frontal views)" in first.line()
     again = run_incremental([str(images)], table, tiny_model, batch_size=4)
     assert (again.retried, again.skipped, again.scored) == (0, 2, 0)  # a left-out view is final, not retried nightly
     every = run_incremental([str(images)], table, tiny_model, batch_size=4, all_views=True)
-    assert (every.retried, every.skipped, every.scored, every.errors) == (1, 1, 1, 0)
+    assert (every.retried, every.skipped, every.scored, every.errors, every.not_frontal) == (1, 1, 1, 0, 0)
     rows = {Path(r["path"]).name: r for r in read_table(table).to_pylist()}
     assert rows["lat.dcm"]["error"] is None and rows["lat.dcm"]["view"] == "LL" and rows["lat.dcm"]["run_id"] == every.run_id
     assert rows["lat.dcm"]["prob_covid"] == pytest.approx(rows["pa.dcm"]["prob_covid"])  # the same pixels

@@ -110,7 +110,8 @@ def test_lateral_and_oblique_dicom_views_are_error_rows_unless_all_views(ray_dri
     folder.mkdir()
     for name, view in (("pa", "PA"), ("ap", "AP"), ("lateral", "LL"), ("oblique", "RAO"), ("decubitus", "LLD"), ("none", None)):
         (folder / f"{name}.dcm").write_bytes(dicom_bytes(px, view=view))
-    score([str(folder)], str(tmp_path / "frontal"), tiny_model)
+    summary = score([str(folder)], str(tmp_path / "frontal"), tiny_model)
+    assert (summary.errors, summary.not_frontal) == (3, 3) and "(3 of them not frontal views)" in summary.line()
     rows = {r["path"].rsplit("/", 1)[1]: r for r in read_table(str(tmp_path / "frontal")).to_pylist()}
     assert {n: r["view"] for n, r in rows.items()} == {"pa.dcm": "PA", "ap.dcm": "AP", "lateral.dcm": "LL", "oblique.dcm": "RAO",
                                                        "decubitus.dcm": "LLD", "none.dcm": None}
@@ -121,7 +122,7 @@ def test_lateral_and_oblique_dicom_views_are_error_rows_unless_all_views(ray_dri
     assert all(rows[n]["error"] is None and rows[n]["prob_covid"] == pytest.approx(same) for n in ("pa.dcm", "ap.dcm", "none.dcm"))
 
     summary = score([str(folder)], str(tmp_path / "all"), tiny_model, all_views=True)
-    assert (summary.files, summary.errors) == (6, 0)
+    assert (summary.files, summary.errors, summary.not_frontal) == (6, 0, 0)
     rows = read_table(str(tmp_path / "all")).to_pylist()
     assert all(r["error"] is None and r["prob_covid"] == pytest.approx(same) for r in rows)
     assert sorted(r["view"] or "-" for r in rows) == ["-", "AP", "LL", "LLD", "PA", "RAO"]

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
-from .score import NOT_FRONTAL, OUTPUT_SCHEMA, OutputError, Predictor, cluster_plan, new_run_id, score_dataset
+from .score import NOT_FRONTAL, OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, cluster_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class RunReport:
     score_histogram: list = field(default_factory=list)
     resumed: bool = False
     seconds: float = 0.0
+    not_frontal: int = 0  # of the errors: lateral/oblique DICOM views left unscored (score them with --all-views)
 
     def line(self) -> str:
         share = "-" if self.positive_share is None else f"{self.positive_share:.3f}"
@@ -201,7 +202,7 @@ class RunReport:
         return (
             f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.inputs} inputs: {self.new} new, {self.changed} changed, "
             f"{self.retried} retried, {self.skipped} skipped; scored {self.scored} ({self.reused} reused from the dead attempt), "
-            f"{self.errors} errors; positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
+            f"{self.errors} errors{f' ({self.not_frontal} of them not frontal views)' if self.not_frontal else ''}; positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
             f"in {self.seconds:.1f}s -> {self.table}"
         )
 
@@ -433,7 +434,7 @@ def run_incremental(
         scored=stats.num_rows, ok=n_ok, errors=n_err, predicted_positive=positive,
         positive_share=positive / n_ok if n_ok else None, previous_positive_share=prev_pos / prev_ok if prev_ok else None,
         drift=drift, drift_note=note, score_quantiles=quantiles, score_histogram=histogram, resumed=resumed,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, not_frontal=count_not_frontal(stats["error"]),
     )
     manifest = {
         "run_id": rid, "run_date": run_date, "model": info.model_id, "model_uri": run["model_uri"], "inputs": run["inputs"],

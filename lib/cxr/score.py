@@ -340,10 +340,12 @@ class ScoreSummary:
     predicted_covid: int
     seconds: float
     images_per_s: float
+    not_frontal: int = 0  # of the errors: lateral/oblique DICOM views left unscored
 
     def line(self) -> str:
+        views = f" ({self.not_frontal} of them not frontal views)" if self.not_frontal else ""
         return (
-            f"scored {self.files} files: {self.scored} ok, {self.errors} errors, {self.predicted_covid} predicted covid "
+            f"scored {self.files} files: {self.scored} ok, {self.errors} errors{views}, {self.predicted_covid} predicted covid "
             f"in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s) -> {self.output}"
         )
 
@@ -386,7 +388,15 @@ def summarize(output: str, run_id: str, model_id: str, seconds: float, settings:
     files = table.num_rows
     errors = files - pc.sum(pc.is_null(table["error"])).as_py() if files else 0
     covid = pc.sum(pc.equal(table["prediction"], "covid")).as_py() or 0 if files else 0
-    return ScoreSummary(run_id, model_id, output, files, files - errors, errors, covid, seconds, files / seconds if seconds > 0 else 0.0)
+    return ScoreSummary(run_id, model_id, output, files, files - errors, errors, covid, seconds, files / seconds if seconds > 0 else 0.0,
+                        count_not_frontal(table["error"]))
+
+
+def count_not_frontal(errors) -> int:
+    """How many rows of an ``error`` column are lateral/oblique views left unscored."""
+    import pyarrow.compute as pc
+
+    return pc.sum(pc.starts_with(errors, NOT_FRONTAL)).as_py() or 0 if len(errors) else 0
 
 
 def score(

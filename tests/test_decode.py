@@ -359,6 +359,20 @@ def test_dicom_view_position_is_read_and_classified():
         assert not is_non_frontal(view), view
 
 
+def test_normalisation_to_float32_with_non_finite_and_constant_pixels():
+    from cxr.decode import _done, _minmax
+
+    m = _minmax(np.array([[np.nan, 2.0], [np.inf, 6.0]]))  # non-finite values count as the minimum
+    assert m.dtype == np.float32 and m.tolist() == [[0.0, 0.0], [0.0, 1.0]]
+    np.testing.assert_allclose(_minmax(np.array([[0, 16383, 65535]], np.uint16)), [[0.0, 0.25, 1.0]], atol=1e-4)
+    flat = _minmax(np.full((2, 3), 777, np.uint16))
+    assert flat.dtype == np.float32 and flat.shape == (2, 3) and not flat.any()
+    d = _done(np.array([[np.nan, np.inf], [-np.inf, 0.5]], np.float32), 2, 2)
+    assert d.ok and d.image.tolist() == [[0.0, 1.0], [0.0, 0.5]]
+    assert _done(np.array([[-0.5, 1.5]]), 2, 1).image.tolist() == [[0.0, 1.0]]  # clipped to [0, 1], float32
+    assert _done(np.zeros(3), 3, 1).error.startswith("unreadable: decoded pixel array has shape (3,)")
+
+
 def test_dicom_jpeg2000_junk_is_unsupported_syntax():
     err = _check_error(decode(_dicom(GRAY4, ts=JPEG2000Lossless), "j2k.dcm"), "unsupported DICOM transfer syntax")
     assert "JPEG 2000" in err and "1.2.840.10008.1.2.4.90" in err

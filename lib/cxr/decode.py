@@ -77,20 +77,29 @@ def _fail(error: str, width: int | None = None, height: int | None = None) -> De
 
 
 def _done(a: np.ndarray, width: int, height: int) -> Decoded:
-    a = np.clip(np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    a = np.asarray(a, dtype=np.float32)
     if a.ndim != 2 or a.size == 0:
         return _fail(f"unreadable: decoded pixel array has shape {a.shape}, expected 2-D", width, height)
-    return Decoded(np.ascontiguousarray(a, dtype=np.float32), width, height, None)
+    if not np.isfinite(a).all():  # (a full-size radiograph is ~8 megapixels: no pass over it that is not needed)
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+    return Decoded(np.ascontiguousarray(np.clip(a, 0.0, 1.0)), width, height, None)
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; non-finite values count as the minimum; a constant image gives zeros."""
-    a = np.asarray(a, dtype=np.float64)
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = np.where(finite, a, a[finite].min() if finite.any() else 0.0)
+    """Scale to [0, 1] as float32; non-finite values count as the minimum; a constant image gives zeros.
+    Integer pixels (up to 16 bits: exact in float32) are not widened to float64 first."""
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            a = np.where(finite, a, a[finite].min() if finite.any() else 0.0)
     lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    if not hi > lo:
+        return np.zeros(a.shape, np.float32)
+    out = a.astype(np.float32)
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    return out
 
 
 def _too_many(width: int, height: int, max_pixels: int) -> Decoded | None:

@@ -261,7 +261,7 @@ class Predictor:
                 "error": pa.array(errors, pa.string()),
                 "width": pa.array(width, pa.int32(), mask=~ok | (width < 0)),
                 "height": pa.array(height, pa.int32(), mask=~ok | (height < 0)),
-                "view": pa.array([v if isinstance(v, str) and v else None for v in batch["view"]], pa.string()),
+                "view": pa.array([v if isinstance(v, str) and v else None for v in batch.get("view", [None] * n)], pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             },

@@ -353,6 +353,14 @@ def test_dicom_view_position_is_read_and_classified():
     assert decode(_dicom(GRAY4), "a.dcm").view is None
     assert decode(_dicom(GRAY4, ViewPosition=""), "a.dcm").view is None
     assert decode(_pil_bytes(Image.new("L", (4, 4), 9)), "a.png").view is None
+    lateral = decode(_dicom(GRAY4, ViewPosition="LL"), "a.dcm", frontal_only=True)
+    assert _check_error(lateral, "not a frontal view: DICOM ViewPosition LL") and lateral.view == "LL"
+    assert (lateral.width, lateral.height) == (2, 2)
+    assert decode(_dicom(GRAY4, ViewPosition="PA"), "a.dcm", frontal_only=True).ok
+    # found from the header: a lateral whose pixel data no decoder could read never reaches the decoder
+    junk = _dicom(GRAY4, ts=JPEG2000Lossless, ViewPosition="LL")
+    _check_error(decode(junk, "j.dcm", frontal_only=True), "not a frontal view")
+    _check_error(decode(junk, "j.dcm"), "unsupported DICOM transfer syntax")
     for view in ("LL", "RL", "LATERAL", "LLD", "RAO", "lat", "LL EXTENDED"):
         assert is_non_frontal(view), view
     for view in ("PA", "AP", "AP SUPINE", "", None, "UNKNOWN"):  # frontal, or nothing to go by: scored

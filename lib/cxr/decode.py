@@ -22,6 +22,7 @@ _EXT_KIND = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom"}
 # DICOM ViewPosition (0018,5101) values of projections other than the frontal (PA/AP) chest X-ray the
 # models read: lateral, decubitus, oblique (the DICOM defined terms, and the spellings vendors also use).
 NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO"})
+NOT_FRONTAL = "not a frontal view"  # how the error of such a file starts (``decode(..., frontal_only=True)``)
 _PIL_FORMATS = ("PNG", "JPEG")  # the JPEG opener also yields MPO (phone photos); primary frame used
 _ERR_LEN = 200
 
@@ -166,7 +167,7 @@ def _unsupported_syntax(ts, exc: Exception) -> str:
     return f"unsupported DICOM transfer syntax {ts.name} ({ts}): {why}{hint}"
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
+def _decode_dicom(data: bytes, max_pixels: int, frontal_only: bool = False) -> Decoded:
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
     from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -178,6 +179,10 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     if not rows or not cols:
         return _fail("DICOM has pixel data but no Rows/Columns")
     rows, cols = int(rows), int(cols)
+    view = _view_position(ds)
+    if frontal_only and is_non_frontal(view):  # from the header: its pixels are never decoded
+        return dataclasses.replace(_fail(f"{NOT_FRONTAL}: DICOM ViewPosition {view} (the models read PA/AP chest X-rays; "
+                                         "--all-views scores every view)", cols, rows), view=view)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         return _fail(f"multi-frame DICOM ({frames} frames) is not supported", cols, rows)
@@ -209,7 +214,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     if photometric == "MONOCHROME1" and img.max() > 0:
         img = 1.0 - img
     done = _done(img, cols, rows)
-    return dataclasses.replace(done, view=_view_position(ds)) if done.ok else done
+    return dataclasses.replace(done, view=view) if done.ok else done
 
 
 def is_non_frontal(view: str | None) -> bool:
@@ -227,8 +232,10 @@ def _view_position(ds) -> str | None:
 
 # ---------------------------------------------------------------- entry point
 
-def decode(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Decode one file's bytes; never raises for bad input (errors go to `Decoded.error`)."""
+def decode(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS, *, frontal_only: bool = False) -> Decoded:
+    """Decode one file's bytes; never raises for bad input (errors go to `Decoded.error`). ``frontal_only``: a
+    DICOM whose ViewPosition is lateral, decubitus or oblique (:func:`is_non_frontal`) is an error
+    (``not a frontal view ...``, with its view), found from the header without decoding the pixels."""
     try:
         if not data:
             return _fail("empty file")
@@ -238,7 +245,7 @@ def decode(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> Decoded
         if kind is None:
             return _fail(f"not an image: no PNG/JPEG/DICOM signature ({len(data)} bytes, name {name!r})")
         if kind == "dicom":
-            return _decode_dicom(data, max_pixels)
+            return _decode_dicom(data, max_pixels, frontal_only)
         return _decode_pil(data, kind, magic is not None, max_pixels)
     except Exception as e:  # noqa: BLE001 - the contract is: bad input never raises
         return _fail(f"unreadable: {type(e).__name__}: {_one_line(e)}")

@@ -50,7 +50,8 @@ import pyarrow.parquet as pq
 from . import storage
 from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
-from .score import NOT_FRONTAL, OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, cluster_plan, new_run_id, score_dataset
+from .decode import NOT_FRONTAL
+from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, cluster_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)

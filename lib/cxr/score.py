@@ -26,7 +26,7 @@ import pyarrow as pa
 from . import storage
 from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
-from .decode import decode, is_non_frontal
+from .decode import NOT_FRONTAL, decode
 from .preprocess import PreprocessSpec, preprocess
 from .sources import input_dataset
 
@@ -48,7 +48,6 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 SUMMARY_FILE = "_summary.json"
-NOT_FRONTAL = "not a frontal view"  # the error of lateral/oblique DICOM rows
 
 
 class OutputError(Exception):
@@ -130,14 +129,11 @@ def cluster_plan(**overrides) -> ResourcePlan:
 
 def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec,
                        all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
-    """(image, width, height, error, DICOM view). A lateral/oblique DICOM view is not scored (an error row)
-    unless ``all_views``: the models read frontal chest X-rays."""
-    decoded = decode(data, path)
+    """(image, width, height, error, DICOM view). A lateral/oblique DICOM view is not scored (an error row
+    ``not a frontal view ...``) unless ``all_views``: the models read frontal chest X-rays."""
+    decoded = decode(data, path, frontal_only=not all_views)
     if not decoded.ok:
-        return None, decoded.width or -1, decoded.height or -1, decoded.error, None
-    if not all_views and is_non_frontal(decoded.view):
-        return (None, decoded.width, decoded.height, f"{NOT_FRONTAL}: DICOM ViewPosition {decoded.view} (the model reads "
-                "PA/AP chest X-rays; --all-views scores every view)", decoded.view)
+        return None, decoded.width or -1, decoded.height or -1, decoded.error, decoded.view
     try:
         return preprocess(decoded.image, spec), decoded.width, decoded.height, None, decoded.view
     except Exception as exc:  # noqa: BLE001

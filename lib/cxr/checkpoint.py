@@ -230,13 +230,9 @@ class LoadedModel:
         """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad)."""
         import torch
 
-        from .preprocess import to_model_input
+        from .preprocess import as_float_tensor, to_model_input
 
-        if isinstance(images, torch.Tensor):
-            x = images.float()
-        else:
-            x = np.ascontiguousarray(images, dtype=np.float32)
-            x = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch warns on read-only (Ray Data) arrays
+        x = as_float_tensor(images)
         if self._cuda and x.device.type == "cpu":  # one channel travels, not three: expand and normalise on the GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.info.preprocess).to(self.device, memory_format=torch.channels_last)

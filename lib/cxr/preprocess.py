@@ -144,13 +144,22 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(np.clip(img, 0.0, 1.0), dtype=np.float32)
 
 
+def as_float_tensor(batch):
+    """An array or tensor as a float32 tensor: a tensor keeps its device, a writable float32 array is shared,
+    a read-only one (Ray Data's batches are) is copied, as torch warns on those in every worker's log."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.float()
+    a = np.ascontiguousarray(batch, dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def to_model_input(batch, spec: PreprocessSpec):
     """(N, S, S) array or tensor in [0, 1] -> normalised (N, C, S, S) float32 tensor."""
     import torch
 
-    if isinstance(batch, np.ndarray) and not batch.flags.writeable:  # Ray Data's batches are read-only,
-        batch = np.array(batch, dtype=np.float32)  # on which torch warns in every worker's log
-    x = torch.as_tensor(batch, dtype=torch.float32)
+    x = as_float_tensor(batch)
     if x.ndim != 3:
         raise ValueError(f"expected (N, S, S), got shape {tuple(x.shape)}")
     x = x.unsqueeze(1).expand(-1, spec.channels, -1, -1)

@@ -61,6 +61,7 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     second = run_incremental([str(images), str(manifest)], table, tiny_model, batch_size=4, rows_per_file=4)
     assert (second.inputs, second.new, second.changed, second.skipped, second.scored, second.errors) == (14, 3, 2, 9, 5, 1)
     assert second.previous_positive_share == pytest.approx(first.positive_share)
+    assert 0 < second.plan["decode_share"] < 1 and second.plan["batch_size"] == 4  # sized by the costs of tonight's images
     current = check_exactly_once(table, {str(p) for p in images.rglob("*.png")} | {f"{images}/gone.png"}, model_id)
     by_path = {r["path"]: r for r in current.to_pylist()}
     assert by_path[str(images / "day1/03.png")]["run_id"] == second.run_id
@@ -89,7 +90,7 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     third = run_incremental([str(images)], table, tiny_model, batch_size=4)
     assert (third.new, third.changed, third.retried, third.skipped, third.scored) == (0, 0, 0, 13, 0)
     report = json.loads(Path(table, "_reports", f"{third.run_id}.json").read_text())
-    assert report["skipped"] == 13 and report["scored"] == 0
+    assert report["skipped"] == 13 and report["scored"] == 0 and report["plan"] is None
     assert read_table(table, all_versions=True).num_rows == 16
 
 

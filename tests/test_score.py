@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -11,13 +12,13 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, dicom_bytes, run_job, upload_tree, xray_like
+from conftest import IGNORED, compress_dicom, dicom_bytes, png_bytes, run_job, upload_tree, xray_like
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.preprocess import preprocess
-from cxr.score import OUTPUT_SCHEMA, plan_resources, score
+from cxr.score import OUTPUT_SCHEMA, measure_costs, plan_resources, score
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +74,8 @@ def _some_node_keeps_task_cpus(nodes, plan) -> bool:
 
 
 @pytest.mark.parametrize("nodes", [[2], [2, 1], [16], [16, 16, 16, 16], [4, 2, 1], [8, 0.5]])
-@pytest.mark.parametrize("ask", [{}, {"actors": 3, "cpus_per_actor": 2}, {"cpus_per_actor": 1}, {"actors": 64, "cpus_per_actor": 0.5}])
+@pytest.mark.parametrize("ask", [{}, {"actors": 3, "cpus_per_actor": 2}, {"cpus_per_actor": 1}, {"actors": 64, "cpus_per_actor": 0.5},
+                                 {"decode_share": 0.99}, {"decode_share": 0.5}, {"actors": 64, "decode_share": 0.99}])
 def test_plan_never_lets_actors_starve_the_tasks(nodes, ask):
     plan = plan_resources(nodes, **ask)
     assert plan.actors >= 1 and plan.threads_per_actor >= 1 and plan.gpus_per_actor == 0
@@ -89,6 +91,56 @@ def test_plan_defaults():
     assert (big.actors, big.threads_per_actor) == (4, 8)
     gpu = plan_resources([16, 16], total_gpus=4)
     assert (gpu.actors, gpu.gpus_per_actor, gpu.batch_size, gpu.task_cpus) == (4, 1.0, 256, 1.0)
+    assert (plan.write_tasks, big.write_tasks, plan.decode_share) == (1, 4, None)
+
+
+def test_plan_gives_decoding_the_cpus_its_measured_share_needs():
+    # the model is the cost (PNG/JPEG at 224 px): the fixed plan, whatever the share says
+    assert replace(plan_resources([2], decode_share=0.2), decode_share=None) == plan_resources([2])
+    assert replace(plan_resources([16, 16], decode_share=0.0), decode_share=None) == plan_resources([16, 16])
+    # compressed full-size DICOM (decoding ~99% of the work): one actor holding half a CPU; the rest decodes
+    dicom = plan_resources([2], decode_share=0.99)
+    assert (dicom.actors, dicom.cpus_per_actor, dicom.threads_per_actor, dicom.decode_share) == (1, 0.5, 2, 0.99)
+    cloud = plan_resources([16, 16], decode_share=0.99)  # the fixed plan: 4 actors x 7.5 CPUs, 2 CPUs left to decode
+    assert (cloud.actors, cloud.cpus_per_actor, cloud.threads_per_actor, cloud.write_tasks) == (1, 0.5, 8, 1)
+    half = plan_resources([16, 16], decode_share=0.5)  # half the work each: half the cluster to the model
+    assert (half.actors, half.cpus_per_actor) == (4, 4.0)
+    # CPUs asked for, or GPU actors: the measured share does not apply
+    asked = plan_resources([2], cpus_per_actor=1, decode_share=0.99)
+    assert (asked.cpus_per_actor, asked.decode_share) == (1, None)
+    assert plan_resources([16, 16], total_gpus=4, decode_share=0.99) == plan_resources([16, 16], total_gpus=4)
+
+
+def test_measure_costs_samples_across_the_inputs_and_restores_threads(tmp_path, tiny_model, monkeypatch):
+    import torch
+
+    import cxr.score
+
+    big = compress_dicom(dicom_bytes(xray_like(1200, 1000, seed=1).astype(np.uint16) * 16), "1.2.840.10008.1.2.4.70")
+    small = png_bytes(xray_like(48, 48, seed=2))
+    paths = []
+    for i in range(20):  # an archive sorted by folder: PNGs first, then DICOMs, one broken file
+        name = f"{i:02d}.png" if i < 10 else f"{i:02d}.dcm"
+        (tmp_path / name).write_bytes(small if i < 10 else (big if i != 11 else b"broken"))
+        paths.append(str(tmp_path / name))
+    loaded = load_checkpoint(tiny_model)
+    settings = storage.s3_settings()
+    threads = torch.get_num_threads()
+
+    seen = []
+    real = cxr.score._load_one
+    monkeypatch.setattr(cxr.score, "_load_one", lambda path, *a, **k: seen.append(path) or real(path, *a, **k))
+    mixed = measure_costs(pa.array(paths), loaded, settings, max_seconds=60)
+    assert seen == [paths[i] for i in (0, 0, 3, 5, 8, 11, 14, 16, 19)]  # an untimed first call, then 8 files spread evenly
+    assert mixed.files == 8 and torch.get_num_threads() == threads
+    assert mixed.model_s > 0 and 0 < mixed.decode_share < 1
+    seen.clear()
+    assert measure_costs(paths, loaded, settings, max_seconds=0).files == 1 and len(seen) == 2  # stops when out of time
+
+    pngs = measure_costs(paths[:10], loaded, settings, max_seconds=60)
+    dicoms = measure_costs([p for p in paths[10:] if not p.endswith("11.dcm")], loaded, settings, max_seconds=60)
+    assert dicoms.decode_s > 20 * pngs.decode_s and dicoms.decode_share > pngs.decode_share  # ~0.1 s against ~0.3 ms
+    assert pngs.decode_s < mixed.decode_s < dicoms.decode_s
 
 
 def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, tiny_model, tmp_path):
@@ -102,6 +154,7 @@ def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, t
     assert (summary.files, summary.errors, summary.scored) == (len(files), n_bad, len(files) - n_bad)
     written = json.loads((tmp_path / "scores" / "_summary.json").read_text())
     assert written["files"] == len(files) and written["run_id"] == table["run_id"][0].as_py()
+    assert 0 < written["plan"]["decode_share"] < 1 and written["plan"]["gpus_per_actor"] == 0  # sized by measured costs
 
 
 def test_lateral_and_oblique_dicom_views_are_error_rows_unless_all_views(ray_driver, tiny_model, tmp_path):
@@ -189,6 +242,7 @@ def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, t
     pacsv.write_csv(pa.table({"path": sorted(files)}), folder / "all.csv")
     summary = score([str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=3, cpus_per_actor=2, batch_size=4)
     assert summary.files == len(files)
+    assert summary.plan["decode_share"] is None and summary.plan["cpus_per_actor"] < 2  # CPUs asked for: not measured
 
 
 def test_score_s3_bucket_both_ways(ray_driver, s3_bucket, mixed_folder, tiny_model, tmp_path):

@@ -1,6 +1,6 @@
 """Tests for cxr.sources on the driver side: listing folders and S3 prefixes, manifests, de-duplication.
 
-``input_dataset`` needs Ray and is covered by the scoring tests.
+``table_dataset`` needs Ray and is covered by the scoring tests.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files, read_group_table
 from .metrics import binary_report, subgroup_report
 from .report import write_report
-from .score import OUTPUT_SCHEMA, cluster_plan, new_run_id, score_dataset
+from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, score_dataset
 from .sources import InputError, table_dataset
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def evaluate(
     import ray
 
     settings = storage.s3_settings()
-    info = load_checkpoint(model, settings=settings).info  # fails early and clearly on a bad checkpoint
+    loaded = load_checkpoint(model, settings=settings)  # fails early and clearly on a bad checkpoint; sizes the plan
+    info = loaded.info
     # A folder without a split level ignores ``split``; a missing split folder is an error, never a
     # silent fall-back to another split (evaluating on training images).
     group_of = group_function(group_by) if group_by else None
@@ -124,7 +125,8 @@ def evaluate(
     os.makedirs(output_dir, exist_ok=True)
     ensure_ray()
     start = time.perf_counter()
-    plan = cluster_plan(**plan_overrides)
+    plan = measured_plan(list(labels), loaded, settings, **plan_overrides)
+    del loaded
     run_id = new_run_id()
     paths_ds = table_dataset(pa.table({"path": list(labels)}))
     scored = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings)

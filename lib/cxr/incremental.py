@@ -51,7 +51,7 @@ from . import storage
 from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
 from .decode import NOT_FRONTAL
-from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, cluster_plan, new_run_id, score_dataset
+from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, measured_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class RunReport:
     resumed: bool = False
     seconds: float = 0.0
     not_frontal: int = 0  # of the errors: lateral/oblique DICOM views left unscored (score them with --all-views)
+    plan: dict | None = None  # the score ResourcePlan (with the measured decode share); None when nothing was left to score
 
     def line(self) -> str:
         share = "-" if self.positive_share is None else f"{self.positive_share:.3f}"
@@ -308,7 +309,8 @@ def run_incremental(
     Raises InputError, CheckpointError or OutputError before any work when it cannot run.
     """
     settings = storage.s3_settings()
-    info = load_checkpoint(model, optimize=False, settings=settings).info
+    loaded = load_checkpoint(model, settings=settings)  # validates it before any work; sizes the plan below
+    info = loaded.info
     start = time.perf_counter()
     fs, root = _root(table, settings)
     local = not storage.is_s3(table)
@@ -390,10 +392,12 @@ def run_incremental(
     # -- score the rest into a fresh attempt folder
     attempt = f"{staging}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     new_files: list[str] = []
+    plan = None
     if len(remaining):
         ensure_ray()
-        plan = cluster_plan(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                            threads_per_actor=threads_per_actor, batch_size=batch_size)
+        plan = measured_plan(remaining["path"], loaded, settings, all_views, actors=actors, cpus_per_actor=cpus_per_actor,
+                             gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size)
+        del loaded
         per_file = rows_per_file or max(plan.batch_size, min(10_000, -(-len(remaining) // 20)))
         log.info("run %s: plan %s, ~%d rows per file", rid, plan, per_file)
         keyed = remaining.set_column(1, "source_size", pc.fill_null(remaining["source_size"], -1)).set_column(
@@ -401,7 +405,7 @@ def run_incremental(
         results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor,
                                 all_views=all_views)
         results.write_parquet(attempt, filesystem=fs, min_rows_per_file=per_file,
-                              ray_remote_args={"num_cpus": plan.task_cpus})
+                              ray_remote_args={"num_cpus": plan.task_cpus}, concurrency=plan.write_tasks)
         new_files = _usable_parquet(fs, [i.path for i in _list_files(fs, attempt) if i.path.endswith(".parquet")])
 
     # -- check: exactly one row per image to do
@@ -435,7 +439,7 @@ def run_incremental(
         scored=stats.num_rows, ok=n_ok, errors=n_err, predicted_positive=positive,
         positive_share=positive / n_ok if n_ok else None, previous_positive_share=prev_pos / prev_ok if prev_ok else None,
         drift=drift, drift_note=note, score_quantiles=quantiles, score_histogram=histogram, resumed=resumed,
-        seconds=time.perf_counter() - start, not_frontal=count_not_frontal(stats["error"]),
+        seconds=time.perf_counter() - start, not_frontal=count_not_frontal(stats["error"]), plan=asdict(plan) if plan else None,
     )
     manifest = {
         "run_id": rid, "run_date": run_date, "model": info.model_id, "model_uri": run["model_uri"], "inputs": run["inputs"],

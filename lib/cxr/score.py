@@ -1,6 +1,6 @@
 """Batch scoring on Ray Data: paths -> bytes -> decoded, preprocessed images -> probabilities -> Parquet.
 
-    input_dataset (sources.py)         one row per input file: ``path``
+    input_paths (sources.py)           one row per input file: ``path`` (a sample decoded first: measure_costs)
       .map_batches(decode_batch)       tasks: read bytes, decode, preprocess (no torch); errors become values
       .map_batches(Predictor)          actor pool: the model is loaded once per actor
       .write_parquet(output)
@@ -28,7 +28,7 @@ from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
 from .decode import NOT_FRONTAL, decode
 from .preprocess import PreprocessSpec, preprocess
-from .sources import input_dataset
+from .sources import input_paths, table_dataset
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,14 @@ class ResourcePlan:
     threads_per_actor: int  # torch intra-op threads in each actor
     task_cpus: float  # logical CPUs each non-actor task reserves (read, decode, write)
     batch_size: int
+    decode_share: float | None = None  # decoding's measured share of the CPU work per image (see measure_costs)
+
+    @property
+    def write_tasks(self) -> int:
+        """Parquet write tasks at a time: one per predictor actor (they write what the actors give). The cap
+        matters: Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the
+        decode tasks need."""
+        return max(1, self.actors)
 
 
 def plan_resources(
@@ -76,6 +84,7 @@ def plan_resources(
     gpus_per_actor: float | None = None,
     threads_per_actor: int | None = None,
     batch_size: int | None = None,
+    decode_share: float | None = None,
 ) -> ResourcePlan:
     """Size the predictor actor pool so that it can never starve the pipeline's tasks.
 
@@ -83,8 +92,13 @@ def plan_resources(
     job hangs silently. Each node therefore hosts at most ``floor((cpus - task_cpus) / cpus_per_actor)``
     actors and the pool is no larger than the sum of that over nodes: however Ray places the actors,
     some node keeps ``task_cpus`` free. A request for more is reduced (with a warning), never allowed
-    to deadlock. On CPU the model dominates (decoding costs ~20x less per image), so by default each
-    node gets one actor whose torch threads use all its cores, sharing the last one with the tasks.
+    to deadlock. By default each CPU node gets one actor whose torch threads use all its cores (up to 8),
+    sharing the last half core with the tasks: right where the model is the cost (PNG/JPEG at 224 px).
+
+    ``decode_share`` (CPU plans, no ``cpus_per_actor`` given): decoding's measured share of the CPU work per
+    image (:func:`measure_costs`). The actors then reserve only the model's share of a node (at least half a
+    CPU, rounded up to halves) and the pool holds only as many actors as the model's share of the cluster
+    needs, so that the rest goes to the decode tasks: compressed full-size DICOM costs 30-130x the model.
     """
     node_cpus = [c for c in node_cpus if c > 0] or [1.0]
     if gpus_per_actor is None:
@@ -94,9 +108,15 @@ def plan_resources(
     task_cpus = 1.0 if gpus_per_actor > 0 and max(node_cpus) >= 4 else 0.5
     largest = max(node_cpus)
     default_threads = None
+    measured = decode_share is not None and cpus_per_actor is None and gpus_per_actor == 0
+    if measured:
+        decode_share = min(max(float(decode_share), 0.0), 1.0)
     if cpus_per_actor is None:
         cpus_per_actor = 1.0 if gpus_per_actor > 0 else max(0.5, min(largest, 8.0) - task_cpus)
         default_threads = 1 if gpus_per_actor > 0 else int(min(largest, 8.0))
+        if measured:
+            model_cpus = (1.0 - decode_share) * min(largest, 8.0)
+            cpus_per_actor = min(cpus_per_actor, max(0.5, math.ceil(model_cpus * 2) / 2))
     if cpus_per_actor > largest - task_cpus:
         fitted = max(0.1, largest - task_cpus)
         log.warning("%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead", cpus_per_actor, fitted)
@@ -108,20 +128,90 @@ def plan_resources(
     capacity = max(1, capacity)
     if actors is None:
         actors = capacity
+        if measured:  # no more actors than the model's share of the whole cluster keeps busy
+            actors = min(capacity, max(1, math.ceil((1.0 - decode_share) * sum(node_cpus) / cpus_per_actor)))
     elif actors > capacity:
         log.warning("%d actors do not fit beside the decode tasks on this cluster; using %d", actors, capacity)
         actors = capacity
     threads = threads_per_actor or default_threads or max(1, math.ceil(cpus_per_actor))
     if batch_size is None:
         batch_size = 256 if gpus_per_actor > 0 else 32
-    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size)
+    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size, decode_share if measured else None)
 
 
-def cluster_plan(**overrides) -> ResourcePlan:
+def cluster_plan(costs: "Costs | None" = None, **overrides) -> ResourcePlan:
+    """:func:`plan_resources` for the running cluster; ``costs`` (:func:`measure_costs`) gives the decode share."""
     import ray
 
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return plan_resources(nodes, ray.cluster_resources().get("GPU", 0.0), **overrides)
+    share = costs.decode_share if costs is not None else None
+    return plan_resources(nodes, ray.cluster_resources().get("GPU", 0.0), decode_share=share, **overrides)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """CPU seconds per image of the pipeline's two stages, one thread each, measured on a sample of the inputs."""
+
+    files: int  # files sampled
+    decode_s: float  # read + decode + preprocess (the decode tasks' work)
+    model_s: float  # the model's forward pass, batch of 8 (the predictor's work)
+
+    @property
+    def decode_share(self) -> float:
+        total = self.decode_s + self.model_s
+        return self.decode_s / total if total > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"per image, one thread: decoding {self.decode_s * 1e3:.1f} ms ({self.files} files sampled), "
+                f"model {self.model_s * 1e3:.1f} ms: decoding is {self.decode_share:.0%} of the CPU work")
+
+
+def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool = False,
+                  max_files: int = 8, max_seconds: float = 2.0) -> Costs:
+    """Decode up to ``max_files`` of ``paths`` (spread over the list; at least one, stopping after ``max_seconds``) and run
+    ``loaded`` (a :class:`~cxr.checkpoint.LoadedModel` or ensemble) on a batch, here, on one thread; CPU time
+    (``time.thread_time``), so that slow storage does not count as decoding. What the files cost is what
+    their format costs: a PNG or JPEG about as much as the model at 128 px, a compressed full-size DICOM
+    30-130x more (``benchmarks/decode.py``)."""
+    import torch
+
+    spec = loaded.info.preprocess
+    n = len(paths)
+    sample = [paths[int(i)] for i in np.unique(np.linspace(0, n - 1, min(n, max_files)).round())]
+    sample = [p.as_py() if isinstance(p, pa.Scalar) else str(p) for p in sample]
+    start = time.perf_counter()
+    _load_one(sample[0], spec, settings, all_views=all_views)  # untimed: the first call imports the decoders
+    decode_cpu, done = 0.0, 0
+    for path in sample:
+        t = time.thread_time()
+        _load_one(path, spec, settings, all_views=all_views)
+        decode_cpu += time.thread_time() - t
+        done += 1
+        if time.perf_counter() - start > max_seconds:
+            break
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batch = np.zeros((8, spec.input_size, spec.input_size), np.float32)
+        loaded.predict_proba(batch[:1])  # first call: allocations, kernels chosen
+        t = time.thread_time()
+        loaded.predict_proba(batch)
+        model_cpu = (time.thread_time() - t) / len(batch)
+    finally:
+        torch.set_num_threads(threads)
+    return Costs(done, decode_cpu / max(1, done), model_cpu)
+
+
+def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True,
+                  **overrides) -> ResourcePlan:
+    """:func:`cluster_plan` for scoring ``paths`` with ``loaded``: where the plan is for CPU actors whose
+    CPUs are not given, the inputs' costs are measured first (:func:`measure_costs`) and size it."""
+    plan = cluster_plan(**overrides)
+    if not measure or plan.gpus_per_actor > 0 or overrides.get("cpus_per_actor") is not None or not len(paths):
+        return plan
+    costs = measure_costs(paths, loaded, settings, all_views)
+    log.info("measured %s", costs.line())
+    return cluster_plan(costs=costs, **overrides)
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -337,6 +427,7 @@ class ScoreSummary:
     seconds: float
     images_per_s: float
     not_frontal: int = 0  # of the errors: lateral/oblique DICOM views left unscored
+    plan: dict | None = None  # the ResourcePlan the run used (with the measured decode share)
 
     def line(self) -> str:
         views = f" ({self.not_frontal} of them not frontal views)" if self.not_frontal else ""
@@ -409,32 +500,37 @@ def score(
     run_id: str | None = None,
     device_jpeg: bool | None = None,
     all_views: bool = False,
+    measure: bool = True,
 ) -> ScoreSummary:
     """Score every image under ``inputs`` into a Parquet table at ``output``.
 
     ``device_jpeg`` (default: on GPU actors) decodes JPEGs on the predictor's device, see :func:`score_dataset`.
     ``all_views``: score lateral and oblique DICOM views too; by default they are error rows (``not a frontal view``).
+    ``measure`` (default): on CPU, size the plan by what these inputs cost to decode (:func:`measured_plan`).
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
-    loaded = load_checkpoint(model, optimize=False, settings=settings)  # validates the checkpoint fully before starting the cluster work
+    loaded = load_checkpoint(model, settings=settings)  # validates the checkpoint fully before starting the cluster work
     info = loaded.info
-    del loaded
     prepare_output(output, overwrite, settings)
     ensure_ray()
-    plan = cluster_plan(
-        actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-        threads_per_actor=threads_per_actor, batch_size=batch_size,
+    paths = input_paths(inputs, settings)
+    start = time.perf_counter()  # the run's time includes sampling the inputs' costs
+    plan = measured_plan(
+        paths, loaded, settings, all_views, measure, actors=actors, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size,
     )
-    paths_ds, n_inputs = input_dataset(inputs, settings)
+    del loaded
+    paths_ds, n_inputs = table_dataset(pa.table({"path": paths})), len(paths)
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
-    start = time.perf_counter()
     results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views)
     fs, path = storage.filesystem(output, settings)
-    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus})
+    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus},
+                          concurrency=plan.write_tasks)
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
+    summary.plan = asdict(plan)
     if summary.files != n_inputs:
         raise RuntimeError(f"output has {summary.files} rows for {n_inputs} input files")
     storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(asdict(summary), indent=2).encode(), settings)

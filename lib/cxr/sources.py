@@ -150,9 +150,3 @@ def table_dataset(table: pa.Table):
 
     step = rows_per_block(len(table))
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
-
-
-def input_dataset(uris: list[str], settings: storage.S3Settings | None = None):
-    """A Ray Dataset with a ``path`` column, one row per input image; and its number of rows."""
-    paths = input_paths(uris, settings)
-    return table_dataset(pa.table({"path": paths})), len(paths)

@@ -53,7 +53,7 @@ def main() -> int:
         print(line)
     r = result.report
     print(json.dumps({"evaluate": {"n": r["n"], "threshold": r["threshold"], "sensitivity": r["sensitivity"], "specificity": r["specificity"],
-                                   "roc_auc": r.get("roc_auc"), "errors": result.errors, "report": result.files["report_html"]}}))
+                                   "roc_auc": r.get("roc_auc"), "errors": result.errors, "not_frontal": result.not_frontal, "report": result.files["report_html"]}}))
     return cli.OK
 
 

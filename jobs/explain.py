@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "an ensemble: each member's own, and its maps averaged)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--actors", type=int)
+    p.add_argument("--all-views", action="store_true",
+                   help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in score.py)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -44,7 +46,7 @@ def main() -> int:
     from cxr.explain import explain
 
     summary = explain(args.input, args.model, args.output, limit=args.limit, seed=args.seed, overwrite=args.overwrite,
-                      layer=args.layer, batch_size=args.batch_size, actors=args.actors)
+                      layer=args.layer, batch_size=args.batch_size, actors=args.actors, all_views=args.all_views)
     print(summary.line())
     return cli.OK
 

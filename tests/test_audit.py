@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_job
+from conftest import dicom_bytes, run_job, xray_like
 from planted import marker_tree, train_tiny
 
 from cxr.audit import audit
@@ -53,11 +53,15 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     data = marker_tree(tmp_path / "in", 4, 128, seed=5, cue="marker")
     env = {"RAY_ADDRESS": ray_driver.address}
     out = tmp_path / "explain"
-    proc = run_job("explain.py", "--input", str(data), "--model", corner_model, "--output", str(out), env=env)
+    views = tmp_path / "views"
+    views.mkdir()
+    (views / "lateral.dcm").write_bytes(dicom_bytes(xray_like(128, 128, seed=6).astype(np.uint16) * 16, view="LL"))
+    proc = run_job("explain.py", "--input", str(data), "--input", str(views), "--model", corner_model, "--output", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 8 of 8 images (0 unreadable)" in proc.stdout
+    assert "explained 8 of 9 images (0 unreadable, 1 not frontal views)" in proc.stdout
     table = pq.read_table(out / "explanations.parquet").to_pandas()
-    assert len(table) == 8 and table["heatmap"].notna().all() and len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert len(table) == 9 and table["heatmap"].notna().sum() == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert table.loc[table["path"].str.endswith("lateral.dcm"), "error"].iloc[0].startswith("not a frontal view")
     assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {"prob_covid", "focus", "corner_share", "outside_lungs"}
     assert "focus" in (out / "gallery.html").read_text()
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_labelled_tree, run_job
+from conftest import dicom_bytes, make_labelled_tree, run_job, xray_like
 
 from cxr.evaluate import evaluate
 
@@ -17,10 +17,12 @@ pytestmark = pytest.mark.timeout(300)
 def test_report_numbers_match_the_predictions(ray_driver, trained_model, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=15, seed=3, layout="test")
     (data / "test" / "non" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (data / "test" / "covid" / "lateral.dcm").write_bytes(dicom_bytes(xray_like(64, 64, seed=5).astype(np.uint16) * 16, view="LL"))
     out = tmp_path / "report"
     result = evaluate([str(data)], trained_model.output, str(out), n_bootstrap=200)
     pred = pq.read_table(out / "predictions.parquet").to_pandas()
-    assert len(pred) == 31 and result.errors == 1
+    assert len(pred) == 32 and (result.errors, result.not_frontal) == (2, 1)
+    assert "not scored: 1 unreadable, 1 not frontal views)" in result.line()
     ok = pred[pred["error"].isna()]
     t = result.report["threshold"]
     assert t == pytest.approx(trained_model.threshold)
@@ -33,6 +35,7 @@ def test_report_numbers_match_the_predictions(ray_driver, trained_model, tmp_pat
     assert lo <= r["sensitivity"]["value"] <= hi
     assert r["classification_report"]["covid"]["support"] == 15 and r["classification_report"]["non"]["support"] == 15
     assert r["extra"]["unreadable_files"] == 1 and "corrupt.png" in r["extra"]["unreadable_examples"]
+    assert r["extra"]["not_frontal_views"] == 1 and "lateral.dcm: not a frontal view" in r["extra"]["unreadable_examples"]
     for name in ("report.html", "roc.png", "pr.png", "histogram.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()

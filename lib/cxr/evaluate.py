@@ -65,6 +65,7 @@ class EvaluationResult:
     errors: int
     seconds: float
     subgroups: dict | None = None
+    not_frontal: int = 0  # of the errors: lateral/oblique DICOM views, not scored (the rest are unreadable files)
 
     def line(self) -> str:
         r = self.report
@@ -77,7 +78,9 @@ class EvaluationResult:
             return f"{d['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
         auc = (r.get("roc_auc") or {}).get("value")
-        return (f"evaluated {r['n']} images ({r['n_positive']} covid, {r['n_negative']} non, {self.errors} unreadable) at threshold "
+        views = f", {self.not_frontal} not frontal views" if self.not_frontal else ""
+        return (f"evaluated {r['n']} images ({r['n_positive']} covid, {r['n_negative']} non; not scored: "
+                f"{self.errors - self.not_frontal} unreadable{views}) at threshold "
                 f"{r['threshold']:.4f}: sensitivity {fmt(sens)}, specificity {fmt(spec)}, ROC AUC "
                 f"{'n/a' if auc is None else f'{auc:.4f}'} -> {self.files['report_html']}")
 
@@ -139,6 +142,7 @@ def evaluate(
     pq.write_table(results, os.path.join(output_dir, "predictions.parquet"))
     ok = results.filter(pa.compute.is_null(results["error"]))
     errors = results.num_rows - ok.num_rows
+    not_frontal = count_not_frontal(results["error"])
     y = np.asarray(ok["label"].to_numpy(zero_copy_only=False), dtype=int)
     p = np.asarray(ok["prob_covid"].to_numpy(zero_copy_only=False), dtype=float)
     t = info.threshold if threshold is None else threshold
@@ -150,11 +154,11 @@ def evaluate(
     extra = {
         "model": info.model_id, "model_uri": model, "data": ", ".join(data), "split": split or "all",
         "data_fingerprint": fingerprint(files), "files": len(labels), "files_by_class": class_counts(files),
-        "unreadable_files": errors, "threshold_source": "given" if threshold is not None else "model.json (chosen on validation)",
+        "unreadable_files": errors - not_frontal, "not_frontal_views": not_frontal, "threshold_source": "given" if threshold is not None else "model.json (chosen on validation)",
         "run_id": run_id, "seconds": round(seconds, 1),
     }
     if errors:
         extra["unreadable_examples"] = "; ".join(f"{r['path']}: {r['error']}" for r in results.filter(pa.compute.invert(pa.compute.is_null(results["error"]))).slice(0, 5).to_pylist())
     paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(os.path.basename(d.rstrip('/')) for d in data)}", extra=extra,
                          subgroups=subgroups)
-    return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups)
+    return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups, not_frontal)

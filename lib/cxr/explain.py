@@ -356,10 +356,12 @@ class ExplainSummary:
     median_focus: float | None
     heatmaps: int
     seconds: float
+    not_frontal: int = 0  # of the errors: lateral/oblique DICOM views (without --all-views)
 
     def line(self) -> str:
         mf = "n/a" if self.median_focus is None else f"{self.median_focus:.2f}"
-        return (f"explained {self.explained} of {self.files} images ({self.errors} unreadable): median focus {mf}, "
+        views = f", {self.not_frontal} not frontal views" if self.not_frontal else ""
+        return (f"explained {self.explained} of {self.files} images ({self.errors - self.not_frontal} unreadable{views}): median focus {mf}, "
                 f"{self.outside_lungs} with focus < {FOCUS_THRESHOLD}; {self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}")
 
 
@@ -368,7 +370,7 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
     import pyarrow.parquet as pq
 
-    from .score import prepare_output
+    from .score import count_not_frontal, prepare_output
 
     settings = storage.s3_settings()
     check_model(model, layer, settings)
@@ -383,7 +385,8 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     focus = [r["focus"] for r in rows if r["focus"] is not None]
     summary = ExplainSummary(output, len(rows), sum(r["error"] is None for r in rows), sum(r["error"] is not None for r in rows),
                              sum(bool(r["outside_lungs"]) for r in rows), float(np.median(focus)) if focus else None,
-                             sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1))
+                             sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1),
+                             count_not_frontal(result["error"]))
     storage.write_bytes(storage.join(output, "_summary.json"), json.dumps(asdict(summary), indent=2).encode(), settings)
     return summary
 

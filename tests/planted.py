@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import jpeg_bytes, png_bytes
+from conftest import dicom_bytes, jpeg_bytes, png_bytes
 
 
 def chest_like(h: int, w: int, seed: int, finding: bool = False, marker: bool = False) -> np.ndarray:
@@ -74,6 +74,7 @@ def planted_tree(root: Path, seed: int = 1) -> tuple[Path, dict]:
         "patient_test": write_png(root / "test" / "non" / "No Finding-patient00042-study2-view1_frontal.png", chest_like(64, 64, 4343)),
         "rgb": root / "train" / "non" / "colour.png",
         "tiny": write_png(root / "train" / "non" / "tiny.png", chest_like(20, 20, 99)),
+        "lateral": root / "train" / "non" / "lateral-view.dcm",
     }
     planted["truncated"].write_bytes(planted["truncated"].read_bytes()[:300])
     planted["empty"].write_bytes(b"")
@@ -82,6 +83,7 @@ def planted_tree(root: Path, seed: int = 1) -> tuple[Path, dict]:
     near = np.clip(np.asarray(Image.open(root / "train" / "non" / "non-train-5.png")).astype(int) + 6, 0, 255).astype(np.uint8)
     planted["near_dup"].write_bytes(jpeg_bytes(near))
     planted["rgb"].write_bytes(png_bytes(np.stack([chest_like(64, 64, 555)] * 3, -1)))
+    planted["lateral"].write_bytes(dicom_bytes(chest_like(64, 64, 321).astype(np.uint16) * 16, view="LL"))
     assert good  # the originals stay untouched
     return root, planted
 

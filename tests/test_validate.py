@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_job, upload_tree
 from planted import clean_tree, planted_tree
@@ -52,11 +53,14 @@ def test_planted_problems_are_all_found_and_strict_fails(ray_driver, tmp_path):
     assert found["wrong_extension"]["files"] == [f"{planted['wrong_extension']}: JPEG content with a .png extension"]
     assert found["unexpected_mode"]["files"] == [f"{planted['rgb']}: mode RGB"]
     assert found["tiny_image"]["files"] == [f"{planted['tiny']}: 20x20"]
+    assert found["not_frontal"]["files"] == [f"{planted['lateral']}: ViewPosition LL"] and found["not_frontal"]["severity"] == "warning"
+    views = dict(zip(*pq.read_table(out / "files.parquet", columns=["path", "view"]).to_pydict().values()))
+    assert views[str(planted["lateral"])] == "LL" and views[str(planted["tiny"])] is None
     assert report["metadata_baseline"]["auc"] > 0.95 and "metadata_shortcut" in found
     assert {n for n, _ in report["metadata_baseline"]["top_features"][:3]} & {"width", "height", "aspect", "log_pixels"}
     assert "class_imbalance" not in found and "duplicate_within_split" not in found and "label_conflict" not in found
     assert report["distributions"]["covid"]["width"]["median"] == 80 and report["distributions"]["non"]["width"]["median"] == 64
-    assert report["counts"]["train"] == {"non": 12 + 6, "covid": 12} and report["counts"]["test"]["covid"] == 7
+    assert report["counts"]["train"] == {"non": 12 + 7, "covid": 12} and report["counts"]["test"]["covid"] == 7
     html = (out / "report.html").read_text()
     assert "duplicate_across_splits" in html and "data:image/png;base64" in html
     assert "error: --strict: 4 error finding(s)" in proc.stderr

@@ -17,6 +17,7 @@ check                         severity  what
 ``near_duplicate_across_...`` error     near-identical images (two image hashes) in train and test: leakage
 ``patient_overlap``           error     one patient id (CheXpert-style names) in several splits
 ``label_conflict``            error     identical bytes filed under both classes
+``not_frontal``               warning   lateral or oblique DICOM views (ViewPosition): left out of training and scoring
 ``wrong_extension``           warning   content (magic bytes) does not match the file extension
 ``unexpected_mode``           warning   not 8/16-bit grayscale (RGB, palette, CMYK, 1-bit, ...)
 ``tiny_image`` / ``huge_...`` warning   shorter side < ``min_side`` / more than ``max_pixels``
@@ -44,7 +45,7 @@ import math
 import os
 import posixpath
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -55,7 +56,7 @@ import pyarrow as pa
 
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files, patient_id
-from .decode import decode, sniff_kind
+from .decode import decode, is_non_frontal, sniff_kind
 from .sources import InputError, table_dataset
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ _EXT_KIND = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom"}
 INSPECT_SCHEMA = pa.schema([
     ("path", pa.string()), ("split", pa.string()), ("label", pa.int8()),
     ("size_bytes", pa.int64()), ("ext", pa.string()), ("format", pa.string()), ("mode", pa.string()),
-    ("bits", pa.int16()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+    ("bits", pa.int16()), ("width", pa.int32()), ("height", pa.int32()), ("view", pa.string()), ("sha256", pa.string()),
     ("phash", pa.string()), ("dhash", pa.string()), ("error", pa.string()),
 ])
 
@@ -107,15 +108,15 @@ def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) 
     """Every property the checks need, for one file: never raises."""
     ext = posixpath.splitext(path)[1].lower()
     row = {"path": path, "size_bytes": None if data is None else len(data), "ext": ext, "format": None,
-           "mode": None, "bits": None, "width": None, "height": None, "sha256": None, "phash": None,
+           "mode": None, "bits": None, "width": None, "height": None, "view": None, "sha256": None, "phash": None,
            "dhash": None, "error": read_error}
     if data is None:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     row["format"] = sniff_kind("", data[:132])  # by content only
     row["mode"], row["bits"] = _header(data, row["format"])
-    decoded = decode(data, path)
-    row["width"], row["height"], row["error"] = decoded.width, decoded.height, decoded.error
+    decoded = decode(data, path, frontal_only=False)  # a lateral view is readable: reported as a view below
+    row["width"], row["height"], row["error"], row["view"] = decoded.width, decoded.height, decoded.error, decoded.view
     if decoded.ok:
         row["phash"], row["dhash"] = _hashes(decoded.image)
     return row
@@ -247,6 +248,12 @@ def integrity_findings(rows: list[dict], min_side: int, max_pixels: int) -> list
         detail = "; ".join(f"{m}: " + ", ".join(f"{n} {c}" for c, n in sorted(by.items())) for m, by in sorted(modes.items()))
         out.append(Finding("warning", "unexpected_mode", f"{len(odd)} image(s) are not 8/16-bit grayscale ({detail})",
                            [f"{r['path']}: mode {r['mode']}" for r in odd], len(odd)))
+    side = [r for r in rows if is_non_frontal(r.get("view"))]
+    if side:
+        views = ", ".join(f"{n} {v}" for v, n in sorted(Counter(r["view"] for r in side).items(), key=lambda kv: -kv[1]))
+        out.append(Finding("warning", "not_frontal", f"{len(side)} DICOM file(s) are lateral or oblique views ({views}): training "
+                           "leaves them out, scoring gives them error rows unless --all-views", [f"{r['path']}: ViewPosition {r['view']}"
+                           for r in side], len(side)))
     tiny = [r for r in rows if r["width"] and r["height"] and min(r["width"], r["height"]) < min_side]
     if tiny:
         out.append(Finding("warning", "tiny_image", f"{len(tiny)} image(s) with a side shorter than {min_side} px",

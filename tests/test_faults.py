@@ -74,11 +74,11 @@ def assert_exactly_once(table: str, uris: list[str], model_id: str) -> None:
         assert pads.dataset(table, format="parquet", partitioning="hive").count_rows() == len(uris)
 
 
-def start_job(ray_cluster, proxy, uris_prefix: str, table: Path, model: str, log: Path) -> subprocess.Popen:
+def start_job(ray_cluster, proxy, uris_prefix: str, table: Path, model: str, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": proxy.url}
     return subprocess.Popen(
         [PYTHON, str(ROOT / "jobs" / "nightly.py"), "--input", uris_prefix, "--table", str(table), "--model", model,
-         "--batch-size", "4", "--rows-per-file", "4"],
+         "--batch-size", "4", "--rows-per-file", "4", *extra],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
     )
 
@@ -190,15 +190,15 @@ def wait_for_alive_nodes(cluster: LocalCluster, n: int, timeout: float = 120) ->
 def test_worker_node_killed_mid_run_job_completes_exactly_once(ray_cluster, s3_bucket, tiny_model, tmp_path):
     bucket, client = s3_bucket
     uris = upload_images(client, bucket, "archive", N)
-    # A 3-CPU node: the only one where the 2.5-CPU predictor actor of the default plan fits (head 2 CPUs,
-    # worker 1), so killing it certainly kills the actor and its in-flight batches. The replacement node
-    # plays the autoscaler's part.
+    # A 3-CPU node: the only one where a 2.5-CPU predictor actor (the fixed plan's there, asked for explicitly:
+    # the measured plan would size it by the inputs' costs) fits (head 2 CPUs, worker 1), so killing it
+    # certainly kills the actor and its in-flight batches. The replacement node plays the autoscaler's part.
     nodes = [ExtraNode(ray_cluster, 3)]
     proxy = FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], hold=tuple(f"/{bucket}/archive/{i:03d}.png" for i in HELD))
     table = tmp_path / "table"
     try:
         ray_cluster.wait_for_nodes(3)
-        job = start_job(ray_cluster, proxy, f"s3://{bucket}/archive", table, tiny_model, tmp_path / "job.log")
+        job = start_job(ray_cluster, proxy, f"s3://{bucket}/archive", table, tiny_model, tmp_path / "job.log", "--cpus-per-actor", "2.5")
         try:
             wait_for(lambda: proxy.held > 0 and staged_rows(table) >= 4, "rows staged while the last block is held", proc=job)
             nodes[0].kill_raylet()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -74,24 +75,34 @@ def _some_node_keeps_task_cpus(nodes, plan) -> bool:
 
 
 @pytest.mark.parametrize("nodes", [[2], [2, 1], [16], [16, 16, 16, 16], [4, 2, 1], [8, 0.5]])
-@pytest.mark.parametrize("ask", [{}, {"actors": 3, "cpus_per_actor": 2}, {"cpus_per_actor": 1}, {"actors": 64, "cpus_per_actor": 0.5},
-                                 {"decode_share": 0.99}, {"decode_share": 0.5}, {"actors": 64, "decode_share": 0.99}])
-def test_plan_never_lets_actors_starve_the_tasks(nodes, ask):
+@pytest.mark.parametrize("ask", [{}, {"cpus_per_actor": 1}, {"cpus_per_actor": 2}, {"cpus_per_actor": 64},
+                                 {"decode_share": 0.99}, {"decode_share": 0.5}])
+def test_default_pool_never_lets_actors_starve_the_tasks(nodes, ask):
     plan = plan_resources(nodes, **ask)
     assert plan.actors >= 1 and plan.threads_per_actor >= 1 and plan.gpus_per_actor == 0
     assert _some_node_keeps_task_cpus(nodes, plan), plan
 
 
+@pytest.mark.parametrize("nodes", [[2], [2, 1], [16], [8, 0.5]])
+def test_asked_actors_are_the_pools_maximum_and_none_takes_a_whole_node(nodes):
+    # more than fits now: the pool may grow as an autoscaling cluster adds nodes (Ray Data scales it within its budget)
+    plan = plan_resources(nodes, actors=64, cpus_per_actor=64)
+    assert plan.actors == 64 and plan.cpus_per_actor <= max(nodes) - plan.task_cpus
+    # GPU actors on a cluster whose GPU nodes start from zero: one by default, as many as asked for
+    assert plan_resources(nodes, gpus_per_actor=1).actors == 1
+    assert plan_resources(nodes, gpus_per_actor=1, actors=4).actors == 4
+
+
 def test_plan_defaults():
     plan = plan_resources([2])  # this machine: one actor using both cores, half a CPU kept for tasks
     assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor, plan.task_cpus) == (1, 1.5, 2, 0.5)
-    greedy = plan_resources([2, 1], actors=3, cpus_per_actor=2)
-    assert (greedy.actors, greedy.threads_per_actor) == (1, 2)  # threads kept as asked, reservation shrinks
+    greedy = plan_resources([2, 1], cpus_per_actor=2)
+    assert (greedy.actors, greedy.cpus_per_actor, greedy.threads_per_actor) == (1, 1.5, 2)  # threads as asked, reservation shrinks
     big = plan_resources([16, 16])  # two 8-thread actors per 16-core node
     assert (big.actors, big.threads_per_actor) == (4, 8)
     gpu = plan_resources([16, 16], total_gpus=4)
     assert (gpu.actors, gpu.gpus_per_actor, gpu.batch_size, gpu.task_cpus) == (4, 1.0, 256, 1.0)
-    assert (plan.write_tasks, big.write_tasks, plan.decode_share) == (1, 4, None)
+    assert (plan.write_tasks, big.write_tasks, plan.decode_share) == (1, 1, None)
 
 
 def test_plan_gives_decoding_the_cpus_its_measured_share_needs():
@@ -102,7 +113,7 @@ def test_plan_gives_decoding_the_cpus_its_measured_share_needs():
     dicom = plan_resources([2], decode_share=0.99)
     assert (dicom.actors, dicom.cpus_per_actor, dicom.threads_per_actor, dicom.decode_share) == (1, 0.5, 2, 0.99)
     cloud = plan_resources([16, 16], decode_share=0.99)  # the fixed plan: 4 actors x 7.5 CPUs, 2 CPUs left to decode
-    assert (cloud.actors, cloud.cpus_per_actor, cloud.threads_per_actor, cloud.write_tasks) == (1, 0.5, 8, 1)
+    assert (cloud.actors, cloud.cpus_per_actor, cloud.threads_per_actor) == (1, 0.5, 8)
     half = plan_resources([16, 16], decode_share=0.5)  # half the work each: half the cluster to the model
     assert (half.actors, half.cpus_per_actor) == (4, 4.0)
     # CPUs asked for, or GPU actors: the measured share does not apply
@@ -141,6 +152,33 @@ def test_measure_costs_samples_across_the_inputs_and_restores_threads(tmp_path, 
     dicoms = measure_costs([p for p in paths[10:] if not p.endswith("11.dcm")], loaded, settings, max_seconds=60)
     assert dicoms.decode_s > 20 * pngs.decode_s and dicoms.decode_share > pngs.decode_share  # ~0.1 s against ~0.3 ms
     assert pngs.decode_s < mixed.decode_s < dicoms.decode_s
+
+
+def test_measure_costs_does_not_wait_for_a_read_that_hangs(tmp_path, tiny_model, monkeypatch):
+    import threading
+
+    import cxr.score
+
+    paths = []
+    for i in range(8):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(xray_like(48, 48, seed=i)))
+        paths.append(str(tmp_path / f"{i}.png"))
+    stuck, real = threading.Event(), cxr.score._load_one
+
+    def load(path, *a, **k):  # a stuck S3 request: every read from the 4th file on never returns (until released)
+        if path in paths[3:]:
+            stuck.wait()
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cxr.score, "_load_one", load)
+    loaded, settings = load_checkpoint(tiny_model), storage.s3_settings()
+    try:
+        start = time.perf_counter()
+        costs = measure_costs(paths, loaded, settings, max_seconds=0.5)
+        assert costs is not None and costs.files == 3 and time.perf_counter() - start < 10  # what was done by then
+        assert measure_costs(paths[3:], loaded, settings, max_seconds=0.5) is None  # nothing done: the caller keeps the fixed plan
+    finally:
+        stuck.set()
 
 
 def test_score_folder_of_mixed_good_and_broken_files(ray_driver, mixed_folder, tiny_model, tmp_path):
@@ -237,12 +275,17 @@ def test_device_jpeg_route_in_the_stages(mixed_folder, tiny_model):
 
 def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, tiny_model, tmp_path):
     folder, files = mixed_folder
-    # A manifest adds a read task; 3 actors x 2 CPUs on this 2+1-CPU cluster would leave nothing for
-    # the read, decode and write tasks (seen here: a silent hang).
-    pacsv.write_csv(pa.table({"path": sorted(files)}), folder / "all.csv")
-    summary = score([str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=3, cpus_per_actor=2, batch_size=4)
-    assert summary.files == len(files)
-    assert summary.plan["decode_share"] is None and summary.plan["cpus_per_actor"] < 2  # CPUs asked for: not measured
+    for i in range(150):  # enough batches for Ray Data to want more actors
+        (folder / "more" / f"{i:03d}.png").parent.mkdir(exist_ok=True)
+        (folder / "more" / f"{i:03d}.png").write_bytes(png_bytes(xray_like(32, 32, seed=i)))
+    # A manifest adds a read task; 64 actors x 0.5 CPU would fill this 2+1-CPU cluster and leave nothing for
+    # the read, decode and write tasks (seen here with fixed pools: a silent hang). The pool's maximum is
+    # kept (an autoscaling cluster could grow into it); Ray Data adds actors only within its budget.
+    names = sorted(files) + [f"more/{i:03d}.png" for i in range(150)]
+    pacsv.write_csv(pa.table({"path": names}), folder / "all.csv")
+    summary = score([str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=64, cpus_per_actor=0.5, batch_size=2)
+    assert summary.files == len(names) and summary.scored == len(names) - sum(1 for _, e, _ in files.values() if e)
+    assert summary.plan["decode_share"] is None and summary.plan["actors"] == 64  # CPUs asked for: not measured
 
 
 def test_score_s3_bucket_both_ways(ray_driver, s3_bucket, mixed_folder, tiny_model, tmp_path):

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -69,10 +70,10 @@ class ResourcePlan:
 
     @property
     def write_tasks(self) -> int:
-        """Parquet write tasks at a time: one per predictor actor (they write what the actors give). The cap
-        matters: Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the
-        decode tasks need."""
-        return max(1, self.actors)
+        """Parquet write tasks at a time: one (a task writes thousands of result rows a second). The cap matters:
+        Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the decode tasks
+        need; and a cap above the number of files written makes Ray Data warn."""
+        return 1
 
 
 def plan_resources(
@@ -90,9 +91,11 @@ def plan_resources(
 
     Actors that reserve every CPU leave Ray Data's read, decode and write tasks unschedulable and the
     job hangs silently. Each node therefore hosts at most ``floor((cpus - task_cpus) / cpus_per_actor)``
-    actors and the pool is no larger than the sum of that over nodes: however Ray places the actors,
-    some node keeps ``task_cpus`` free. A request for more is reduced (with a warning), never allowed
-    to deadlock. By default each CPU node gets one actor whose torch threads use all its cores (up to 8),
+    actors and the default pool is no larger than the sum of that over the nodes up now: however Ray
+    places the actors, some node keeps ``task_cpus`` free. An actor that would take a whole node is
+    shrunk (with a warning). ``actors`` beyond that sum is kept as the pool's maximum, with a warning:
+    Ray Data starts one actor and adds more only within its resource budget, that is as an autoscaling
+    cluster adds nodes (GPU nodes too: the GPUs up now do not cap it). By default each CPU node gets one actor whose torch threads use all its cores (up to 8),
     sharing the last half core with the tasks: right where the model is the cost (PNG/JPEG at 224 px).
 
     ``decode_share`` (CPU plans, no ``cpus_per_actor`` given): decoding's measured share of the CPU work per
@@ -122,17 +125,17 @@ def plan_resources(
         log.warning("%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead", cpus_per_actor, fitted)
         default_threads = default_threads or max(1, math.ceil(cpus_per_actor))
         cpus_per_actor = fitted
-    capacity = sum(int((c - task_cpus) // cpus_per_actor) for c in node_cpus)
+    capacity = sum(max(0, int((c - task_cpus) // cpus_per_actor)) for c in node_cpus)
     if gpus_per_actor > 0:
         capacity = min(capacity, max(1, int(max(total_gpus, gpus_per_actor) // gpus_per_actor)))
-    capacity = max(1, capacity)
+    capacity = max(1, capacity)  # what fits on the nodes up now
     if actors is None:
         actors = capacity
         if measured:  # no more actors than the model's share of the whole cluster keeps busy
             actors = min(capacity, max(1, math.ceil((1.0 - decode_share) * sum(node_cpus) / cpus_per_actor)))
     elif actors > capacity:
-        log.warning("%d actors do not fit beside the decode tasks on this cluster; using %d", actors, capacity)
-        actors = capacity
+        log.warning("%d actors: %d fit beside the decode tasks on the nodes up now; the pool grows to %d only as nodes "
+                    "join (an autoscaling cluster)", actors, capacity, actors)
     threads = threads_per_actor or default_threads or max(1, math.ceil(cpus_per_actor))
     if batch_size is None:
         batch_size = 256 if gpus_per_actor > 0 else 32
@@ -167,28 +170,37 @@ class Costs:
 
 
 def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool = False,
-                  max_files: int = 8, max_seconds: float = 2.0) -> Costs:
-    """Decode up to ``max_files`` of ``paths`` (spread over the list; at least one, stopping after ``max_seconds``) and run
+                  max_files: int = 8, max_seconds: float = 2.0) -> Costs | None:
+    """Decode up to ``max_files`` of ``paths`` (spread over the list; stopping after ``max_seconds``) and run
     ``loaded`` (a :class:`~cxr.checkpoint.LoadedModel` or ensemble) on a batch, here, on one thread; CPU time
     (``time.thread_time``), so that slow storage does not count as decoding. What the files cost is what
     their format costs: a PNG or JPEG about as much as the model at 128 px, a compressed full-size DICOM
-    30-130x more (``benchmarks/decode.py``)."""
+    30-130x more (``benchmarks/decode.py``). The files are read in a daemon thread given ``2 * max_seconds
+    + 1`` s: a read that hangs (a stuck S3 request) does not hold the job up; None when no file was done."""
     import torch
 
     spec = loaded.info.preprocess
     n = len(paths)
     sample = [paths[int(i)] for i in np.unique(np.linspace(0, n - 1, min(n, max_files)).round())]
     sample = [p.as_py() if isinstance(p, pa.Scalar) else str(p) for p in sample]
+    seconds: list[float] = []  # CPU time per file, appended by the thread
+
+    def decode_sample() -> None:
+        _load_one(sample[0], spec, settings, all_views=all_views)  # untimed: the first call imports the decoders
+        for path in sample:
+            t = time.thread_time()
+            _load_one(path, spec, settings, all_views=all_views)
+            seconds.append(time.thread_time() - t)
+            if time.perf_counter() - start > max_seconds:
+                return
+
     start = time.perf_counter()
-    _load_one(sample[0], spec, settings, all_views=all_views)  # untimed: the first call imports the decoders
-    decode_cpu, done = 0.0, 0
-    for path in sample:
-        t = time.thread_time()
-        _load_one(path, spec, settings, all_views=all_views)
-        decode_cpu += time.thread_time() - t
-        done += 1
-        if time.perf_counter() - start > max_seconds:
-            break
+    worker = threading.Thread(target=decode_sample, name="cxr-measure-costs", daemon=True)
+    worker.start()
+    worker.join(2 * max_seconds + 1)
+    done = list(seconds)
+    if not done:
+        return None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -199,7 +211,7 @@ def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool =
         model_cpu = (time.thread_time() - t) / len(batch)
     finally:
         torch.set_num_threads(threads)
-    return Costs(done, decode_cpu / max(1, done), model_cpu)
+    return Costs(len(done), sum(done) / len(done), model_cpu)
 
 
 def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True,
@@ -210,6 +222,9 @@ def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool =
     if not measure or plan.gpus_per_actor > 0 or overrides.get("cpus_per_actor") is not None or not len(paths):
         return plan
     costs = measure_costs(paths, loaded, settings, all_views)
+    if costs is None:
+        log.warning("no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan")
+        return plan
     log.info("measured %s", costs.line())
     return cluster_plan(costs=costs, **overrides)
 

@@ -23,8 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
     p.add_argument("--batch-size", type=int, help="images per model batch (default 32 on CPU, 256 on GPU)")
-    p.add_argument("--actors", type=int, help="maximum predictor actors (default: fill the cluster, leaving CPU for decoding)")
-    p.add_argument("--cpus-per-actor", type=float, help="logical CPUs each predictor actor reserves")
+    p.add_argument("--actors", type=int, help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
+                   "decoding; more lets the pool grow as an autoscaling cluster adds nodes)")
+    p.add_argument("--cpus-per-actor", type=float, help="logical CPUs each predictor actor reserves (default on CPU: "
+                   "the model's share of a node, measured on a sample of the inputs)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: ceil(cpus-per-actor))")
     p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")

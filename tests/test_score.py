@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -102,7 +101,7 @@ def test_plan_defaults():
     assert (big.actors, big.threads_per_actor) == (4, 8)
     gpu = plan_resources([16, 16], total_gpus=4)
     assert (gpu.actors, gpu.gpus_per_actor, gpu.batch_size, gpu.task_cpus) == (4, 1.0, 256, 1.0)
-    assert (plan.write_tasks, big.write_tasks, plan.decode_share) == (1, 1, None)
+    assert plan.decode_share is None
 
 
 def test_plan_gives_decoding_the_cpus_its_measured_share_needs():
@@ -173,9 +172,8 @@ def test_measure_costs_does_not_wait_for_a_read_that_hangs(tmp_path, tiny_model,
     monkeypatch.setattr(cxr.score, "_load_one", load)
     loaded, settings = load_checkpoint(tiny_model), storage.s3_settings()
     try:
-        start = time.perf_counter()
-        costs = measure_costs(paths, loaded, settings, max_seconds=0.5)
-        assert costs is not None and costs.files == 3 and time.perf_counter() - start < 10  # what was done by then
+        costs = measure_costs(paths, loaded, settings, max_seconds=0.5)  # returns while the 4th read still hangs
+        assert costs is not None and costs.files == 3  # what was done by then
         assert measure_costs(paths[3:], loaded, settings, max_seconds=0.5) is None  # nothing done: the caller keeps the fixed plan
     finally:
         stuck.set()

@@ -51,7 +51,7 @@ from . import storage
 from .checkpoint import load_checkpoint
 from .runtime import ensure_ray
 from .decode import NOT_FRONTAL
-from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, measured_plan, new_run_id, score_dataset
+from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, WRITE_TASKS, measured_plan, new_run_id, score_dataset
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def run_incremental(
         results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor,
                                 all_views=all_views)
         results.write_parquet(attempt, filesystem=fs, min_rows_per_file=per_file,
-                              ray_remote_args={"num_cpus": plan.task_cpus}, concurrency=plan.write_tasks)
+                              ray_remote_args={"num_cpus": plan.task_cpus}, concurrency=WRITE_TASKS)
         new_files = _usable_parquet(fs, [i.path for i in _list_files(fs, attempt) if i.path.endswith(".parquet")])
 
     # -- check: exactly one row per image to do

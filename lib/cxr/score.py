@@ -68,12 +68,16 @@ class ResourcePlan:
     batch_size: int
     decode_share: float | None = None  # decoding's measured share of the CPU work per image (see measure_costs)
 
-    @property
-    def write_tasks(self) -> int:
-        """Parquet write tasks at a time: one (a task writes thousands of result rows a second). The cap matters:
-        Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the decode tasks
-        need; and a cap above the number of files written makes Ray Data warn."""
-        return 1
+
+# Parquet write tasks at a time (``write_parquet(concurrency=...)``): one writes thousands of result rows a second.
+# The cap matters: Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the
+# decode tasks need; and a cap above the number of files written makes Ray Data warn.
+WRITE_TASKS = 1
+
+
+def _gpus_per_actor(asked: float | None, total_gpus: float) -> float:
+    """GPUs per predictor actor: as asked, else 1 when the cluster has GPUs now."""
+    return asked if asked is not None else (1.0 if total_gpus >= 1 else 0.0)
 
 
 def plan_resources(
@@ -104,8 +108,7 @@ def plan_resources(
     needs, so that the rest goes to the decode tasks: compressed full-size DICOM costs 30-130x the model.
     """
     node_cpus = [c for c in node_cpus if c > 0] or [1.0]
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
+    gpus_per_actor = _gpus_per_actor(gpus_per_actor, total_gpus)
     if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
         log.warning("asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes", gpus_per_actor, total_gpus)
     task_cpus = 1.0 if gpus_per_actor > 0 and max(node_cpus) >= 4 else 0.5
@@ -142,13 +145,16 @@ def plan_resources(
     return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size, decode_share if measured else None)
 
 
-def cluster_plan(costs: "Costs | None" = None, **overrides) -> ResourcePlan:
-    """:func:`plan_resources` for the running cluster; ``costs`` (:func:`measure_costs`) gives the decode share."""
+def _cluster_resources() -> tuple[list[float], float]:
+    """(CPUs of each live node, GPUs of the cluster), now."""
     import ray
 
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    share = costs.decode_share if costs is not None else None
-    return plan_resources(nodes, ray.cluster_resources().get("GPU", 0.0), decode_share=share, **overrides)
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], ray.cluster_resources().get("GPU", 0.0)
+
+
+def cluster_plan(**overrides) -> ResourcePlan:
+    """:func:`plan_resources` for the running cluster."""
+    return plan_resources(*_cluster_resources(), **overrides)
 
 
 @dataclass(frozen=True)
@@ -218,15 +224,17 @@ def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool =
                   **overrides) -> ResourcePlan:
     """:func:`cluster_plan` for scoring ``paths`` with ``loaded``: where the plan is for CPU actors whose
     CPUs are not given, the inputs' costs are measured first (:func:`measure_costs`) and size it."""
-    plan = cluster_plan(**overrides)
-    if not measure or plan.gpus_per_actor > 0 or overrides.get("cpus_per_actor") is not None or not len(paths):
-        return plan
-    costs = measure_costs(paths, loaded, settings, all_views)
-    if costs is None:
-        log.warning("no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan")
-        return plan
-    log.info("measured %s", costs.line())
-    return cluster_plan(costs=costs, **overrides)
+    nodes, gpus = _cluster_resources()
+    share = None
+    if (measure and len(paths) and overrides.get("cpus_per_actor") is None
+            and _gpus_per_actor(overrides.get("gpus_per_actor"), gpus) == 0):
+        costs = measure_costs(paths, loaded, settings, all_views)
+        if costs is None:
+            log.warning("no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan")
+        else:
+            log.info("measured %s", costs.line())
+            share = costs.decode_share
+    return plan_resources(nodes, gpus, decode_share=share, **overrides)
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -542,7 +550,7 @@ def score(
     results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views)
     fs, path = storage.filesystem(output, settings)
     results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus},
-                          concurrency=plan.write_tasks)
+                          concurrency=WRITE_TASKS)
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
     summary.plan = asdict(plan)

@@ -19,6 +19,8 @@ from cxr import cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from cxr.preprocess import TTA_CHOICES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="URI")
     p.add_argument("--output", required=True, metavar="URI", help="checkpoint directory or s3:// prefix to write")
@@ -36,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "Recorded in the checkpoint: scoring crops alike")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise each image instead of the percentile contrast stretch "
                    "(erases each source's exposure and tone curve; recorded in the checkpoint)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="none",
+                   help="test-time augmentation: 'hflip' scores each image and its mirror image and averages the logits "
+                        "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the checkpoint)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--threshold-folds", type=int, default=1, metavar="K",
                    help="K > 1: also train on the other folds of a K-fold split and choose the threshold on the pooled "
@@ -82,7 +87,7 @@ def main() -> int:
     cfg = TrainConfig(
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs, lr=args.lr,
         covid_weight=args.covid_weight, oversample=args.oversample, batch_size=args.batch_size, image_size=args.image_size,
-        crop=crop, equalize=args.equalize, threshold_folds=args.threshold_folds, seeds=args.seeds,
+        crop=crop, equalize=args.equalize, tta=args.tta, threshold_folds=args.threshold_folds, seeds=args.seeds,
         val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, gpu=args.gpu, seed=args.seed,
         groups=groups, max_failures=args.max_failures,

@@ -22,6 +22,7 @@ from cxr import cli  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     from cxr.models import list_backbones
+    from cxr.preprocess import TTA_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="URI")
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--crop", default="none", metavar="lung|none|T,B,L,R", help="keep only this box of each image (see train.py --crop)")
     p.add_argument("--equalize", action="store_true", help="histogram equalisation instead of the percentile stretch (see train.py)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="none", help="test-time augmentation of every trial's model (see train.py --tta)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | auto (ImageNet where its weights are available offline, else from scratch)")
     p.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"), help="log-uniform learning rate")
     p.add_argument("--covid-weight-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
@@ -64,7 +66,7 @@ def main() -> int:
         data=args.data, output=args.output, backbones=[b.strip() for b in args.backbones.split(",") if b.strip()],
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, epochs=args.epochs, gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial, target_sensitivity=args.target_sensitivity, image_size=args.image_size,
-        crop=crop, equalize=args.equalize,
+        crop=crop, equalize=args.equalize, tta=args.tta,
         weights=args.weights, lr_range=tuple(args.lr_range), covid_weight_range=tuple(args.covid_weight_range),
         oversample=args.oversample, batch_size=args.batch_size, val_fraction=args.val_fraction, grace_period=args.grace_period,
         seed=args.seed,

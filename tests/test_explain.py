@@ -98,6 +98,19 @@ def test_an_ensembles_map_is_the_mean_of_its_members_maps():
     assert focus[0] < 0.1 < focus[1] < 0.95 < focus[2]  # half its evidence in a corner: in between
 
 
+def test_a_mirror_averaged_models_map_is_the_mean_of_the_image_and_its_mirror():
+    from cxr.explain import MirrorCam
+
+    corner = LooksAt((slice(0, 10), slice(54, 64)))  # evidence in the top-right corner only
+    plain = GradCam(corner, target_layer(corner, "hand-built", "features.2"), class_index=1)
+    x = torch.rand(2, 3, 64, 64)
+    both = MirrorCam(plain)(x)
+    # half in the corner it looks at, half in the opposite one (where the mirror image put it), as its logits
+    assert np.allclose(both, (plain(x) + plain(x.flip(-1))[..., ::-1]) / 2, atol=1e-6)
+    assert both[:, :10, 54:].sum() == pytest.approx(both[:, :10, :10].sum(), rel=0.2) and both[:, :10, :10].sum() > 0
+    assert np.allclose(MirrorCam(plain)(x.flip(-1)), both[..., ::-1], atol=1e-6)  # the mirror image's map is this one mirrored
+
+
 def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model, tmp_path):
     from cxr.checkpoint import ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
     from cxr.models import create_model
@@ -122,6 +135,9 @@ def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model,
     with pytest.raises(LayerError, match="efficientnet_b0 has no layer 'features.18'"):
         cam_for(load_checkpoint(ens, optimize=False), "features.18")
     assert isinstance(cam_for(load_checkpoint(tiny_model, optimize=False)), GradCam)  # one model: its own Grad-CAM
+    mirrored = load_checkpoint(tiny_model, optimize=False)
+    mirrored.info.tta = "hflip"
+    assert type(cam_for(mirrored)).__name__ == "MirrorCam"  # a checkpoint with test-time flips: its maps averaged alike
 
 
 def test_the_default_layer_comes_from_the_backbone_registry():

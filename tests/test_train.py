@@ -17,7 +17,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, epoch_batches, prepare_data, train, transfer_threshold, validation_metrics
+from cxr.train import TrainConfig, _val_scores, epoch_batches, prepare_data, train, transfer_threshold, validation_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -51,6 +51,40 @@ def test_threshold_transfer_pools_folds_by_operating_point_not_by_probability():
     assert t["threshold"] == pytest.approx(0.60**2) and t["threshold_single_split"] == pytest.approx(0.605**2)
     with pytest.raises(ValueError, match="every fold"):
         transfer_threshold([(np.array([0.5]), np.array([1]))], fold_a, target=0.9)
+
+
+class _Shard:
+    """Stands in for a Ray Train dataset shard: numpy batches of preprocessed images and labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def iter_batches(self, batch_size, batch_format):
+        for i in range(0, len(self.images), batch_size):
+            yield {"image": self.images[i:i + batch_size], "label": self.labels[i:i + batch_size]}
+
+
+def test_validation_scores_use_the_checkpoints_tta():
+    # The workers' validation scores choose the threshold: they must be what the checkpoint will score.
+    import torch
+
+    from cxr.checkpoint import LoadedModel, ModelInfo
+    from cxr.models import create_model
+    from cxr.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)  # ImageNet features (a random-weight net scores every image alike) and a random head
+    loaded = LoadedModel(create_model("mobilenet_v2", weights="imagenet"), ModelInfo("mobilenet_v2", PreprocessSpec(input_size=64)),
+                         optimize=False)
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((6, 64, 64), dtype=np.float32), np.array([0, 1, 0, 1, 0, 1])
+    shard = _Shard(images, labels)
+    plain, y, _ = _val_scores(loaded.model, shard, loaded.info.preprocess, "cpu", 4)
+    mirrored, _, _ = _val_scores(loaded.model, shard, loaded.info.preprocess, "cpu", 4, tta="hflip")
+    assert list(y) == list(labels)
+    np.testing.assert_allclose(plain, loaded.predict_proba(images), atol=1e-5)
+    loaded.info.tta = "hflip"
+    np.testing.assert_allclose(mirrored, loaded.predict_proba(images), atol=1e-5)
+    assert np.abs(mirrored - plain).max() > 1e-4
 
 
 def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, tmp_path):
@@ -90,11 +124,11 @@ def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path)
     assert load_checkpoint(result.output).info.backbone == "mobilenet_v2"
 
 
-def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_driver, tmp_path):
+def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded(ray_driver, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=12)
     cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", epochs=1, image_size=32, batch_size=8,
                       oversample=1, val_fraction=0.25, threshold_folds=4, target_sensitivity=0.9,
-                      crop=LUNG_BOX, equalize=True)
+                      crop=LUNG_BOX, equalize=True, tta="hflip")
     result = train(cfg)
     cv = result.cross_validation
     assert (cv["folds"], cv["n"], cv["positives"]) == (4, 24, 12)  # every image scored once, out of fold
@@ -113,7 +147,18 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_recorded(ray_dri
     assert info["threshold"] == pytest.approx(cv["threshold"]) == pytest.approx(result.threshold)
     assert "pooled by operating point" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
     assert info["preprocess"]["crop"] == list(LUNG_BOX) and info["preprocess"]["equalize"] is True
-    assert load_checkpoint(result.output).info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
+    loaded = load_checkpoint(result.output)
+    assert loaded.info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
+    # ... and augments as validation did: the workers' validation scores (threshold, metrics) are the checkpoint's
+    # own mirror-averaged probabilities, not the plain model's.
+    assert info["tta"] == "hflip" and info["format_version"] == 2 and info["provenance"]["training"]["tta"] == "hflip"
+    from cxr.data import labelled_files, split_train_val
+
+    _, val = split_train_val(labelled_files(str(data), "train"), 0.25, 0)
+    images = np.stack([preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val])
+    scores = np.load(tmp_path / "run" / "val_scores.npy")
+    assert np.allclose(np.sort(scores[0]), np.sort(loaded.predict_proba(images)), atol=1e-5)  # (that TTA changes a
+    # model's scores at all: test_validation_scores_use_the_checkpoints_tta; this one-epoch model is nearly constant)
 
 
 def test_a_seed_ensemble_scores_every_split_with_the_mean_of_its_members(ray_driver, tmp_path):

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
-from .preprocess import PreprocessSpec
+from .preprocess import TTA_CHOICES, PreprocessSpec
 
 FORMAT = "cxr-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ``tta``. A checkpoint records the lowest version that reads it right (1 without TTA), so
+# older code refuses a TTA checkpoint instead of scoring it without the augmentation its threshold assumes.
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 DEFAULT_MODEL = "default"
@@ -51,6 +52,7 @@ class ModelInfo:
     weights_sha256: str = ""
     kind: str = "model"  # or "ensemble": ``members`` are checkpoint subfolders, ``backbone`` is "ensemble"
     members: tuple[str, ...] = ()
+    tta: str = "none"  # test-time augmentation (models.TTA_CHOICES): "hflip" averages the logits of the mirror image
 
     @property
     def positive_index(self) -> int:
@@ -64,7 +66,7 @@ class ModelInfo:
         kind = {"kind": ENSEMBLE, "members": list(self.members)} if self.kind == ENSEMBLE else {}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if self.tta == "none" else 2,
             **kind,
             "backbone": self.backbone,
             "num_classes": len(self.class_names),
@@ -73,6 +75,7 @@ class ModelInfo:
             "preprocess": self.preprocess.to_dict(),
             "threshold": float(self.threshold),
             "temperature": float(self.temperature),
+            "tta": self.tta,
             "weights_sha256": self.weights_sha256,
             "provenance": self.provenance,
         }
@@ -101,6 +104,7 @@ class ModelInfo:
                 weights_sha256=d.get("weights_sha256", ""),
                 kind=d.get("kind", "model"),
                 members=tuple(d.get("members", ())),
+                tta=str(d.get("tta", "none")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model.json: {exc}") from exc
@@ -108,6 +112,8 @@ class ModelInfo:
             raise CheckpointError(f"positive_class {info.positive_class!r} not in class_names {info.class_names}")
         if not 0.0 <= info.threshold <= 1.0 or not 0.0 < info.temperature < float("inf"):  # also rejects NaN
             raise CheckpointError("threshold must be in [0, 1] and temperature > 0")
+        if info.tta not in TTA_CHOICES:
+            raise CheckpointError(f"unknown test-time augmentation tta={info.tta!r} (this code knows {', '.join(TTA_CHOICES)})")
         if info.kind not in ("model", ENSEMBLE):
             raise CheckpointError(f"unknown checkpoint kind {info.kind!r}")
         if info.kind == ENSEMBLE:
@@ -227,9 +233,11 @@ class LoadedModel:
             torch.backends.cudnn.benchmark = True
 
     def logits(self, images):
-        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad)."""
+        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad),
+        with the checkpoint's test-time augmentation (``info.tta``)."""
         import torch
 
+        from .models import forward_tta
         from .preprocess import as_float_tensor, to_model_input
 
         x = as_float_tensor(images)
@@ -238,7 +246,7 @@ class LoadedModel:
         x = to_model_input(x, self.info.preprocess).to(self.device, memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=self.amp_dtype or torch.float32,
                                                     enabled=self.amp_dtype is not None):
-            return self.model(x).float()
+            return forward_tta(self.model, x, self.info.tta)
 
     def predict_proba(self, images) -> np.ndarray:
         """Calibrated probability of the positive class, float32 (N,); ``images`` as for :meth:`logits`."""

@@ -150,7 +150,18 @@ class EnsembleCam:
         return np.mean([cam(x) for cam in self.cams], axis=0).astype(np.float32)
 
 
-def cam_for(loaded, layer: str | None = None) -> GradCam | EnsembleCam:
+class MirrorCam:
+    """Grad-CAM of a checkpoint with test-time augmentation ``hflip``: the mean of the image's map and the mirror
+    image's map mirrored back, as its logits are the mean over the two."""
+
+    def __init__(self, cam: GradCam):
+        self.cam = cam
+
+    def __call__(self, x) -> np.ndarray:
+        return ((self.cam(x) + self.cam(x.flip(-1))[..., ::-1]) / 2).astype(np.float32)
+
+
+def cam_for(loaded, layer: str | None = None) -> GradCam | MirrorCam | EnsembleCam:
     """The Grad-CAM of a loaded checkpoint (``load_checkpoint(..., optimize=False)``: unfused, so layer names are
     those of models.py): one model's, or the mean over an ensemble's members. ``layer`` names the hooked module
     (in every member of an ensemble); a model without it raises :class:`LayerError`."""
@@ -168,7 +179,8 @@ def cam_for(loaded, layer: str | None = None) -> GradCam | EnsembleCam:
             module = target_layer(model, member.info.backbone, layer)
         except ValueError as exc:
             raise LayerError(f"--layer {layer}: {exc}" if layer else str(exc)) from exc
-        cams.append(GradCam(model, module, member.info.positive_index))
+        cam = GradCam(model, module, member.info.positive_index)
+        cams.append(MirrorCam(cam) if member.info.tta == "hflip" else cam)
     return cams[0] if len(cams) == 1 else EnsembleCam(cams)
 
 

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .preprocess import check_tta
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -185,3 +187,17 @@ def create_model(name: str, weights: str = "none", num_classes: int = 2) -> nn.M
     if weights not in ("imagenet", "none"):
         load_weights_file(model, weights)
     return model
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits for a (N, C, H, W) input, with test-time augmentation: ``"hflip"`` averages the
+    logits of each image and of its mirror image (one forward pass over both). Training, validation, scoring,
+    calibration and the train job's threshold all go through here, so a checkpoint's ``tta`` is applied
+    everywhere its threshold is."""
+    if tta == "none":
+        return model(x).float()
+    check_tta(tta)  # preprocess.TTA_CHOICES
+    out = model(torch.cat([x, x.flip(-1)])).float()
+    return (out[: len(x)] + out[len(x):]) / 2

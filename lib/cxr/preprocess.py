@@ -26,6 +26,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LUNG_BOX = (0.10, 0.85, 0.15, 0.85)
 
 
+# Test-time augmentation a checkpoint records (applied by models.forward_tta): "hflip" averages the logits of
+# each image and its mirror image.
+TTA_CHOICES = ("none", "hflip")
+
+
+def check_tta(tta: str) -> None:
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA_CHOICES)}")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a decoded grayscale image becomes model input. Stored verbatim in ``model.json``."""

@@ -62,6 +62,7 @@ class TrainConfig:
     image_size: int = 224
     crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop: (top, bottom, left, right) kept
     equalize: bool = False  # PreprocessSpec.equalize: histogram equalisation instead of the percentile stretch
+    tta: str = "none"  # test-time augmentation of the checkpoint ("hflip"), applied in validation too
     val_fraction: float = 0.2
     threshold_folds: int = 1  # > 1: choose the threshold on pooled out-of-fold scores of this many folds
     seeds: int = 1  # > 1: an ensemble of this many models per split (model seeds seed, seed+1, ...), their mean probability
@@ -80,9 +81,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------- worker side
 
 
-def _val_scores(model, shard, spec, device, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _val_scores(model, shard, spec, device, batch_size: int, tta: str = "none") -> tuple[np.ndarray, np.ndarray, float]:
     import torch
 
+    from .models import forward_tta
     from .preprocess import to_model_input
 
     model.eval()
@@ -91,7 +93,7 @@ def _val_scores(model, shard, spec, device, batch_size: int) -> tuple[np.ndarray
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             x = to_model_input(batch["image"], spec).to(device)
             y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
-            logits = model(x).float()
+            logits = forward_tta(model, x, tta)  # as the checkpoint will score: threshold and metrics hold for it
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
             probs.append(torch.softmax(logits, 1)[:, 1].cpu().numpy())
             labels.append(batch["label"])
@@ -202,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                 os._exit(1)
         scheduler.step()
         train_seconds = time.perf_counter() - start
-        p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2)
+        p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2, cfg.tta)
         p, y, losses = _gather(p, y, np.array([val_loss]))
         metrics = {
             "epoch": epoch, "train_loss": loss_sum / max(1, seen), "val_loss": float(np.sum(losses) / max(1, len(y))),
@@ -216,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 with open(os.path.join(d, HISTORY), "w") as f:
                     json.dump(history, f)
-                info = ModelInfo(cfg.backbone, spec, threshold=metrics["val_threshold"])
+                info = ModelInfo(cfg.backbone, spec, threshold=metrics["val_threshold"], tta=cfg.tta)
                 save_checkpoint(getattr(model, "module", model), info, d)
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(d, TRAIN_STATE))
                 np.save(os.path.join(d, "val_scores.npy"), np.stack([p, y.astype(np.float32)]))

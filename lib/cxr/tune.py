@@ -39,7 +39,7 @@ import numpy as np
 from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, check_tta
 from .models import check_backbone, list_backbones
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
 
@@ -49,7 +49,7 @@ DRIVER_CPUS = 0.05  # a trial's driver only waits on its TorchTrainer
 DATA_RESERVE_CPUS = 0.5  # never reserved by trials: Ray Data's tasks need it
 SEARCH_NAME = "search"
 # Settings that define the search: a resumed search keeps its stored values of these.
-_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "crop", "equalize", "weights", "lr_range",
+_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "crop", "equalize", "tta", "weights", "lr_range",
                 "covid_weight_range", "oversample", "batch_size", "val_fraction", "seed", "grace_period", "reduction_factor")
 
 
@@ -67,6 +67,7 @@ class SearchConfig:
     image_size: int = 224
     crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop for every trial (see train --crop)
     equalize: bool = False
+    tta: str = "none"  # test-time augmentation of every trial's model (preprocess.TTA_CHOICES)
     weights: str = "imagenet"  # imagenet | none | auto (ImageNet where the weights are available offline, else none)
     lr_range: tuple[float, float] = (1e-4, 3e-3)
     covid_weight_range: tuple[float, float] = (0.5, 2.0)  # multiples of the balanced class weight
@@ -99,6 +100,7 @@ class SearchConfig:
             if not 0 < lo <= hi:
                 raise ValueError(f"bad range ({lo}, {hi}): need 0 < low <= high")
         PreprocessSpec(input_size=self.image_size, crop=self.crop, equalize=self.equalize)  # raises on a bad crop
+        check_tta(self.tta)
 
 
 @dataclass
@@ -393,7 +395,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
     base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,
                        batch_size=cfg.batch_size, image_size=cfg.image_size, crop=cfg.crop, equalize=cfg.equalize,
-                       val_fraction=cfg.val_fraction,
+                       tta=cfg.tta, val_fraction=cfg.val_fraction,
                        target_sensitivity=cfg.target_sensitivity, gpu=cfg.gpus_per_trial > 0, seed=cfg.seed,
                        max_failures=cfg.max_failures, fail_once_at_epoch=cfg.fail_once_at_epoch)
     weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
@@ -537,7 +539,7 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
                          "train": class_counts(data.train_files), "validation": class_counts(data.val_files), "undecodable": data.undecodable},
                 "training": {"backbone": backbone, "weights": row["weights"], "epochs": cfg.epochs, "lr": row["lr"], "covid_weight": row["covid_weight"],
                              "oversample": cfg.oversample, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "seed": cfg.seed,
-                             "best_epoch": row["best_epoch"], "epochs_run": row["epochs_run"]},
+                             "tta": cfg.tta, "best_epoch": row["best_epoch"], "epochs_run": row["epochs_run"]},
                 "tune": {"trial_id": row["trial_id"], "rank": row["rank"], "trials": len(rows), "selection": "specificity at target sensitivity, ties by ROC AUC"},
                 "validation": {k: row.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
             }

@@ -24,17 +24,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     from cxr.models import list_backbones
     from cxr.preprocess import TTA_CHOICES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, metavar="URI")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--data", required=True, metavar="URI",
+                   help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or {covid,non}/")
     p.add_argument("--output", required=True, metavar="URI", help="folder or s3:// prefix for the search and its exports")
-    p.add_argument("--backbones", default=",".join(list_backbones()), help="comma-separated (default: all five)")
+    p.add_argument("--backbones", default=",".join(list_backbones()), help="comma-separated")
     p.add_argument("--num-samples", type=int, default=4, help="trials per backbone (learning rate and class weight drawn at random)")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as the cluster holds)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (ASHA stops weak trials earlier)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial's training worker")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of each trial's training worker (fractions allowed)")
     p.add_argument("--target-sensitivity", type=float, default=0.98, help="models are ranked by validation specificity at this sensitivity")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="the models' input, in pixels (square)")
     p.add_argument("--crop", default="none", metavar="lung|none|T,B,L,R", help="keep only this box of each image (see train.py --crop)")
     p.add_argument("--equalize", action="store_true", help="histogram equalisation instead of the percentile stretch (see train.py)")
     p.add_argument("--tta", choices=TTA_CHOICES, default="none", help="test-time augmentation of every trial's model (see train.py --tta)")
@@ -42,12 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-3), metavar=("LOW", "HIGH"), help="log-uniform learning rate")
     p.add_argument("--covid-weight-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                    help="log-uniform COVID class weight, as a multiple of the balanced weight")
-    p.add_argument("--oversample", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--oversample", type=int, default=5, help="repeat each COVID training image this often (see train.py)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images (patient-grouped) held out for validation")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the search")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,125 @@ def test_train_job_rejects_bad_input(tmp_path):
     assert seeds.returncode == 2 and seeds.stderr.strip().splitlines()[-1] == "error: --seeds must be >= 1, got 0"
     groups = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--groups", str(tmp_path / "none.csv"), timeout=120)
     assert groups.returncode == 3 and "--groups" in groups.stderr and "cannot read it" in groups.stderr
+
+
+def _old_run(out: Path, data: Path, **settings) -> dict[str, bytes]:
+    """An output as a finished run with ``settings`` leaves it (config.json, model files, Ray Train's ``_ray/``);
+    returns every file's bytes."""
+    from dataclasses import asdict
+
+    (out / "_ray" / "checkpoint_000000").mkdir(parents=True)
+    (out / "_ray" / "checkpoint_000000" / "model.safetensors").write_bytes(b"old weights")
+    cfg = TrainConfig(data=str(data), output="runs/elsewhere", **settings)  # copied from another output: its path differs
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), "covid_weight_used": 1.0, "threads_per_worker_used": 2}))
+    (out / "model.json").write_text('{"old": true}')
+    (out / "metrics.csv").write_text("epoch\n0\n1\n")
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_train_job_refuses_an_output_holding_a_run_with_other_settings_before_starting_ray(tmp_path):
+    from conftest import run_job
+
+    data = make_labelled_tree(tmp_path / "data", n=12, size=32)
+    out = tmp_path / "run"
+    before = _old_run(out, data, weights="none", epochs=2, image_size=32)
+    no_ray = {"RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there: a job that went on to Ray would fail otherwise
+    job = run_job("train.py", "--data", str(data), "--output", str(out), "--weights", "none", "--epochs", "1",
+                  "--image-size", "32", "--lr", "0.01", "--workers", "2", env=no_ray, timeout=120)
+    assert job.returncode == 5, job.stderr[-2000:]
+    assert job.stderr.strip().splitlines()[-1] == (
+        f"error: {out} holds a training run with other settings (epochs 2 -> 1, lr 0.0003 -> 0.01): "
+        "choose a new --output, or pass --overwrite to replace it")  # --workers may change on resume: not named
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+
+    from cxr import storage
+    from cxr.score import OutputError
+    from cxr.train import check_output
+
+    (out / "config.json").unlink()  # a run folder whose settings nothing records (an older version's, interrupted)
+    same = TrainConfig(data=str(data), output=str(out), weights="none", epochs=2, image_size=32)
+    with pytest.raises(OutputError, match=r"holds a training run \(_ray\) whose settings are unknown \(no readable config.json\)"):
+        check_output(same, False, storage.s3_settings())
+
+
+def test_output_check_on_s3_names_changes_resumes_the_same_and_overwrite_empties(s3_bucket, tmp_path):
+    from dataclasses import asdict
+
+    from cxr import storage
+    from cxr.score import OutputError
+    from cxr.train import check_output
+
+    bucket, client = s3_bucket
+    old = TrainConfig(data="s3://data/x/", output=f"s3://{bucket}/run", image_size=64, crop=LUNG_BOX, groups={"a.png": "g1"})
+    client.put_object(Bucket=bucket, Key="run/config.json", Body=json.dumps({**asdict(old), "covid_weight_used": 2.0}).encode())
+    client.put_object(Bucket=bucket, Key="run/_ray/checkpoint_000001/model.safetensors", Body=b"w")
+    settings = storage.s3_settings()
+    same = TrainConfig(**{**asdict(old), "data": "s3://data/x", "workers": 4, "gpu": True, "max_failures": 0})
+    check_output(same, False, settings)  # the same run (JSON's lists for tuples; a trailing slash): it resumes
+    other = TrainConfig(**{**asdict(old), "image_size": 96, "groups": {"a.png": "g2"}, "augment": {**old.augment, "hflip_p": 0.0}})
+    with pytest.raises(OutputError, match=r"^s3://.*/run holds a training run with other settings \(image_size 64 -> 96, groups "
+                                          r"\{\"a.png\": \"g1\"\} -> \{\"a.png\": \"g2\"\}, augment <\d+ entries> -> <\d+ entries>\): "
+                                          r"choose a new --output, or pass --overwrite"):
+        check_output(other, False, settings)
+    check_output(other, True, settings)
+    left = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]
+    assert set(left) <= {"run/"}, left  # at most the empty directory marker pyarrow leaves
+    check_output(other, False, settings)  # nothing there to refuse now
+
+
+def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tmp_path):
+    from conftest import run_job
+
+    data = make_labelled_tree(tmp_path / "data", n=12, size=32)
+    out = tmp_path / "run"
+    _old_run(out, data, weights="none", epochs=2, image_size=64)
+    args = ["--data", str(data), "--output", str(out), "--weights", "none", "--epochs", "1", "--image-size", "32", "--lr", "0.01",
+            "--batch-size", "8", "--oversample", "1", "--val-fraction", "0.25"]
+    env = {"RAY_ADDRESS": ray_driver.address}
+    job = run_job("train.py", *args, "--overwrite", env=env, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)  # Ray colours the worker's prefix
+    assert re.search(r"^(\(RayTrainWorker pid=\d+\) )?epoch 1/1: train loss \d+\.\d{3}, val loss \d+\.\d{3}, val AUC \S+, "
+                     r"specificity \S+ at sensitivity >= 0\.98, \d+ images/s, \d+ s$", shown, re.M), shown[-3000:]
+    info = json.loads((out / "model.json").read_text())
+    assert info["preprocess"]["input_size"] == 32
+    assert {k: info["provenance"]["training"][k] for k in ("epochs", "lr", "image_size")} == {"epochs": 1, "lr": 0.01, "image_size": 32}
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    assert [r["epoch"] for r in csv.DictReader((out / "metrics.csv").open())] == ["0"]
+    assert b"old weights" not in {p.read_bytes() for p in out.rglob("*") if p.is_file()}  # the old run's files are gone
+
+    # The same command again is let through to resume the run (Ray Train returns its finished result; a second
+    # job would take another minute here), however it runs (--workers, --max-failures); another --lr is not.
+    from cxr import storage
+    from cxr.score import OutputError
+    from cxr.train import check_output
+
+    same = TrainConfig(data=str(data), output=str(out), weights="none", epochs=1, image_size=32, lr=0.01, batch_size=8,
+                       oversample=1, val_fraction=0.25, workers=2, max_failures=0)
+    check_output(same, False, storage.s3_settings())
+    with pytest.raises(OutputError, match=r"other settings \(lr 0.01 -> 0.02\)"):
+        check_output(TrainConfig(**{**same.__dict__, "lr": 0.02}), False, storage.s3_settings())
+
+
+def test_train_and_tune_help_show_every_default_but_none_for_flags(capsys, monkeypatch):
+    import importlib.util
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for script, expected in (("train", ["--epochs EPOCHS passes over the training images; the checkpoint is the best epoch's (default: 8)",
+                                        "(default: 0.0003)", "--image-size IMAGE_SIZE the model's input, in pixels (square) (default: 224)",
+                                        "(default: imagenet)", "--data URI labelled images", "--overwrite delete what the output holds"]),
+                             ("tune", ["--num-samples NUM_SAMPLES trials per backbone (learning rate and class weight drawn at random) (default: 4)",
+                                       "(default: 6)", "--data URI labelled images"])):
+        spec = importlib.util.spec_from_file_location(f"job_{script}", ROOT / "jobs" / f"{script}.py")
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        with pytest.raises(SystemExit) as exited:
+            job.parse_args(["--help"])
+        assert exited.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(e in text for e in expected), text
+        assert "(default: False)" not in text and "(default: None)" not in text  # flags and options without a default
+        assert text.count("(default:") >= 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -50,3 +51,13 @@ def run(main: Callable[[], int]) -> None:
         logging.getLogger("cxr").exception("job failed")
         code = FAILED
     sys.exit(code)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every option's default, ``(default: 8)``, and the description's own line breaks; flags
+    (``store_true``) and options without a default (``None``) print none: their help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)

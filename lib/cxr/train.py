@@ -27,9 +27,10 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"  # every epoch's metrics so far, carried from checkpoint to checkpoint
+CONFIG = "config.json"  # the run's settings: written before training starts, completed when it ends
+# TrainConfig fields that may change when an interrupted run is resumed (where and how it runs, not what it
+# learns); every other field, present or future, makes a different run.
+RESUMABLE_WITH = frozenset({"output", "workers", "cpus_per_worker", "threads_per_worker", "gpu", "max_failures", "fail_once_at_epoch"})
 
 
 @dataclass
@@ -214,7 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
             **validation_metrics(y, p, cfg.target_sensitivity),
         }
         history.append({**metrics, "resumed": bool(checkpoint) and epoch == start_epoch})
-        if rank == 0:
+        if rank == 0:  # the job's own progress: Ray forwards the workers' stdout to the driver's
+            print(epoch_line(metrics, cfg, config.get("label", "")), flush=True)
             with tempfile.TemporaryDirectory() as d:
                 with open(os.path.join(d, HISTORY), "w") as f:
                     json.dump(history, f)
@@ -225,6 +231,29 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+def epoch_line(metrics: dict, cfg: TrainConfig, label: str = "") -> str:
+    """``epoch 2/6: train loss 0.312, val loss 0.280, val AUC 0.987, specificity 0.940 at sensitivity >= 0.98,
+    57 images/s, 35 s``, after ``label: `` when the run is one of several (a fold's, a seed's, a trial's)."""
+    m = metrics
+    return (f"{label + ': ' if label else ''}epoch {m['epoch'] + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f}, "
+            f"val loss {m['val_loss']:.3f}, val AUC {m['val_auc']:.3f}, specificity {m['val_spec_at_target']:.3f} at "
+            f"sensitivity >= {cfg.target_sensitivity}, {m['train_images_per_s']:.0f} images/s, {m['epoch_seconds']:.0f} s")
+
+
+def run_label(run_name: str, cfg: TrainConfig) -> str:
+    """What an epoch line names its run by: ``fold 2/5``, ``seed 1``, both, nothing for a single run's ``_ray``,
+    and a run name of another kind (a Tune trial's) as it is."""
+    m = re.fullmatch(r"_ray(?:_fold(\d+))?(?:_seed\d+)?", run_name)
+    if not m:
+        return run_name
+    parts = []
+    if cfg.threshold_folds > 1:
+        parts.append(f"fold {int(m.group(1)) + 1}/{cfg.threshold_folds}" if m.group(1) else "shipped model")
+    if cfg.seeds > 1:
+        parts.append(f"seed {cfg.seed}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -327,6 +356,7 @@ def fit(cfg: TrainConfig, data: PreparedData, *, storage_path: str, run_name: st
     threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
     loop_config = {
         "train": asdict(cfg), "preprocess": data.spec.to_dict(), "threads": threads, "covid_weight": covid_weight,
+        "label": run_label(run_name, cfg),
         "fail_marker": fail_marker or os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(time.time())}"),
     }
     trainer = TorchTrainer(
@@ -358,6 +388,73 @@ def _storage_location(uri: str, settings) -> tuple[str, object]:
     return path, None
 
 
+def _comparable(value):
+    """A setting as config.json holds it (tuples as lists, keys as strings), so that read and new compare alike."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else f"<{len(value)} entries>" if isinstance(value, (dict, list)) else text[:37] + "..."
+
+
+def setting_changes(cfg: TrainConfig, recorded: dict) -> list[str]:
+    """``"epochs 2 -> 1"`` for every training setting of ``cfg`` that differs from a run's ``config.json``
+    (a setting the run's config.json lacks, from an older version, counts as its default)."""
+    changes = []
+    for f in fields(TrainConfig):
+        if f.name in RESUMABLE_WITH:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else None if f.default is MISSING else f.default
+        old, new = _comparable(recorded.get(f.name, default)), _comparable(getattr(cfg, f.name))
+        if f.name == "data" and isinstance(old, str) and isinstance(new, str):
+            old, new = old.rstrip("/"), new.rstrip("/")
+        if old != new:
+            changes.append(f"{f.name} {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def check_output(cfg: TrainConfig, overwrite: bool, settings) -> None:
+    """Before any work: refuse (``OutputError``, exit 5) an output that holds a training run (``config.json``,
+    Ray Train's ``_ray*/``) with other settings, which Ray Train would otherwise resume and return unchanged;
+    the same settings resume it. ``overwrite`` empties the output instead."""
+    import pyarrow.fs as pafs
+
+    from .score import OutputError, prepare_output
+
+    if overwrite:
+        prepare_output(cfg.output, True, settings)  # empties it (local or S3) and checks that it can be written
+        return
+    fs, path = storage.filesystem(cfg.output, settings)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise OutputError(f"output {cfg.output} is a file; give a directory or prefix")
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"cannot read {cfg.output}: {storage.describe_error(exc)}") from exc
+    names = {os.path.basename(e.path.rstrip("/")) for e in entries}
+    runs = sorted(n for n in names if n.startswith("_ray"))
+    if CONFIG not in names and not runs:
+        return
+    advice = "choose a new --output, or pass --overwrite to replace it"
+    recorded = None
+    if CONFIG in names:
+        try:
+            recorded = json.loads(storage.read_bytes(storage.join(cfg.output, CONFIG), settings))
+        except Exception:  # noqa: BLE001
+            recorded = None
+    if not isinstance(recorded, dict):
+        raise OutputError(f"{cfg.output} holds a training run ({', '.join(runs) or CONFIG}) whose settings are unknown "
+                          f"(no readable {CONFIG}): {advice}")
+    changes = setting_changes(cfg, recorded)
+    if changes:
+        raise OutputError(f"{cfg.output} holds a training run with other settings ({', '.join(changes)}): {advice}")
+    if runs:
+        log.info("%s holds a run with these settings (%s): resuming it", cfg.output, ", ".join(runs))
+
+
 def write_metrics_csv(history: list[dict], uri: str) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
@@ -366,17 +463,24 @@ def write_metrics_csv(history: list[dict], uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue().encode())
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``."""
+def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``.
+
+    An output that holds a run of the same settings resumes it (Ray Train goes on from its last checkpoint);
+    one with other settings raises ``OutputError`` before any work, unless ``overwrite`` (see :func:`check_output`)."""
     from .models import check_backbone
 
     check_backbone(cfg.backbone)
     settings = storage.s3_settings()
+    check_output(cfg, overwrite, settings)
     started = time.perf_counter()
     data = prepare_data(cfg, settings)
     files, train_files, val_files, counts = data.files, data.train_files, data.val_files, data.counts
     covid_weight = cfg.covid_weight if cfg.covid_weight is not None else data.balanced_covid_weight
     storage_path, storage_fs = _storage_location(cfg.output, settings)
+    # The settings go in before Ray Train writes anything, so that an interrupted run is known by them
+    # (after the data is read: a command that fails on its input leaves nothing behind to be refused).
+    write_config(cfg, settings)
     members = fit_members(cfg, data, storage_path, storage_fs, "_ray")
     import ray
 
@@ -428,9 +532,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     buf = io.BytesIO()
     np.save(buf, main_scores)
     storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), buf.getvalue())
-    storage.write_bytes(storage.join(cfg.output, "config.json"),
-                        json.dumps({**asdict(cfg), "covid_weight_used": covid_weight, "threads_per_worker_used": threads}, indent=2, default=str).encode())
+    write_config(cfg, settings, covid_weight_used=covid_weight, threads_per_worker_used=threads)
     return TrainResult(cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds, cv)
+
+
+def write_config(cfg: TrainConfig, settings=None, **used) -> None:
+    storage.write_bytes(storage.join(cfg.output, CONFIG), json.dumps({**asdict(cfg), **used}, indent=2, default=str).encode(), settings)
 
 
 def _best(result) -> tuple[object, dict]:

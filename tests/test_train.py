@@ -387,3 +387,14 @@ def test_train_and_tune_help_show_every_default_but_none_for_flags(capsys, monke
         assert all(e in text for e in expected), text
         assert "(default: False)" not in text and "(default: None)" not in text  # flags and options without a default
         assert text.count("(default:") >= 12
+
+
+def test_epoch_lines_name_the_fold_or_seed_of_their_run():
+    from cxr.train import run_label
+
+    one = TrainConfig(data="d", output="o")
+    assert run_label("_ray", one) == ""
+    folds = TrainConfig(data="d", output="o", threshold_folds=5, seeds=2, seed=3)
+    assert run_label("_ray", folds) == "shipped model, seed 3"
+    assert run_label("_ray_fold1_seed1", folds) == "fold 2/5, seed 3"  # a member's config carries its own seed
+    assert run_label("train-resnet50-0123456789ab", one) == "train-resnet50-0123456789ab"  # a Tune trial's run

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
-from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
+from .metrics import choose_threshold, expected_calibration_error, fit_temperature
 from .preprocess import PreprocessSpec, check_tta
 from .models import check_backbone, list_backbones
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv

@@ -671,8 +671,9 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
             storage.write_bytes(storage.join(out, "val_scores.npy"), buf.getvalue(), settings)
             row.update({"temperature": cal.temperature, "ece_before": cal.ece_before, "ece_after": cal.ece_after, "exported_to": out,
                         "separates": cal.separates})
-            log.info("exported %s (trial %s, epoch %d): T=%.3f (%s), ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f at sensitivity %.3f "
-                     "(threshold %.6g) -> %s", backbone, row["trial_id"], row["best_epoch"], cal.temperature, cal.note, cal.ece_before, cal.ece_after,
+            log.info("exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f at sensitivity %.3f "
+                     "(threshold %.6g) -> %s", backbone, row["trial_id"], row["best_epoch"], cal.temperature,
+                     "" if cal.note == "fitted" else " (not as fitted: see the warning above)", cal.ece_before, cal.ece_after,
                      cal.auc, cal.specificity, cal.sensitivity, cal.threshold, out)
             if not cal.separates:
                 log.warning("%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread %.2g); "

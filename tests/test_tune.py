@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_labelled_tree
+from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
 from cxr.decode import decode
 from cxr.metrics import expected_calibration_error
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.tune import SearchConfig, calibrate, choose_members, plan_trials, rank_key, run_search
+from cxr.tune import (TEMPERATURE_BOUNDS, SearchConfig, calibrate, choose_members, export_calibrated, plan_trials, rank_key, run_search,
+                      usable_members, validation_figures)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -69,7 +71,17 @@ def test_ensemble_members_leave_out_a_model_that_learned_nothing():
     members, figures, tried = choose_members(probs, y, 0.98)
     assert members == ["a", "b"] and len(tried) == 4  # every subset of two or more
     assert figures["val_spec_at_target"] == max(t["val_spec_at_target"] for t in tried)
-    assert choose_members({"only": probs["a"]}, y, 0.98)[0] == ["only"]
+    with pytest.raises(ValueError, match="two or more"):
+        choose_members({"only": probs["a"]}, y, 0.98)
+
+
+def test_no_ensemble_of_fewer_than_two_models_that_separate_the_classes():
+    models = [{"kind": "model", "backbone": "a", "separates": True}, {"kind": "model", "backbone": "b", "separates": False}]
+    usable, reason = usable_members(models)
+    assert usable == ["a"] and "two or more" in reason and "learned nothing: b" in reason
+    usable, reason = usable_members(models[:1])  # a single backbone searched
+    assert usable == ["a"] and "two or more" in reason
+    assert usable_members([*models, {"kind": "model", "backbone": "c", "separates": True}]) == (["a", "c"], None)
 
 
 def test_search_finishes_ranks_exports_and_resumes(search):
@@ -94,7 +106,7 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     # leaderboard.csv and chart; one exported, calibrated model per backbone and an ensemble.
     with (out / "leaderboard.csv").open() as f:
         board = list(csv.DictReader(f))
-    assert [r["kind"] for r in board].count("trial") == 4 and board[-1]["kind"] == "ensemble"
+    assert [r["kind"] for r in board].count("trial") == 4
     assert [r["epochs_run"] for r in board if r["kind"] == "trial"] == ["2"] * 4  # integers, not "2.0"
     assert [r["rank"] for r in board if r["kind"] == "trial"] == ["1", "2", "3", "4"]
     assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
@@ -107,11 +119,38 @@ def test_search_finishes_ranks_exports_and_resumes(search):
         assert info.temperature == pytest.approx(cal["temperature"]) and cal["ece_after"] <= cal["ece_before"] + 1e-9
         assert info.preprocess.input_size == 32 and (Path(uri) / "metrics.csv").exists()
         assert info.preprocess.crop == LUNG_BOX  # the search's preprocessing travels with every exported model
-        # the threshold keeps validation sensitivity at the target on the calibrated probabilities
+        # the threshold keeps validation sensitivity at the target on the calibrated probabilities, and every
+        # recorded figure is that of the stored validation probabilities at the stored threshold
         p, y = np.load(Path(uri) / "val_scores.npy")
         assert np.mean(p[y == 1] >= info.threshold) >= 0.98
+        val = info.provenance["validation"]
+        assert val["val_threshold"] == info.threshold
+        assert val["val_spec_at_target"] == pytest.approx(float(np.mean(p[y == 0] < info.threshold)))
+        assert val["val_sens_at_threshold"] == pytest.approx(float(np.mean(p[y == 1] >= info.threshold)))
+        assert val["val_auc"] == pytest.approx(roc_auc_score(y, p))
+        assert val["separates_classes"] == (roc_auc_score(y, p) > 0.5 and np.ptp(p) >= 1e-6)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed"] and set(summary["models"]) == {*BACKBONES, "ensemble"}
+    assert summary["resumed"]
+    separating = [b for b in BACKBONES if summary["models"][b]["separates"]]
+    if len(separating) >= 2:
+        assert board[-1]["kind"] == "ensemble" and set(summary["models"]) == {*BACKBONES, "ensemble"}
+        assert summary["ensemble"]["exported_to"] == resumed.ensemble and summary["ensemble"]["reason"] is None
+    else:  # 2 epochs from scratch at 32 px: the models usually learn nothing (constant output in eval mode)
+        assert resumed.ensemble is None and not (out / "ensemble").exists() and "ensemble" not in [r["kind"] for r in board]
+        assert summary["ensemble"]["exported_to"] is None and "two or more" in summary["ensemble"]["reason"]
+        assert [r["separates"] for r in board if r["exported_to"]] == [str(b in separating) for b in (r["backbone"] for r in board if r["exported_to"])]
+
+
+def test_resuming_with_other_settings_is_refused(search):
+    from cxr.score import OutputError
+
+    _, _, root = search
+    config = root / "out" / "search_config.json"
+    stored = json.loads(config.read_text())
+    cfg = SearchConfig(**{**stored, "crop": tuple(stored["crop"]), "weights": "auto", "epochs": 3})
+    with pytest.raises(OutputError, match=r"other settings .*epochs: 2 there, 3 asked.*weights: 'none' there, 'auto' asked"):
+        run_search(cfg)
+    assert json.loads(config.read_text()) == stored  # nothing changed
 
 
 def test_calibration_lowers_ece_of_an_over_confident_model(tiny_model, tmp_path):
@@ -132,14 +171,75 @@ def test_calibration_lowers_ece_of_an_over_confident_model(tiny_model, tmp_path)
     assert expected_calibration_error(y, loaded.predict_proba(images)) == pytest.approx(cal.ece_after, abs=1e-4)
 
 
+def _near_constant_model(tiny_model: str, out: Path, scale: float = 100.0) -> str:
+    """tiny_model with its head scaled up: logits that differ by ~1e-7 between images (correlated with the label),
+    float32 probabilities that do not differ at all: a model that learned nothing, as efficientnet_b0 from scratch."""
+    import torch
+
+    from cxr.checkpoint import save_checkpoint
+
+    loaded = load_checkpoint(tiny_model, optimize=False)
+    with torch.no_grad():
+        loaded.model.classifier[-1].weight.mul_(scale)
+    save_checkpoint(loaded.model, loaded.info, str(out))
+    return str(out)
+
+
+def test_export_of_a_model_that_learned_nothing_reports_it(tiny_model, tmp_path, caplog):
+    """Every exported figure is that of the float32 probabilities the export gives (as scoring loads it), not of the
+    float64 calibration, where a temperature at its bound made differences of 1e-7 look like AUC 0.95."""
+    src = _near_constant_model(tiny_model, tmp_path / "src")
+    images, y = _images(make_labelled_tree(tmp_path / "data", n=20, layout=""), load_info(src).preprocess)
+    out = tmp_path / "export"
+    with caplog.at_level("WARNING", logger="cxr.tune"):
+        info, cal, probs = export_calibrated(src, images, y, 0.98, str(out), {"tune": {"trial_id": "t"}})
+    assert "at the upper bound of its search" in caplog.text  # the fit ran into T = 100 (no signal)
+    assert cal.fitted_temperature == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-3)
+    assert "upper bound" in info.provenance["calibration"]["note"] or "merges" in info.provenance["calibration"]["note"]
+    assert not cal.separates and info.provenance["validation"]["separates_classes"] is False
+
+    scored = load_checkpoint(str(out)).predict_proba(images)  # as the score job computes them
+    np.testing.assert_array_equal(scored, probs)
+    f = validation_figures(y, scored, 0.98)
+    val = info.provenance["validation"]
+    assert f["spread"] < 1e-6 and val["val_auc"] == pytest.approx(f["auc"])  # constant output
+    assert info.threshold == val["val_threshold"] == f["threshold"]
+    assert val["val_spec_at_target"] == pytest.approx(float(np.mean(scored[y == 0] < info.threshold)))
+    assert val["val_sens_at_threshold"] == pytest.approx(float(np.mean(scored[y == 1] >= info.threshold)))
+    assert info.provenance["calibration"]["ece_after"] == pytest.approx(expected_calibration_error(y, scored))
+
+
+def test_a_temperature_at_its_bound_is_not_used():
+    """Perfectly separated validation logits: the NLL falls towards T -> 0, where every float32 probability is 0 or 1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    y = np.r_[np.ones(10), np.zeros(10)].astype(int)
+    margin = np.where(y == 1, 3.0, -3.0) + np.linspace(0, 1, 20)
+    loaded = SimpleNamespace(info=SimpleNamespace(positive_index=1, backbone="fake"),
+                             logits=lambda x: torch.as_tensor(np.stack([-margin[x] / 2, margin[x] / 2], axis=1), dtype=torch.float32))
+    cal = calibrate(loaded, np.arange(20), y, 0.98)
+    assert cal.fitted_temperature == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    assert cal.temperature == 1.0 and "perfectly separated" in cal.note
+    assert cal.separates and cal.auc == 1.0 and cal.threshold < 1.0 and cal.ece_after == pytest.approx(cal.ece_before)
+
+
 def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_path):
     from cxr.evaluate import evaluate
     from cxr.score import score
 
+    from cxr.tune import _export_ensemble
+
     _, resumed, root = search
-    ens = load_checkpoint(resumed.ensemble)
+    # The search's own models may have learned nothing (then it exports no ensemble): export one of them here.
+    val_probs = {b: np.load(Path(resumed.exported[b]) / "val_scores.npy")[0] for b in BACKBONES}
+    y = np.load(Path(resumed.exported[BACKBONES[0]]) / "val_scores.npy")[1].astype(int)
+    ens_uri, row = _export_ensemble(SearchConfig(data="d", output=str(tmp_path / "search")), None, resumed.exported, val_probs, y, None)
+    assert row["members"] == "+".join(BACKBONES)
+    ens = load_checkpoint(ens_uri)
     assert isinstance(ens, LoadedEnsemble) and ens.info.kind == "ensemble" and ens.info.model_id.startswith("ensemble@")
-    assert ens.info.threshold == pytest.approx(json.loads((Path(resumed.ensemble) / "model.json").read_text())["threshold"])
+    assert ens.info.threshold == pytest.approx(json.loads((Path(ens_uri) / "model.json").read_text())["threshold"])
     fresh = make_labelled_tree(tmp_path / "fresh", n=5, size=48, seed=9, layout="")
     images, y = _images(fresh, ens.info.preprocess)
     members = [load_checkpoint(resumed.exported[b]) for b in BACKBONES]
@@ -148,7 +248,7 @@ def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_pa
     np.testing.assert_allclose(np.exp(ens.logits(images).numpy())[:, 1], expected, atol=1e-5)
 
     # The score pipeline takes it as --model: the table carries its probabilities, threshold and id.
-    summary = score([str(fresh)], str(tmp_path / "scores"), resumed.ensemble)
+    summary = score([str(fresh)], str(tmp_path / "scores"), ens_uri)
     table = pq.read_table(tmp_path / "scores").to_pandas().sort_values("path")
     assert summary.files == 10 and table["error"].isna().all()
     assert set(table["model"]) == {ens.info.model_id} and np.allclose(table["threshold"], ens.info.threshold)
@@ -156,13 +256,13 @@ def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_pa
     by_path = dict(zip(table["path"], table["prob_covid"]))
     np.testing.assert_allclose([by_path[p] for p in order], expected, atol=1e-4)
     # ... and so does evaluate.
-    result = evaluate([str(fresh)], resumed.ensemble, str(tmp_path / "report"), split=None, n_bootstrap=20)
+    result = evaluate([str(fresh)], ens_uri, str(tmp_path / "report"), split=None, n_bootstrap=20)
     assert (tmp_path / "report" / "report.html").exists() and result.errors == 0
 
     # Tampering with a member is detected; members with another preprocessing spec are refused.
     import shutil
 
-    copy = shutil.copytree(resumed.ensemble, tmp_path / "ensemble")
+    copy = shutil.copytree(ens_uri, tmp_path / "ensemble")
     member = copy / "members" / BACKBONES[0] / "model.json"
     meta = json.loads(member.read_text())
     meta["weights_sha256"] = "0" * 64
@@ -183,3 +283,20 @@ def test_tune_job_rejects_bad_input(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written for a search that cannot start
     crop = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.9,0.1,0,1", timeout=120)
     assert crop.returncode == 2 and "crop must satisfy" in crop.stderr
+
+
+def test_tune_job_checks_imagenet_weights_before_the_search(tmp_path):
+    """An empty torch hub cache and no network: efficientnet_b0's ImageNet file is missing (mobilenet_v2's comes from
+    the offline weights package); the job says so at once (exit 4), before writing anything."""
+    from conftest import run_job
+
+    data = make_labelled_tree(tmp_path / "data", n=4, size=32)
+    no_net = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+              "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    r = run_job("tune.py", "--data", str(data), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,efficientnet_b0",
+                env=no_net, timeout=120)
+    assert r.returncode == 4, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ImageNet weights of efficientnet_b0 not available") and "mobilenet_v2" not in line
+    assert "--weights auto" in line and "--weights none" in line and "CXR_WEIGHTS_DIR" in line and "--backbones" in line
+    assert not (tmp_path / "o").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_labelled_tree, run_job, upload_tree
 
-from cxr.checkpoint import LoadedEnsemble, load_checkpoint
+from cxr.checkpoint import load_checkpoint
 from cxr.storage import s3_settings
 from cxr.tune import SearchConfig, run_search
 
@@ -73,21 +73,20 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
 
     with io.StringIO(read("tune/leaderboard.csv").decode()) as f:
         board = list(csv.DictReader(f))
-    assert [(r["kind"], r["backbone"]) for r in board] == [("trial", BACKBONE), ("ensemble", "ensemble")]
+    assert [(r["kind"], r["backbone"]) for r in board] == [("trial", BACKBONE)]  # one backbone: no ensemble of one
     assert board[0]["epochs_run"] == "2" and board[0]["exported_to"] == f"{output}/models/{BACKBONE}"
     assert read("tune/leaderboard.png")[:4] == b"\x89PNG"
     assert {f"tune/models/{BACKBONE}/{n}" for n in ("model.json", "model.safetensors", "metrics.csv", "val_scores.npy")} <= set(keys("tune/models/"))
-    assert "tune/ensemble/model.json" in keys("tune/ensemble/")
+    assert keys("tune/ensemble/") == [] and "no ensemble exported: an ensemble needs two or more" in job.stderr
 
     settings = s3_settings()
-    assert resumed["models"] == {BACKBONE: f"{output}/models/{BACKBONE}"} and resumed["ensemble"] == f"{output}/ensemble"
+    assert resumed["models"] == {BACKBONE: f"{output}/models/{BACKBONE}"} and resumed["ensemble"] is None
     model = load_checkpoint(resumed["models"][BACKBONE], settings=settings, optimize=False)
     assert model.info.backbone == BACKBONE and model.info.preprocess.input_size == 32
     assert "calibration" in model.info.provenance
-    ensemble = load_checkpoint(resumed["ensemble"], settings=settings, optimize=False)
-    assert isinstance(ensemble, LoadedEnsemble) and ensemble.info.threshold == json.loads(read("tune/ensemble/model.json"))["threshold"]
     summary = json.loads(read("tune/summary.json"))
-    assert summary["resumed"] and summary["errors"] == 0 and set(summary["models"]) == {BACKBONE, "ensemble"}
+    assert summary["resumed"] and summary["errors"] == 0 and set(summary["models"]) == {BACKBONE}
+    assert summary["ensemble"]["exported_to"] is None and "two or more" in summary["ensemble"]["reason"]
     assert json.loads(read("tune/search_config.json"))["output"] == output
 
     # Tune pickles the trainable's parameters (the S3 filesystem among them) into the bucket: no credential goes along.

@@ -7,8 +7,10 @@
        multiple of the balanced weight); ASHA stops weak trials early on the per-epoch validation score
     -> ranking: specificity at the target sensitivity on validation, ties broken by ROC AUC
     -> export: per backbone, the best trial's best epoch, temperature-calibrated on validation (ECE before and
-       after recorded, threshold re-chosen on the calibrated probabilities); an ensemble (mean of the
-       members' calibrated probabilities, its own validation threshold); ``leaderboard.csv`` + ``leaderboard.png``.
+       after recorded, threshold re-chosen on the calibrated probabilities; every figure from the float32
+       probabilities of the exported checkpoint); an ensemble of two or more models that separate the classes
+       (mean of the members' calibrated probabilities, its own validation threshold), none with fewer;
+       ``leaderboard.csv`` + ``leaderboard.png``.
 
 Output (local or ``s3://``)::
 
@@ -38,7 +40,7 @@ import numpy as np
 
 from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
-from .metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax_prob
+from .metrics import choose_threshold, expected_calibration_error, fit_temperature
 from .preprocess import PreprocessSpec, check_tta
 from .models import check_backbone, list_backbones
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 DRIVER_CPUS = 0.05  # a trial's driver only waits on its TorchTrainer
 DATA_RESERVE_CPUS = 0.5  # never reserved by trials: Ray Data's tasks need it
 SEARCH_NAME = "search"
+TEMPERATURE_BOUNDS = (0.01, 100.0)  # the temperature search; a fit at a bound is not used (see calibrate)
+MIN_SPREAD = 1e-6  # validation probabilities closer than this (float32 rounding at 0.5 is 6e-8) are a constant output
 # Settings that define the search: a resumed search keeps its stored values of these.
 _SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "crop", "equalize", "tta", "weights", "lr_range",
                 "covid_weight_range", "oversample", "batch_size", "val_fraction", "seed", "grace_period", "reduction_factor")
@@ -113,6 +117,10 @@ class Calibration:
     specificity: float
     auc: float
     n: int
+    fitted_temperature: float = float("nan")  # what the NLL fit gave (``temperature`` is 1 where it was not used)
+    note: str = "fitted"  # what was done with the fitted temperature
+    separates: bool = True  # False: the probabilities do not separate the classes (AUC <= 0.5 or constant)
+    spread: float = float("nan")  # max - min of the validation probabilities
 
 
 @dataclass
@@ -168,6 +176,44 @@ def imagenet_cached(backbone: str) -> bool:
     return ensure_hub_cached(_torchvision_weights(BACKBONES[backbone]).url).is_file()
 
 
+def fetch_imagenet(backbone: str, timeout_s: float = 30.0) -> str | None:
+    """Make ``backbone``'s ImageNet weights available here (cached, seeded from an offline copy, or downloaded now);
+    None when they are, else why not."""
+    import socket
+
+    import torch
+
+    from .models import BACKBONES, _torchvision_weights, ensure_hub_cached
+
+    if backbone not in BACKBONES or imagenet_cached(backbone):
+        return None
+    url = _torchvision_weights(BACKBONES[backbone]).url
+    target = ensure_hub_cached(url)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, DNS: all mean "not available"
+        return f"not in {target.parent}, no offline copy, download failed: {type(exc).__name__}"
+    finally:
+        socket.setdefaulttimeout(old)
+    return None
+
+
+def check_imagenet_weights(backbones: list[str], weights: str) -> None:
+    """``--weights imagenet``: every backbone's ImageNet file must be available before the search starts (else every
+    trial of those backbones would fail minutes later). Raises CheckpointError (exit 4) naming them and the fixes."""
+    if weights != "imagenet":
+        return
+    missing = {b: why for b in backbones if (why := fetch_imagenet(b))}
+    if missing:
+        raise CheckpointError(
+            f"ImageNet weights of {', '.join(missing)} not available ({next(iter(missing.values()))}): "
+            "use --weights auto (train those from scratch), --weights none, put the file in the torch hub cache "
+            "(or a folder named by CXR_WEIGHTS_DIR), or leave them out of --backbones")
+
+
 def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
     """``auto``: ImageNet weights where available here, else random initialisation (with a warning)."""
     if weights != "auto":
@@ -205,47 +251,104 @@ def _logits(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([loaded.logits(images[i:i + batch_size]).cpu().numpy() for i in range(0, len(images), batch_size)])
 
 
-def calibrate(loaded, images: np.ndarray, y: np.ndarray, target_sensitivity: float) -> Calibration:
-    """Temperature scaling fitted on (validation) ``images``; the threshold re-chosen on calibrated probabilities."""
+def _probs(logits: np.ndarray, temperature: float, positive_index: int) -> np.ndarray:
+    """float32 probabilities of the positive class, computed exactly as :meth:`LoadedModel.predict_proba` does."""
+    import torch
+
+    return torch.softmax(torch.as_tensor(logits) / temperature, dim=1)[:, positive_index].numpy().astype(np.float32)
+
+
+def predict(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``loaded.predict_proba`` over ``images`` in batches (float32)."""
+    return np.concatenate([loaded.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def validation_figures(y: np.ndarray, p: np.ndarray, target_sensitivity: float) -> dict:
+    """Figures of probabilities ``p`` on labels ``y``: ROC AUC, threshold (highest keeping sensitivity at the target),
+    specificity and sensitivity there, ECE, the spread of ``p`` and whether ``p`` separates the classes at all
+    (``separates``: AUC above 0.5 and a spread beyond float32 rounding, ``MIN_SPREAD``)."""
     from sklearn.metrics import roc_auc_score
 
-    z = _logits(loaded, images)
+    y, p = np.asarray(y), np.asarray(p)
+    threshold = choose_threshold(y, p, target_sensitivity)
+    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    spread = float(np.ptp(p)) if len(p) else 0.0
+    return {"auc": auc, "threshold": float(threshold), "specificity": float(np.mean(p[y == 0] < threshold)),
+            "sensitivity": float(np.mean(p[y == 1] >= threshold)), "ece": expected_calibration_error(y, p), "spread": spread,
+            "separates": bool(spread >= MIN_SPREAD and auc > 0.5)}
+
+
+def calibrate(loaded, images: np.ndarray, y: np.ndarray, target_sensitivity: float,
+              bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> Calibration:
+    """Temperature scaling fitted on (validation) ``images``; every figure from the float32 probabilities the model gives
+    at that temperature (as :meth:`LoadedModel.predict_proba`), the threshold re-chosen on them.
+
+    A fitted temperature at a bound of its search means the likelihood has no optimum inside it, with a warning: at the
+    lower bound validation is perfectly separated (T -> 0 would make every probability 0 or 1), so the temperature is
+    left at 1; at the upper bound the logits hold no signal (T -> infinity), so it is clamped there. It is also left at
+    1 where the fitted one would merge float32 probabilities of a model with some spread and lose ranking (lower AUC)."""
+    z = _logits(loaded, images)  # float32, with the checkpoint's test-time augmentation
     pos = loaded.info.positive_index
-    z2 = np.stack([z[:, 1 - pos], z[:, pos]], axis=1)  # column 1 = covid, as metrics expects
-    t = fit_temperature(z2, y)
-    before, after = softmax_prob(z2, 1.0), softmax_prob(z2, t)
-    threshold = choose_threshold(y, after, target_sensitivity)
-    return Calibration(
-        temperature=t, ece_before=expected_calibration_error(y, before), ece_after=expected_calibration_error(y, after),
-        threshold=threshold, sensitivity=float(np.mean(after[y == 1] >= threshold)), specificity=float(np.mean(after[y == 0] < threshold)),
-        auc=float(roc_auc_score(y, after)) if len(np.unique(y)) == 2 else float("nan"), n=int(len(y)),
-    )
+    name = loaded.info.backbone
+    z2 = np.stack([z[:, 1 - pos], z[:, pos]], axis=1).astype(np.float64)  # column 1 = covid, as metrics expects
+    fitted = fit_temperature(z2, y, bounds=bounds)
+    before = _probs(z, 1.0, pos)
+    t, note = fitted, "fitted"
+    if fitted <= bounds[0] * 1.001:
+        note = (f"fitted temperature {fitted:.4g} at the lower bound of its search {list(bounds)} (validation perfectly separated: "
+                "every probability would be 0 or 1): temperature 1 kept")
+        log.warning("%s: %s", name, note)
+        t = 1.0
+    elif fitted >= bounds[1] / 1.001:
+        note = (f"fitted temperature {fitted:.4g} at the upper bound of its search {list(bounds)} (no signal in the logits: "
+                "every probability pulled towards the base rate): clamped there")
+        log.warning("%s: %s", name, note)
+    if t != 1.0 and len(np.unique(y)) == 2 and np.ptp(before) >= MIN_SPREAD:  # (a constant output has no ranking to lose)
+        from sklearn.metrics import roc_auc_score
+
+        if roc_auc_score(y, _probs(z, t, pos)) < roc_auc_score(y, before):
+            note = f"fitted temperature {fitted:.4g} merges float32 probabilities (lower validation AUC): temperature 1 kept"
+            log.warning("%s: %s", name, note)
+            t = 1.0
+    after = before if t == 1.0 else _probs(z, t, pos)
+    f = validation_figures(y, after, target_sensitivity)
+    return Calibration(temperature=float(t), ece_before=expected_calibration_error(y, before), ece_after=f["ece"], threshold=f["threshold"],
+                       sensitivity=f["sensitivity"], specificity=f["specificity"], auc=f["auc"], n=int(len(y)), fitted_temperature=float(fitted),
+                       note=note, separates=f["separates"], spread=f["spread"])
 
 
 def export_calibrated(checkpoint_dir: str, images: np.ndarray, y: np.ndarray, target_sensitivity: float, output: str,
                       provenance: dict) -> tuple[ModelInfo, Calibration, np.ndarray]:
     """Calibrate the checkpoint in ``checkpoint_dir`` on validation and save it to ``output`` with its temperature and
-    new threshold; returns the saved info, the calibration and the calibrated validation probabilities."""
+    new threshold; returns the saved info, the calibration and the validation probabilities of the export.
+
+    Every exported figure (AUC, threshold, specificity, sensitivity, ECE after) is computed from the float32
+    probabilities the exported checkpoint gives when loaded as scoring loads it (``load_checkpoint``, fused), not
+    from the float64 calibration: a tiny temperature can make differences of 1e-8 look like a perfect model.
+    ``Calibration.separates`` is False for a model whose probabilities do not separate the classes (AUC <= 0.5,
+    or constant output): it learned nothing."""
     loaded = load_checkpoint(checkpoint_dir, optimize=False)
     cal = calibrate(loaded, images, y, target_sensitivity)
     info = loaded.info
     info.temperature, info.threshold, info.weights_sha256 = cal.temperature, cal.threshold, ""
+    save_checkpoint(loaded.model, info, output)
+    probs = predict(load_checkpoint(output), images)  # through the exported checkpoint itself, as scoring loads it
+    f = validation_figures(y, probs, target_sensitivity)
+    cal.threshold, cal.specificity, cal.sensitivity, cal.auc = f["threshold"], f["specificity"], f["sensitivity"], f["auc"]
+    cal.ece_after, cal.separates, cal.spread = f["ece"], f["separates"], f["spread"]
+    info.threshold, info.weights_sha256 = cal.threshold, ""
     info.provenance = {**provenance, "calibration": {
-        "method": "temperature scaling fitted on validation (NLL)", "temperature": cal.temperature,
+        "method": "temperature scaling fitted on validation (NLL)", "temperature": cal.temperature, "fitted_temperature": cal.fitted_temperature,
+        "temperature_bounds": list(TEMPERATURE_BOUNDS), "note": cal.note,
         "ece_before": cal.ece_before, "ece_after": cal.ece_after, "n": cal.n, "ece_bins": 15}}
     info.provenance.setdefault("validation", {}).update({
-        "val_auc": cal.auc, "val_spec_at_target": cal.specificity, "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold})
+        "val_auc": cal.auc, "val_spec_at_target": cal.specificity, "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold,
+        "separates_classes": cal.separates, "probability_spread": cal.spread,
+        "figures_from": "float32 probabilities of this checkpoint as exported (load_checkpoint, as scoring loads it)"})
     info.provenance["threshold_rule"] = f"highest threshold keeping validation sensitivity >= {target_sensitivity} (calibrated probabilities)"
+    if not cal.separates:
+        info.provenance["validation"]["warning"] = "its validation probabilities do not separate the classes: it learned nothing"
     info = save_checkpoint(loaded.model, info, output)
-    probs = load_checkpoint(output, optimize=False).predict_proba(images)  # through the exported checkpoint itself
-    # The threshold was chosen on float64 probabilities; the checkpoint gives float32 ones. A COVID image scoring
-    # exactly at the threshold must not fall below it by a rounding: take the lower of the two choices.
-    again = choose_threshold(y, probs, target_sensitivity) if np.any(y == 1) else cal.threshold
-    if again < cal.threshold:
-        cal.threshold = info.threshold = float(again)
-        info.provenance["validation"]["val_threshold"] = cal.threshold
-        info.weights_sha256 = ""
-        info = save_checkpoint(loaded.model, info, output)
     return info, cal, probs
 
 
@@ -300,7 +403,7 @@ def trial_rows(results, epochs: int) -> list[dict]:
 
 LEADERBOARD_COLUMNS = ["rank", "kind", "status", "backbone", "weights", "trial_id", "lr", "covid_weight_scale", "covid_weight", "epochs_run", "stopped_early",
                        "best_epoch", "val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss",
-                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "exported_to", "members", "error"]
+                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "separates", "exported_to", "members", "error"]
 
 
 def write_leaderboard(rows: list[dict], output: str) -> None:
@@ -318,7 +421,7 @@ def plot_leaderboard(models: list[dict], output: str) -> None:
 
     from matplotlib.figure import Figure
 
-    names = [m["backbone"] for m in models]
+    names = [m["backbone"] + ("\n(learned nothing)" if m.get("separates") is False else "") for m in models]
     figures = [("val_auc", "ROC AUC"), ("val_spec_at_target", "specificity at target sensitivity"),
                ("val_sens_at_threshold", "sensitivity at threshold")]
     fig = Figure(figsize=(11, 4.2))
@@ -382,15 +485,21 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     if resumed:
         changed = {k: (stored[k], getattr(cfg, k)) for k in _SEARCH_KEYS if k in stored and json.loads(json.dumps(getattr(cfg, k))) != stored[k]}
         if changed:
-            log.warning("resuming the search in %s with its stored settings; ignoring %s", cfg.output, changed)
+            from .score import OutputError
+
+            raise OutputError(
+                f"{cfg.output} holds a search with other settings ({'; '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in changed.items())}); "
+                "run it with its own settings (search_config.json) to resume it, or give another --output")
         for k in _SEARCH_KEYS:
             if k in stored:
                 setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") or (k == "crop" and stored[k]) else stored[k])
+        check_imagenet_weights(list(cfg.backbones), cfg.weights)
         log.info("resuming the interrupted search in %s", experiment)
     else:
         from .data import labelled_files
 
         labelled_files(cfg.data, "train", settings)  # bad data fails here (InputError), before anything is written
+        check_imagenet_weights(list(cfg.backbones), cfg.weights)  # so do missing ImageNet weights (CheckpointError)
         storage.write_bytes(storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings)
 
     base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,
@@ -453,18 +562,25 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         row["weights"] = weights.get(row.get("backbone"), "")
     exported, models, val_probs = _export(cfg, data, rows, results, settings)
     ensemble_uri, y = None, None
+    usable, no_ensemble = usable_members(models)
     if exported:
-        images, y = validation_arrays(data)
-        ensemble_uri, ens_row = _export_ensemble(cfg, data, exported, val_probs, y, settings)
-        models.append(ens_row)
-        rows.append(ens_row)
+        if no_ensemble:
+            log.warning("no ensemble exported: %s", no_ensemble)
+        else:
+            images, y = validation_arrays(data)
+            ensemble_uri, ens_row = _export_ensemble(cfg, data, exported, {b: val_probs[b] for b in usable}, y, settings)
+            models.append(ens_row)
+            rows.append(ens_row)
         plot_leaderboard(models, cfg.output)
     write_leaderboard(rows, cfg.output)
     seconds = time.perf_counter() - started
     summary = {"trials": len(rows) - (1 if ensemble_uri else 0), "errors": errors, "unfinished": unfinished, "seconds": round(seconds, 1), "resumed": resumed,
                "concurrent_trials": concurrent, "cpus_per_trial": cpus, "gpus_per_trial": cfg.gpus_per_trial,
                "models": {m["backbone"]: {k: m.get(k) for k in ("exported_to", "val_auc", "val_spec_at_target", "val_sens_at_threshold",
-                                                                  "val_threshold", "temperature", "ece_before", "ece_after")} for m in models}}
+                                                                  "val_threshold", "temperature", "ece_before", "ece_after", "separates")}
+                          for m in models},
+               "ensemble": {"exported_to": ensemble_uri, "members": next((m["members"].split("+") for m in models if m["kind"] == "ensemble"), []),
+                            "reason": None if ensemble_uri else (no_ensemble or "no model was exported")}}
     storage.write_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
     return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished)
 
@@ -553,9 +669,15 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
             buf = io.BytesIO()
             np.save(buf, np.stack([probs, y.astype(np.float32)]))
             storage.write_bytes(storage.join(out, "val_scores.npy"), buf.getvalue(), settings)
-            row.update({"temperature": cal.temperature, "ece_before": cal.ece_before, "ece_after": cal.ece_after, "exported_to": out})
-            log.info("exported %s (trial %s, epoch %d): T=%.3f, ECE %.4f -> %.4f, validation specificity %.3f at sensitivity %.3f -> %s",
-                     backbone, row["trial_id"], row["best_epoch"], cal.temperature, cal.ece_before, cal.ece_after, cal.specificity, cal.sensitivity, out)
+            row.update({"temperature": cal.temperature, "ece_before": cal.ece_before, "ece_after": cal.ece_after, "exported_to": out,
+                        "separates": cal.separates})
+            log.info("exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f at sensitivity %.3f "
+                     "(threshold %.6g) -> %s", backbone, row["trial_id"], row["best_epoch"], cal.temperature,
+                     "" if cal.note == "fitted" else " (not as fitted: see the warning above)", cal.ece_before, cal.ece_after,
+                     cal.auc, cal.specificity, cal.sensitivity, cal.threshold, out)
+            if not cal.separates:
+                log.warning("%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread %.2g); "
+                            "exported for inspection, left out of the ensemble", backbone, cal.auc, cal.spread)
             exported[backbone] = out
             val_probs[backbone] = probs
             models.append({**row, "kind": "model", "val_auc": cal.auc, "val_spec_at_target": cal.specificity,
@@ -567,28 +689,43 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
 
 
 def ensemble_figures(p: np.ndarray, y: np.ndarray, target: float) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    threshold = choose_threshold(y, p, target)
-    return {"val_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-            "val_spec_at_target": float(np.mean(p[y == 0] < threshold)), "val_sens_at_threshold": float(np.mean(p[y == 1] >= threshold)),
-            "val_threshold": float(threshold), "val_ece": expected_calibration_error(y, p)}
+    f = validation_figures(y, p, target)
+    return {"val_auc": f["auc"], "val_spec_at_target": f["specificity"], "val_sens_at_threshold": f["sensitivity"],
+            "val_threshold": f["threshold"], "val_ece": f["ece"], "separates": f["separates"]}
 
 
 def choose_members(val_probs: dict[str, np.ndarray], y: np.ndarray, target: float) -> tuple[list[str], dict, list[dict]]:
-    """The subset of exported models (at least two when there are two) whose mean calibrated probability ranks best
-    on validation (:func:`rank_key`; ties: more members). Exhaustive: at most 31 subsets for five backbones.
-    A model that learned nothing would only dilute the mean, so it is left out."""
+    """The subset of two or more models whose mean probability ranks best on validation (:func:`rank_key`; ties:
+    more members). Exhaustive: at most 26 subsets for five backbones. ``val_probs`` should hold only models that
+    separate the classes (:func:`usable_members`); a weak one is still left out where it would lower the ranking.
+    The mean is the ensemble checkpoint's own (float32), so the figures are those it gives."""
     from itertools import combinations
 
     names = list(val_probs)
+    if len(names) < 2:
+        raise ValueError(f"an ensemble needs two or more models, got {names}")
     tried = []
-    for k in range(min(2, len(names)), len(names) + 1):
+    for k in range(2, len(names) + 1):
         for subset in combinations(names, k):
-            figures = ensemble_figures(np.mean([val_probs[n] for n in subset], axis=0), y, target)
+            figures = ensemble_figures(np.stack([val_probs[n] for n in subset]).mean(axis=0).astype(np.float32), y, target)
             tried.append({"members": list(subset), **figures})
     best = max(tried, key=lambda t: (*rank_key(t), len(t["members"])))
     return best["members"], {k: v for k, v in best.items() if k != "members"}, tried
+
+
+def usable_members(models: list[dict]) -> tuple[list[str], str | None]:
+    """The exported models an ensemble may take (those whose validation probabilities separate the classes), and why
+    there is no ensemble (None when there are two or more)."""
+    singles = [m for m in models if m.get("kind") == "model"]
+    usable = [m["backbone"] for m in singles if m.get("separates", True)]
+    if len(usable) >= 2:
+        return usable, None
+    left_out = [m["backbone"] for m in singles if not m.get("separates", True)]
+    reason = (f"an ensemble needs two or more exported models that separate the classes on validation; "
+              f"{len(usable)} did ({', '.join(usable) or 'none'})")
+    if left_out:
+        reason += f"; learned nothing: {', '.join(left_out)}"
+    return usable, reason
 
 
 def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_probs: dict, y: np.ndarray, settings):

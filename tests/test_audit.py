@@ -27,7 +27,10 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     same_source = marker_tree(tmp_path / "hospital-a-2025", 8, 128, seed=2, cue="marker")
     elsewhere = marker_tree(tmp_path / "hospital-b", 8, 128, seed=3, cue="finding")  # real finding, no marker
     out = tmp_path / "audit"
-    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1)
+    (out / "heatmaps").mkdir(parents=True)
+    (out / "heatmaps" / "stale.png").write_bytes(b"from an earlier run")  # overwrite: emptied first, no stale heatmaps
+    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1,
+                   overwrite=True)
     r = json.loads((out / "report.json").read_text())
     sets = r["sets"]
     assert list(sets) == ["hospital-a", "hospital-a-2025", "hospital-b"] and r["internal"] == "hospital-a"
@@ -45,6 +48,7 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     assert sets["hospital-a"]["focus"]["covid"]["n"] == 8
     shown = pred.dropna(subset=["heatmap"])
     assert len(shown) == 6 and all((out / h).stat().st_size > 1000 for h in shown["heatmap"])
+    assert len(list((out / "heatmaps").iterdir())) == 6
     html = (out / "report.html").read_text()
     assert "Do not trust" in html and html.count("data:image/png;base64") == 2 + 6
 

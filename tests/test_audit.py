@@ -4,6 +4,7 @@ corner of every COVID image. The audit must flag it, and the explain and score j
 from __future__ import annotations
 
 import json
+from html import escape
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from conftest import dicom_bytes, run_job, xray_like
 from planted import marker_tree, train_tiny
 
 from cxr.audit import audit
+from cxr.explain import versus_threshold
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -67,16 +69,23 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     assert len(table) == 9 and table["heatmap"].notna().sum() == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
     assert table.loc[table["path"].str.endswith("lateral.dcm"), "error"].iloc[0].startswith("not a frontal view")
     assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {"prob_covid", "focus", "corner_share", "outside_lungs"}
-    assert "focus" in (out / "gallery.html").read_text()
+    gallery = (out / "gallery.html").read_text()
+    ok = table[table["error"].isna()]
+    captions = [escape(versus_threshold(p, t, pred)) for p, t, pred in zip(ok["prob_covid"], ok["threshold"], ok["prediction"])]
+    assert len(captions) == 8 and all(c in gallery for c in captions)  # the probability against the threshold, and the prediction
+    assert sum("&gt;=" in c for c in captions) == (ok["prediction"] == "covid").sum() == 4
 
     scores = tmp_path / "scores"
-    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive", env=env)
+    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive",
+                   "--explain-limit", "3", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 4 of 4 images" in proc.stdout
-    assert pq.read_table(scores).num_rows == 8  # the score table is unchanged: _heatmaps/ is not part of it
+    assert "explained 3 of 4 files (--explain-limit 3; 0 unreadable)" in proc.stdout  # the limit cut 4 positives to 3
+    scored = pq.read_table(scores).to_pandas()
+    assert len(scored) == 8  # the score table is unchanged: _heatmaps/ is not part of it
     explained = pq.read_table(scores / "_heatmaps" / "explanations.parquet").to_pandas()
-    assert sorted(explained["path"]) == sorted(str(p) for p in (data / "covid").glob("*.png"))
-    assert (scores / "_heatmaps" / "gallery.html").exists()
+    top = scored[scored["prediction"] == "covid"].nlargest(3, "prob_covid")["path"]
+    assert sorted(explained["path"]) == sorted(top) and set(top) <= {str(p) for p in (data / "covid").glob("*.png")}
+    assert "Explained 3 of 4 files (--explain-limit 3)." in (scores / "_heatmaps" / "gallery.html").read_text()
 
 
 def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, corner_model, tmp_path):
@@ -90,7 +99,8 @@ def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, 
     out = tmp_path / "explain"
     proc = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout
+    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout and "2 with no positive evidence (focus n/a)" in proc.stdout
+    assert "4 images, median focus" in (out / "gallery.html").read_text() and "2 with no positive evidence" in (out / "gallery.html").read_text()
     table = pq.read_table(out / "explanations.parquet").to_pandas().sort_values("path")
     assert table["heatmap"].notna().all() and (table["prediction"] == "covid").sum() == 2
     assert table["model"].str.startswith("ensemble@").all()

@@ -11,6 +11,6 @@ VAL=${VAL:-runs/default-val-split}
 rm -rf "$VAL"
 .venv/bin/python scripts/default-val-fold.py "$DATA/covid-xray-5k" "$VAL/validation"
 E=$DATA/external
-nice -n 5 .venv/bin/python jobs/audit.py --model default --internal "$VAL/validation" --output "$OUT" \
+nice -n 5 .venv/bin/python jobs/audit.py --model default --internal "$VAL/validation" --output "$OUT" --overwrite \
   --external "$E/hannover-covid/covid" --external "$E/actualmed" --external "$E/figure1" --external "$E/kermany-pediatric" \
   --limit "${LIMIT:-400}" --heatmaps-per-class 3 "$@"

@@ -10,8 +10,10 @@ bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
 run() {
   name=$1; shift
-  mkdir -p "$OUT/$name"
-  .venv/bin/python jobs/evaluate.py --model "$MODEL" --output "$OUT/$name" --split all "$@" > "$OUT/$name/summary.txt"
+  mkdir -p "$OUT"
+  # --overwrite: a re-run replaces the earlier report; the summary goes in once the job has emptied and written the folder
+  .venv/bin/python jobs/evaluate.py --model "$MODEL" --output "$OUT/$name" --split all --overwrite "$@" > "$OUT/$name.summary.txt"
+  mv "$OUT/$name.summary.txt" "$OUT/$name/summary.txt"
   head -1 "$OUT/$name/summary.txt"
 }
 run hannover-covid   --data "$EXT/hannover-covid/covid"

@@ -4,6 +4,7 @@ corner of every COVID image. The audit must flag it, and the explain and score j
 from __future__ import annotations
 
 import json
+from html import escape
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from conftest import dicom_bytes, run_job, xray_like
 from planted import marker_tree, train_tiny
 
 from cxr.audit import audit
+from cxr.explain import versus_threshold
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -27,7 +29,10 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     same_source = marker_tree(tmp_path / "hospital-a-2025", 8, 128, seed=2, cue="marker")
     elsewhere = marker_tree(tmp_path / "hospital-b", 8, 128, seed=3, cue="finding")  # real finding, no marker
     out = tmp_path / "audit"
-    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1)
+    (out / "heatmaps").mkdir(parents=True)
+    (out / "heatmaps" / "stale.png").write_bytes(b"from an earlier run")  # overwrite: emptied first, no stale heatmaps
+    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1,
+                   overwrite=True)
     r = json.loads((out / "report.json").read_text())
     sets = r["sets"]
     assert list(sets) == ["hospital-a", "hospital-a-2025", "hospital-b"] and r["internal"] == "hospital-a"
@@ -45,6 +50,7 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     assert sets["hospital-a"]["focus"]["covid"]["n"] == 8
     shown = pred.dropna(subset=["heatmap"])
     assert len(shown) == 6 and all((out / h).stat().st_size > 1000 for h in shown["heatmap"])
+    assert len(list((out / "heatmaps").iterdir())) == 6
     html = (out / "report.html").read_text()
     assert "Do not trust" in html and html.count("data:image/png;base64") == 2 + 6
 
@@ -63,16 +69,25 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     assert len(table) == 9 and table["heatmap"].notna().sum() == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
     assert table.loc[table["path"].str.endswith("lateral.dcm"), "error"].iloc[0].startswith("not a frontal view")
     assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {"prob_covid", "focus", "corner_share", "outside_lungs"}
-    assert "focus" in (out / "gallery.html").read_text()
+    gallery = (out / "gallery.html").read_text()
+    ok = table[table["error"].isna()]
+    captions = [escape(versus_threshold(p, t, pred)) for p, t, pred in zip(ok["prob_covid"], ok["threshold"], ok["prediction"])]
+    assert len(captions) == 8 and all(c in gallery for c in captions)  # the probability against the threshold, and the prediction
+    assert sum("&gt;=" in c for c in captions) == (ok["prediction"] == "covid").sum() == 4
 
     scores = tmp_path / "scores"
-    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive", env=env)
+    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive",
+                   "--explain-limit", "3", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 4 of 4 images" in proc.stdout
-    assert pq.read_table(scores).num_rows == 8  # the score table is unchanged: _heatmaps/ is not part of it
+    assert "explained 3 of 4 files (--explain-limit 3; 0 unreadable)" in proc.stdout  # the limit cut 4 positives to 3
+    scored = pq.read_table(scores).to_pandas()
+    assert len(scored) == 8  # the score table is unchanged: _heatmaps/ is not part of it
     explained = pq.read_table(scores / "_heatmaps" / "explanations.parquet").to_pandas()
-    assert sorted(explained["path"]) == sorted(str(p) for p in (data / "covid").glob("*.png"))
-    assert (scores / "_heatmaps" / "gallery.html").exists()
+    positive = scored[scored["prediction"] == "covid"].set_index("path")["prob_covid"]
+    assert set(positive.index) == {str(p) for p in (data / "covid").glob("*.png")}
+    chosen = positive[positive.index.isin(explained["path"])]
+    assert len(explained) == len(chosen) == 3 and chosen.min() >= positive.drop(chosen.index).max()  # the 3 most probable
+    assert "Explained 3 of 4 files (--explain-limit 3)." in (scores / "_heatmaps" / "gallery.html").read_text()
 
 
 def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, corner_model, tmp_path):
@@ -86,7 +101,8 @@ def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, 
     out = tmp_path / "explain"
     proc = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout
+    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout and "2 with no positive evidence (focus n/a)" in proc.stdout
+    assert "4 images, median focus" in (out / "gallery.html").read_text() and "2 with no positive evidence" in (out / "gallery.html").read_text()
     table = pq.read_table(out / "explanations.parquet").to_pandas().sort_values("path")
     assert table["heatmap"].notna().all() and (table["prediction"] == "covid").sum() == 2
     assert table["model"].str.startswith("ensemble@").all()

@@ -97,21 +97,23 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
     assert "<h2>Subgroups</h2>" in html and "<td>Bx</td>" in html
     assert any(line.strip().startswith("Bx") and "sensitivity n/a" in line for line in proc.stdout.splitlines()), proc.stdout
 
-    # by source, into the same folder: groups are the --data URIs
-    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source")
+    # by source, into the same folder (overwrite: emptied first): groups are the --data URIs
+    (out / "stale.txt").write_text("from an earlier run")
+    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source", overwrite=True)
+    assert not (out / "stale.txt").exists()
     assert [g["group"] for g in result.subgroups["groups"]] == sorted([str(a), str(b)])
     assert [g["n"] for g in result.subgroups["groups"]] == [12, 9]
     # by a metadata table (file,group; TSV), as exported from a PACS: unlisted files are a group of their own
     views = tmp_path / "views.tsv"
     listed = sorted(pred["path"])[:15]
     views.write_text("file\tgroup\tother\n" + "".join(f"{p}\t{'AP' if i % 3 else 'PA'}\tx\n" for i, p in enumerate(listed)))
-    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by=str(views))
+    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by=str(views), overwrite=True)
     got = {g["group"]: g["n"] for g in result.subgroups["groups"]}
     assert got == {"AP": 10, "PA": 5, "(not listed)": 6}
     by_path = pq.read_table(out / "predictions.parquet").to_pandas().set_index("path")["group"]
     assert all(by_path[p] == ("AP" if i % 3 else "PA") for i, p in enumerate(listed))
     # and without grouping the stale subgroup picture goes
-    evaluate([str(a)], trained_model.output, str(out), n_bootstrap=20)
+    evaluate([str(a)], trained_model.output, str(out), n_bootstrap=20, overwrite=True)
     assert not (out / "subgroups.png").exists() and "subgroups" not in json.loads((out / "report.json").read_text())
 
 

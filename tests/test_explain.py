@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.explain import (EnsembleCam, GradCam, LayerError, LUNG_BOX, cam_for, corner_mask, focus_scores, heatmap_name,
-                         lung_box_in_input, lung_mask, overlay_png, target_layer)
+from cxr.explain import (EnsembleCam, ExplainSummary, GradCam, LayerError, LUNG_BOX, cam_for, corner_mask, focus_scores, gallery_html,
+                         heatmap_name, lung_box_in_input, lung_mask, overlay_caption, overlay_png, target_layer, versus_threshold)
 from cxr.preprocess import LUNG_BOX as PREPROCESS_LUNG_BOX
 
 
@@ -157,3 +157,39 @@ def test_overlay_is_a_png_with_caption_strip_and_names_are_safe():
     assert im.format == "PNG" and im.size == (128, 150) and im.mode == "RGB"
     name = heatmap_name("s3://bucket/a dir/x ray (1).dcm")
     assert name.endswith("_x_ray_1_.png") and "/" not in name and name != heatmap_name("s3://bucket/other/x ray (1).dcm")
+
+
+class LooksAwayFrom(LooksAt):
+    """The covid logit falls with every activation: nothing in the image raises it."""
+
+    def forward(self, x):
+        return -super().forward(x)
+
+
+def test_a_map_without_positive_evidence_is_zero_and_has_no_focus():
+    cams = _cam(LooksAwayFrom((slice(None), slice(None))))
+    assert np.all(cams == 0) and focus_scores(cams[0]) == (None, None)
+
+
+def test_summaries_count_the_images_without_focus_and_the_limit():
+    line = ExplainSummary("out", 6, 6, 0, 0, 0.53, 6, 1.0, no_focus=4, available=15).line()
+    assert line.startswith("explained 6 of 15 files (--limit 6; 0 unreadable): median focus 0.53 of 2, "
+                           "4 with no positive evidence (focus n/a), 0 with focus < 0.5; 6 heatmaps")
+    assert ExplainSummary("out", 6, 6, 0, 1, 0.4, 6, 1.0, available=6).line().startswith(
+        "explained 6 of 6 images (0 unreadable): median focus 0.40, 1 with focus < 0.5;")
+    rows = [{"path": f"/d/{i}.png", "prob_covid": p, "prediction": "covid" if p >= 0.5401 else "non", "threshold": 0.5401,
+             "focus": f, "outside_lungs": None if f is None else f < 0.5, "heatmap": f"heatmaps/{i}.png", "error": None}
+            for i, (p, f) in enumerate([(0.9, 0.6), (0.7, 0.46), (0.5399, None), (0.2, None), (0.1, None), (0.05, None)])]
+    html = gallery_html(rows, "t", "Explained 6 of 15 files (--limit 6).")
+    assert "6 images, median focus 0.53 of 2, 1 of 2 with focus &lt; 0.5, 4 with no positive evidence (focus n/a). Explained 6 of 15" in html
+    assert "<b>focus n/a (no positive evidence)</b>, 4 of these images" in html
+    assert "p=0.5399 &lt; 0.5401: non · focus n/a (no positive evidence)" in html and "p=0.9000 &gt;= 0.5401: covid · focus 0.60" in html
+
+
+def test_captions_put_the_probability_against_the_threshold():
+    assert versus_threshold(0.9, 0.5, "covid") == "p=0.90 >= 0.50: covid"
+    assert versus_threshold(np.float32(0.5399), np.float32(0.5401), "non") == "p=0.5399 < 0.5401: non"
+    assert versus_threshold(0.54009, 0.5401, "non") == "p=0.54009 < 0.54010: non"  # as many decimals as tell them apart
+    assert versus_threshold(0.5401, 0.5401, "covid") == "p=0.5401 >= 0.5401: covid"
+    assert overlay_caption(0.54, 0.5401, "non", None) == "p=0.5400 < 0.5401: non, focus n/a (no positive evidence)"
+    assert overlay_caption(0.97, 0.5, "covid", 0.634) == "p=0.97 >= 0.50: covid, focus 0.63"

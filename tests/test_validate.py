@@ -36,9 +36,12 @@ def test_near_duplicate_pairs_match_brute_force():
 def test_planted_problems_are_all_found_and_strict_fails(ray_driver, tmp_path):
     root, planted = planted_tree(tmp_path / "data")
     out = tmp_path / "report"
-    proc = run_job("validate.py", "--data", str(root), "--output", str(out), "--strict", "--min-side", "32",
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"from an earlier run")
+    proc = run_job("validate.py", "--data", str(root), "--output", str(out), "--strict", "--min-side", "32", "--overwrite",
                    env={"RAY_ADDRESS": ray_driver.address})
     assert proc.returncode == 6, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not (out / "stale.png").exists()  # --overwrite emptied the folder first
     report = json.loads((out / "validation.json").read_text())
     found = _by_check(report["findings"])
     assert report["ok"] is False

@@ -238,13 +238,15 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
 
 def audit(model: str, internal: str, externals: list[str], output_dir: str, *, internal_split: str | None = "test",
           limit: int | None = None, seed: int = 0, heatmaps_per_class: int = 2, n_bootstrap: int = 500,
-          batch_size: int = 16, actors: int | None = None, layer: str | None = None) -> AuditResult:
+          batch_size: int = 16, actors: int | None = None, layer: str | None = None, overwrite: bool = False) -> AuditResult:
     """Audit ``model`` on ``internal`` versus ``externals``; report to the local folder ``output_dir``.
 
     ``internal_split`` picks the internal split folder where the data has one (``None``: all splits);
     external sets take every split. ``limit``: at most that many images per set and class, drawn at
-    random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class.
+    random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class. A non-empty
+    ``output_dir`` raises OutputError unless ``overwrite``, which empties it first (no stale heatmaps stay behind).
     """
+    from .score import prepare_output
     from .validate import inspect_files, metadata_baseline
 
     settings = storage.s3_settings()
@@ -275,8 +277,8 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
         log.info("set %s: %d of %d images", name, len(picked), len(files))
     table = pa.table({"path": [c[0] for c in chosen], "label": pa.array([c[1] for c in chosen], pa.int8()),
                       "set": [c[2] for c in chosen], "overlay": [c[3] for c in chosen]})
+    prepare_output(output_dir, overwrite, settings)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = run_explain(table, model, settings, str(out.resolve()), layer=layer, batch_size=batch_size, actors=actors)
     if result.num_rows != table.num_rows:
         raise RuntimeError(f"explained {result.num_rows} rows for {table.num_rows} images")

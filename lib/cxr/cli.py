@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from typing import Callable
 
@@ -61,3 +63,77 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the jobs' error format: one line ``error: --batch-size must be at least 1`` on stderr, exit 2,
+    before anything (Ray, the model) starts."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
+        self.exit(USAGE, f"error: {message}\n")
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse ``type=``: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """argparse ``type=``: an integer in ``low..high``."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a number > 0."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type=``: a number >= 0."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse ``type=``: a number in [0, 1] (a probability, a threshold, a share)."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files, read_group_table
 from .metrics import binary_report, subgroup_report
 from .report import write_report
-from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, score_dataset
+from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, prepare_output, score_dataset
 from .sources import InputError, table_dataset
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,14 @@ def evaluate(
     n_bootstrap: int = 1000,
     title: str | None = None,
     group_by: str | None = None,
+    overwrite: bool = False,
     **plan_overrides,
 ) -> EvaluationResult:
     """Score every labelled image under ``data`` with ``model`` and write the report to ``output_dir``.
 
     ``group_by`` (see :func:`group_function`) adds the rates per subgroup to the report and a ``group``
-    column to ``predictions.parquet``."""
+    column to ``predictions.parquet``. A non-empty ``output_dir`` raises OutputError unless ``overwrite``,
+    which empties it first (no stale plots of an earlier run stay behind)."""
     import ray
 
     settings = storage.s3_settings()
@@ -125,7 +127,7 @@ def evaluate(
         raise InputError("no labelled images found in " + ", ".join(data))
     labels = {f.path: f.label for f in files}
     groups = {f.path: group_of(f.path, uri) for f, uri in sourced} if group_of else None
-    os.makedirs(output_dir, exist_ok=True)
+    prepare_output(output_dir, overwrite, settings)
     ensure_ray()
     start = time.perf_counter()
     plan = measured_plan(list(labels), loaded, settings, **plan_overrides)

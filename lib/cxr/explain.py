@@ -23,7 +23,9 @@ the box (the CAM minus its minimum, so a constant map counts as uniform). A unif
 preprocessing crops (``PreprocessSpec.crop``) sees only part of the image: the box is then mapped into its
 input frame, and a model cropped to the lung box itself has focus 1 by construction. ``corner_share``
 is the share in the four 20% x 20% corner squares (16% of the area; uniform: 0.16). A map with no
-positive evidence at all has focus null.
+positive evidence at all (Grad-CAM keeps only the positive part of the gradient-weighted activations; where they
+are negative everywhere, nothing in the image raises the COVID-19 score, typical of an image the model finds
+clearly negative) is zero: its focus is null, "n/a", and summaries count such images apart.
 """
 
 from __future__ import annotations
@@ -196,6 +198,24 @@ def check_model(model_uri: str, layer: str | None, settings: storage.S3Settings)
 
 # --------------------------------------------------------------------------- overlays
 
+NO_EVIDENCE = "no positive evidence"  # what a null focus means (a zero Grad-CAM map), in captions and summaries
+
+
+def versus_threshold(prob: float, threshold: float, prediction: str | None) -> str:
+    """``p=0.5399 < 0.5401: non``: the probability against the threshold, each to as many decimals as it takes
+    to tell them apart (at least 2), and the prediction."""
+    p, t = float(prob), float(threshold)
+    digits = next(d for d in range(2, 7) if d == 6 or round(t, d) == round(t, 6))
+    while digits < 6 and p != t and f"{p:.{digits}f}" == f"{t:.{digits}f}":
+        digits += 1
+    return f"p={p:.{digits}f} {'>=' if p >= t else '<'} {t:.{digits}f}: {prediction}"
+
+
+def overlay_caption(prob: float, threshold: float, prediction: str | None, focus: float | None) -> str:
+    """The caption under an overlay: ``p=0.54 < 0.5401: non, focus n/a (no positive evidence)``."""
+    return f"{versus_threshold(prob, threshold, prediction)}, focus {f'{focus:.2f}' if focus is not None else f'n/a ({NO_EVIDENCE})'}"
+
+
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int = 320,
                 crop: tuple[float, float, float, float] | None = None) -> bytes:
@@ -213,7 +233,7 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int
     ImageDraw.Draw(im).rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=(255, 255, 255), width=1)
     out = Image.new("RGB", (size, size + 22), (255, 255, 255))
     out.paste(im, (0, 0))
-    ImageDraw.Draw(out).text((4, size + 5), caption[:60], fill=(0, 0, 0))
+    ImageDraw.Draw(out).text((4, size + 5), caption[:64], fill=(0, 0, 0))
     buf = BytesIO()
     out.save(buf, "PNG", optimize=True)
     return buf.getvalue()
@@ -263,13 +283,15 @@ class Explainer:
             idx = np.flatnonzero(ok)
             cams = self.gradcam(to_model_input(batch["image"][idx], self.info.preprocess))
             probs = table["prob_covid"].to_numpy(zero_copy_only=False)
+            thresholds = table["threshold"].to_numpy(zero_copy_only=False)
+            predictions = table["prediction"].to_pylist()
             for k, i in enumerate(idx):
                 f, c = focus_scores(cams[k], self.info.preprocess.crop)
                 focus[i] = np.nan if f is None else f
                 corner[i] = np.nan if c is None else c
                 if self.output and (want[i] or self.overlay_all):
                     name = heatmap_name(str(batch["path"][i]))
-                    caption = f"p={probs[i]:.2f} focus={'n/a' if f is None else f'{f:.2f}'}"
+                    caption = overlay_caption(probs[i], thresholds[i], predictions[i], f)
                     storage.write_bytes(storage.join(self.output, HEATMAP_DIR, name),
                                         overlay_png(batch["image"][i], cams[k], caption, crop=self.info.preprocess.crop), self.settings)
                     heatmaps[i] = f"{HEATMAP_DIR}/{name}"
@@ -330,6 +352,21 @@ def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, o
 # --------------------------------------------------------------------------- gallery and job
 
 
+def gallery_stats(rows: list[dict]) -> str:
+    """``6 images, median focus 0.53 of 2, 0 of 2 with focus < 0.5, 4 with no positive evidence (focus n/a)``."""
+    focus = np.array([r["focus"] for r in rows if r.get("focus") is not None], float)
+    no_focus = sum(r.get("error") is None and r.get("focus") is None for r in rows)
+    parts = [f"{len(rows)} images"]
+    if focus.size:
+        parts += [f"median focus {np.median(focus):.2f}" + (f" of {focus.size}" if no_focus else ""),
+                  f"{int(np.sum(focus < FOCUS_THRESHOLD))} of {focus.size} with focus < {FOCUS_THRESHOLD}"]
+    if no_focus:
+        parts.append(f"{no_focus} with {NO_EVIDENCE} (focus n/a)")
+    elif not focus.size:
+        parts.append("no focus scores")
+    return ", ".join(parts)
+
+
 def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
     """A page of overlay thumbnails (relative links), highest probability first."""
     esc = lambda x: html.escape(str(x), quote=True)  # noqa: E731
@@ -340,19 +377,24 @@ def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
     for r in shown:
         f = r.get("focus")
         flag = ' style="border:3px solid #d62728"' if r.get("outside_lungs") else ""
+        vs = (versus_threshold(r["prob_covid"], r["threshold"], r.get("prediction")) if r.get("threshold") is not None
+              else f"p={r['prob_covid']:.3f}: {r.get('prediction')}")
         figs.append(f'<figure><a href="{esc(r["heatmap"])}"><img src="{esc(r["heatmap"])}" width="240"{flag}></a>'
-                    f'<figcaption>{esc(posixpath.basename(r["path"]))}<br>p(covid) {r["prob_covid"]:.3f} · {esc(r.get("prediction"))}'
-                    f' · focus {"n/a" if f is None else f"{f:.2f}"}</figcaption></figure>')
-    focus = np.array([r["focus"] for r in rows if r.get("focus") is not None], float)
-    stats = (f"{len(rows)} images, median focus {np.median(focus):.2f}, {np.mean(focus < FOCUS_THRESHOLD):.0%} with focus < {FOCUS_THRESHOLD}"
-             if focus.size else f"{len(rows)} images, no focus scores")
+                    f'<figcaption>{esc(posixpath.basename(r["path"]))}<br>{esc(vs)}'
+                    f' · focus {f"n/a ({NO_EVIDENCE})" if f is None else f"{f:.2f}"}</figcaption></figure>')
+    stats = gallery_stats(rows)
+    no_focus = sum(r.get("error") is None and r.get("focus") is None for r in rows)
     x0, x1, y0, y1 = LUNG_BOX
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
         f"<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the lung region "
         f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it (uniform: 0.525). "
-        f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs).</p>",
+        f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs). Captions: the probability "
+        f"of COVID-19 against the model's threshold, and the prediction.</p>",
+        (f"<p><b>focus n/a ({NO_EVIDENCE})</b>, {no_focus} of these images: their Grad-CAM map is zero. Grad-CAM keeps only "
+         "the regions whose activations raise the COVID-19 score; in these images none does (typical of an image the model "
+         "finds clearly negative), so there is no evidence to locate, and they are not in the median focus.</p>" if no_focus else ""),
         '<div class="figs">' + "".join(figs) + "</div>",
         "<footer>Generated by cxr.explain. Research tool, not a medical device.</footer></body></html>",
     ])
@@ -369,17 +411,35 @@ class ExplainSummary:
     heatmaps: int
     seconds: float
     not_frontal: int = 0  # of the errors: lateral/oblique DICOM views (without --all-views)
+    no_focus: int = 0  # of the explained: a zero Grad-CAM map, no positive evidence (focus null)
+    available: int | None = None  # files of the input before a limit took ``files`` of them
+    limit_option: str = "--limit"  # the option that set the limit, for the summary line
+
+    def selection(self) -> str | None:
+        """``6 of 15 files (--limit 6)`` when a limit cut the input, else None."""
+        if self.available is None or self.available <= self.files:
+            return None
+        return f"{self.files} of {self.available} files ({self.limit_option} {self.files})"
 
     def line(self) -> str:
-        mf = "n/a" if self.median_focus is None else f"{self.median_focus:.2f}"
         views = f", {self.not_frontal} not frontal views" if self.not_frontal else ""
-        return (f"explained {self.explained} of {self.files} images ({self.errors - self.not_frontal} unreadable{views}): median focus {mf}, "
-                f"{self.outside_lungs} with focus < {FOCUS_THRESHOLD}; {self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}")
+        notes = f"{self.errors - self.not_frontal} unreadable{views}"
+        if self.selection():
+            head = f"explained {self.explained} of {self.available} files ({self.limit_option} {self.files}; {notes})"
+        else:
+            head = f"explained {self.explained} of {self.files} images ({notes})"
+        scored = self.explained - self.no_focus
+        mf = "n/a" if self.median_focus is None else f"{self.median_focus:.2f}" + (f" of {scored}" if self.no_focus else "")
+        none = f", {self.no_focus} with {NO_EVIDENCE} (focus n/a)" if self.no_focus else ""
+        return (f"{head}: median focus {mf}{none}, {self.outside_lungs} with focus < {FOCUS_THRESHOLD}; "
+                f"{self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}")
 
 
 def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool = False, layer: str | None = None,
-                  batch_size: int = 16, actors: int | None = None, title: str | None = None, all_views: bool = False) -> ExplainSummary:
-    """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``."""
+                  batch_size: int = 16, actors: int | None = None, title: str | None = None, all_views: bool = False,
+                  available: int | None = None, limit_option: str = "--limit") -> ExplainSummary:
+    """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``.
+    ``available``: how many files the input had when a limit (``limit_option``) picked ``paths`` from them."""
     import pyarrow.parquet as pq
 
     from .score import count_not_frontal, prepare_output
@@ -393,12 +453,14 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     fs, path = storage.filesystem(output, settings)
     pq.write_table(result, f"{path}/explanations.parquet", filesystem=fs)
     rows = result.to_pylist()
-    storage.write_bytes(storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}").encode(), settings)
     focus = [r["focus"] for r in rows if r["focus"] is not None]
     summary = ExplainSummary(output, len(rows), sum(r["error"] is None for r in rows), sum(r["error"] is not None for r in rows),
                              sum(bool(r["outside_lungs"]) for r in rows), float(np.median(focus)) if focus else None,
                              sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1),
-                             count_not_frontal(result["error"]))
+                             count_not_frontal(result["error"]), sum(r["error"] is None and r["focus"] is None for r in rows),
+                             available, limit_option)
+    note = f"Explained {summary.selection()}." if summary.selection() else ""
+    storage.write_bytes(storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}", note).encode(), settings)
     storage.write_bytes(storage.join(output, "_summary.json"), json.dumps(asdict(summary), indent=2).encode(), settings)
     return summary
 
@@ -409,10 +471,11 @@ def explain(inputs: list[str], model: str, output: str, *, limit: int | None = N
     from .sources import input_paths
 
     paths = input_paths(inputs, storage.s3_settings()).to_pylist()
+    available = len(paths)
     if limit is not None and len(paths) > limit:
         rng = np.random.default_rng(seed)
         paths = sorted(rng.choice(paths, size=limit, replace=False).tolist())
-    return explain_paths(paths, model, output, **kwargs)
+    return explain_paths(paths, model, output, available=available, **kwargs)
 
 
 POSITIVE_HEATMAPS_DIR = "_heatmaps"  # '_' prefix: readers of the score table (pyarrow datasets) skip it
@@ -429,6 +492,7 @@ def explain_positives(score_output: str, model: str, *, output: str | None = Non
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["path", "prediction", "prob_covid"])
     positive = table.filter(pc.and_(pc.equal(table["prediction"], "covid"), pc.is_valid(table["prob_covid"])))
     positive = positive.sort_by([("prob_covid", "descending")])
+    available = positive.num_rows
     if limit is not None:
         positive = positive.slice(0, limit)
     if positive.num_rows == 0:
@@ -436,4 +500,4 @@ def explain_positives(score_output: str, model: str, *, output: str | None = Non
     target = output or storage.join(score_output, POSITIVE_HEATMAPS_DIR)
     # every view: a row predicted positive was scored, whatever its view (score --all-views)
     return explain_paths(positive["path"].to_pylist(), model, target, title="Grad-CAM of images predicted COVID-19", all_views=True,
-                         **kwargs)
+                         available=available, limit_option="--explain-limit", **kwargs)

@@ -477,14 +477,18 @@ def check_rows(rows: list[dict], *, near_distance: int = 4, min_side: int = 128,
 
 
 def validate(data: str, output_dir: str, *, near_distance: int = 4, min_side: int = 128, max_pixels: int = 40_000_000,
-             seed: int = 0, batch_size: int = 64) -> ValidationResult:
+             seed: int = 0, batch_size: int = 64, overwrite: bool = False) -> ValidationResult:
     """Validate the labelled dataset at ``data`` (folder or s3:// prefix); write the report to ``output_dir``.
 
-    ``result.errors`` lists the error findings (what ``--strict`` turns into exit code 6).
+    ``result.errors`` lists the error findings (what ``--strict`` turns into exit code 6). A non-empty
+    ``output_dir`` raises OutputError unless ``overwrite``, which empties it first.
     """
+    from .score import prepare_output
+
     settings = storage.s3_settings()
     start = time.perf_counter()
     files = list_labelled(data, settings)
+    prepare_output(output_dir, overwrite, settings)
     log.info("validating %d files under %s", files.num_rows, data)
     table = inspect_files(files, settings, batch_size=batch_size)
     if table.num_rows != files.num_rows:
@@ -492,7 +496,6 @@ def validate(data: str, output_dir: str, *, near_distance: int = 4, min_side: in
     rows = sorted(table.to_pylist(), key=lambda r: r["path"])
     findings, summary = check_rows(rows, near_distance=near_distance, min_side=min_side, max_pixels=max_pixels, seed=seed)
     summary.update({"data": data, "seconds": round(time.perf_counter() - start, 1)})
-    os.makedirs(output_dir, exist_ok=True)
     import pyarrow.parquet as pq
 
     pq.write_table(table, os.path.join(output_dir, "files.parquet"))

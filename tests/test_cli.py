@@ -1,0 +1,62 @@
+"""The jobs' command lines: bad values and a non-empty output are refused at once (exit 2 / 5, one line
+``error: ...``), before Ray or any scoring starts."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_labelled_tree, run_job
+
+# An address nothing listens on: a job that got as far as joining Ray would fail otherwise (exit 1, a traceback).
+NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("score.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("score.py", ["--actors", "-2"], "--actors must be at least 1"),
+    ("score.py", ["--cpus-per-actor", "0"], "--cpus-per-actor must be greater than 0"),
+    ("score.py", ["--gpus-per-actor", "-1"], "--gpus-per-actor must be at least 0"),
+    ("score.py", ["--threads-per-actor", "0"], "--threads-per-actor must be at least 1"),
+    ("score.py", ["--explain-limit", "0"], "--explain-limit must be at least 1"),
+    ("nightly.py", ["--rows-per-file", "0"], "--rows-per-file must be at least 1"),
+    ("nightly.py", ["--drift-threshold", "1.5"], "--drift-threshold must be between 0 and 1"),
+    ("nightly.py", ["--cpus-per-actor", "nan"], "--cpus-per-actor must be a finite number, got 'nan'"),
+    ("evaluate.py", ["--threshold", "-0.1"], "--threshold must be between 0 and 1"),
+    ("evaluate.py", ["--bootstrap", "-5"], "--bootstrap must be at least 0"),
+    ("evaluate.py", ["--batch-size", "ten"], "--batch-size must be an integer, got 'ten'"),
+    ("explain.py", ["--limit", "0"], "--limit must be at least 1"),
+    ("explain.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("validate.py", ["--near-distance", "33"], "--near-distance must be in 0..32"),
+    ("validate.py", ["--min-side", "0"], "--min-side must be at least 1"),
+    ("audit.py", ["--heatmaps-per-class", "-1"], "--heatmaps-per-class must be at least 0"),
+    ("audit.py", ["--actors", "0"], "--actors must be at least 1"),
+])
+def test_a_bad_numeric_option_is_a_one_line_usage_error(script, args, message, tmp_path):
+    where = {"score.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
+             "nightly.py": ["--input", str(tmp_path), "--table", str(tmp_path / "t")],
+             "evaluate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+             "explain.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
+             "validate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+             "audit.py": ["--internal", str(tmp_path), "--output", str(tmp_path / "o")]}[script]
+    proc = run_job(script, *where, *args, env=NO_RAY, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: {message}" and proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_missing_argument_is_a_one_line_usage_error(tmp_path):
+    proc = run_job("evaluate.py", "--data", str(tmp_path), env=NO_RAY, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: the following arguments are required: --output"
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "validate.py", "audit.py"])
+def test_a_non_empty_output_is_refused_without_overwrite(script, tiny_model, tmp_path):
+    data = make_labelled_tree(tmp_path / "data", n=2, size=32, layout="")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "subgroups.png").write_bytes(b"from an earlier run")
+    data_arg = {"evaluate.py": ["--data", str(data), "--model", tiny_model], "validate.py": ["--data", str(data)],
+                "audit.py": ["--internal", str(data), "--internal-split", "all", "--model", tiny_model]}[script]
+    proc = run_job(script, *data_arg, "--output", str(out), env=NO_RAY, timeout=120)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: output {out} is not empty; choose a new location or pass --overwrite"
+    assert (out / "subgroups.png").read_bytes() == b"from an earlier run"

@@ -29,6 +29,10 @@ NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}
     ("validate.py", ["--min-side", "0"], "--min-side must be at least 1"),
     ("audit.py", ["--heatmaps-per-class", "-1"], "--heatmaps-per-class must be at least 0"),
     ("audit.py", ["--actors", "0"], "--actors must be at least 1"),
+    ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
+    ("train.py", ["--val-fraction", "1"], "--val-fraction must be between 0 and 1 (exclusive), got 1.0"),
+    ("tune.py", ["--cpus-per-trial", "0"], "--cpus-per-trial must be greater than 0"),
+    ("tune.py", ["--lr-range", "0.1", "-1"], "--lr-range must be greater than 0"),
 ])
 def test_a_bad_numeric_option_is_a_one_line_usage_error(script, args, message, tmp_path):
     where = {"score.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
@@ -36,7 +40,9 @@ def test_a_bad_numeric_option_is_a_one_line_usage_error(script, args, message, t
              "evaluate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
              "explain.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
              "validate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
-             "audit.py": ["--internal", str(tmp_path), "--output", str(tmp_path / "o")]}[script]
+             "audit.py": ["--internal", str(tmp_path), "--output", str(tmp_path / "o")],
+             "train.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+             "tune.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")]}[script]
     proc = run_job(script, *where, *args, env=NO_RAY, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"error: {message}" and proc.stdout == ""

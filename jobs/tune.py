@@ -79,10 +79,12 @@ def main() -> int:
         return cli.USAGE
     result = run_search(cfg)
     print(f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, {result.unfinished} unfinished) in {result.seconds:.0f}s -> {result.output}")
-    for row in result.leaderboard:
-        if row.get("exported_to"):
-            print(f"  {row['backbone']:<20} validation AUC {row.get('val_auc', float('nan')):.3f}  specificity {row.get('val_spec_at_target', float('nan')):.3f} "
-                  f"at sensitivity >= {cfg.target_sensitivity}  -> {row['exported_to']}")
+    for name, m in result.models.items():  # the exported checkpoints' own (calibrated) validation figures
+        if m.get("exported_to"):
+            nothing = "  LEARNED NOTHING (left out of the ensemble)" if m.get("separates") is False else ""
+            auc, spec = (float("nan") if m.get(k) is None else m[k] for k in ("val_auc", "val_spec_at_target"))
+            print(f"  {name:<20} validation AUC {auc:.3f}  specificity {spec:.3f} "
+                  f"at sensitivity >= {cfg.target_sensitivity}  -> {m['exported_to']}{nothing}")
     print(json.dumps({"tune": {"output": result.output, "trials": result.trials, "errors": result.errors, "unfinished": result.unfinished, "seconds": round(result.seconds, 1),
                                "models": result.exported, "ensemble": result.ensemble}}))
     if result.errors:

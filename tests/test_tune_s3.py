@@ -87,6 +87,11 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     summary = json.loads(read("tune/summary.json"))
     assert summary["resumed"] and summary["errors"] == 0 and set(summary["models"]) == {BACKBONE}
     assert summary["ensemble"]["exported_to"] is None and "two or more" in summary["ensemble"]["reason"]
+    # the job's console line gives the exported checkpoint's own (calibrated) figures, and says if it learned nothing
+    m = summary["models"][BACKBONE]
+    line = next(ln for ln in job.stdout.splitlines() if ln.strip().startswith(BACKBONE))
+    assert f"validation AUC {m['val_auc']:.3f}  specificity {m['val_spec_at_target']:.3f}" in line, (line, m)
+    assert ("LEARNED NOTHING" in line) == (m["separates"] is False)
     assert json.loads(read("tune/search_config.json"))["output"] == output
 
     # Tune pickles the trainable's parameters (the S3 filesystem among them) into the bucket: no credential goes along.

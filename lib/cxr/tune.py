@@ -134,6 +134,7 @@ class SearchResult:
     seconds: float
     resumed: bool
     unfinished: int = 0  # interrupted before they ended: the next run resumes them
+    models: dict = field(default_factory=dict)  # summary.json's: per exported model (and ensemble) its calibrated figures
 
 
 # --------------------------------------------------------------------------- resources
@@ -582,7 +583,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                "ensemble": {"exported_to": ensemble_uri, "members": next((m["members"].split("+") for m in models if m["kind"] == "ensemble"), []),
                             "reason": None if ensemble_uri else (no_ensemble or "no model was exported")}}
     storage.write_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
-    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished)
+    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished, summary["models"])
 
 
 def _remove_leaked_train_groups(bundle: dict, grace_s: float = 5.0) -> int:

@@ -18,6 +18,18 @@ def _by_check(findings) -> dict:
     return {f["check"] if isinstance(f, dict) else f.check: f for f in findings}
 
 
+def test_metadata_baseline_names_only_features_it_uses():
+    from cxr.validate import metadata_baseline
+
+    # every image 96x96: the label shows in the file size only, so width, height and the rest are not "strongest"
+    rows = [{"path": f"/d/{c}/{i}.png", "error": None, "width": 96, "height": 96, "size_bytes": (9000 if c == "covid" else 3000) + 7 * i,
+             "bits": 8, "mode": "L", "format": "PNG", "label": int(c == "covid")} for c in ("covid", "non") for i in range(10)]
+    base = metadata_baseline(rows)
+    assert base["auc"] > 0.95
+    names = [n for n, _ in base["top_features"]]
+    assert names and set(names) <= {"log_size_bytes", "bytes_per_pixel"} and all(w > 0 for _, w in base["top_features"])
+
+
 def test_near_duplicate_pairs_match_brute_force():
     import numpy as np
 

@@ -25,13 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable")
     p.add_argument("--table", required=True, metavar="URI", help="directory or s3:// prefix of the incremental table (created if missing)")
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
-    p.add_argument("--batch-size", type=cli.positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")
-    p.add_argument("--actors", type=cli.positive_int, help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
-                   "decoding; more lets the pool grow as an autoscaling cluster adds nodes)")
-    p.add_argument("--cpus-per-actor", type=cli.positive_float, help="logical CPUs each predictor actor reserves (default on CPU: "
-                   "the model's share of a node, measured on a sample of the inputs)")
-    p.add_argument("--gpus-per-actor", type=cli.non_negative_float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--threads-per-actor", type=cli.positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+    cli.add_scoring_resources(p)
     p.add_argument("--rows-per-file", type=cli.positive_int, help="rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)")
     p.add_argument("--drift-threshold", type=cli.fraction, default=0.1,
                    help="flag a change of the share predicted positive of at least this much (absolute; also tested for significance)")

@@ -22,13 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
-    p.add_argument("--batch-size", type=cli.positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")
-    p.add_argument("--actors", type=cli.positive_int, help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
-                   "decoding; more lets the pool grow as an autoscaling cluster adds nodes)")
-    p.add_argument("--cpus-per-actor", type=cli.positive_float, help="logical CPUs each predictor actor reserves (default on CPU: "
-                   "the model's share of a node, measured on a sample of the inputs)")
-    p.add_argument("--gpus-per-actor", type=cli.non_negative_float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--threads-per-actor", type=cli.positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+    cli.add_scoring_resources(p)
     p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
     p.add_argument("--all-views", action="store_true",
                    help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "

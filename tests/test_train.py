@@ -162,6 +162,31 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
     # model's scores at all: test_validation_scores_use_the_checkpoints_tta; this one-epoch model is nearly constant)
 
 
+def test_a_timm_backbone_trains_from_its_offline_imagenet_weights_with_its_own_normalisation(ray_driver, tmp_path):
+    """timm/tf_efficientnet_lite0 with --weights imagenet on a machine without network: the worker starts from the
+    offline package's ImageNet weights (with a vanishing learning rate its stem is still theirs), feeds them the
+    input normalisation they were trained with (TensorFlow's 0.5/0.5, not ImageNet's), and the checkpoint records
+    it: the validation scores of training are the scoring path's own."""
+    from cxr.models import TIMM_OFFLINE, offline_copy, read_state_dict
+
+    data = make_labelled_tree(tmp_path / "data", n=8)
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), backbone="timm/tf_efficientnet_lite0", weights="imagenet",
+                      epochs=1, lr=1e-12, image_size=32, batch_size=8, oversample=1, val_fraction=0.25)
+    result = train(cfg)
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert info["backbone"] == "timm/tf_efficientnet_lite0"
+    assert info["preprocess"]["mean"] == [0.5, 0.5, 0.5] and info["preprocess"]["std"] == [0.5, 0.5, 0.5]
+    stem = read_state_dict(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))["_conv_stem.weight"]
+    assert np.allclose(read_state_dict(tmp_path / "run" / "model.safetensors")["conv_stem.weight"].float().numpy(), stem.numpy(), atol=1e-6)
+    loaded = load_checkpoint(result.output)
+    from cxr.data import labelled_files, split_train_val
+
+    _, val = split_train_val(labelled_files(str(data), "train"), 0.25, 0)
+    images = np.stack([preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val])
+    scores = np.load(tmp_path / "run" / "val_scores.npy")
+    assert np.allclose(np.sort(scores[0]), np.sort(loaded.predict_proba(images)), atol=1e-5)
+
+
 def test_a_seed_ensemble_scores_every_split_with_the_mean_of_its_members(ray_driver, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=12)
     out = tmp_path / "run"

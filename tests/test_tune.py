@@ -300,3 +300,19 @@ def test_tune_job_checks_imagenet_weights_before_the_search(tmp_path):
     assert line.startswith("error: ImageNet weights of efficientnet_b0 not available") and "mobilenet_v2" not in line
     assert "--weights auto" in line and "--weights none" in line and "CXR_WEIGHTS_DIR" in line and "--backbones" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_weights_for_timm_models(tmp_path, monkeypatch):
+    """``--weights auto`` with timm models: ImageNet where an offline copy exists (EfficientNet-Lite0's package),
+    from scratch where neither the Hugging Face cache nor an offline copy has them; ``imagenet`` names the missing
+    ones before the search."""
+    import huggingface_hub.constants
+
+    from cxr.tune import check_imagenet_weights, weights_per_backbone
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    both = ["timm/tf_efficientnet_lite0", "timm/resnet18"]
+    assert weights_per_backbone(both, "auto") == {"timm/tf_efficientnet_lite0": "imagenet", "timm/resnet18": "none"}
+    with pytest.raises(CheckpointError, match=r"ImageNet weights of timm/resnet18 not available \(not in the Hugging Face"):
+        check_imagenet_weights(both, "imagenet")
+    check_imagenet_weights(both[:1], "imagenet")  # available: no error

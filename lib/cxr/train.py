@@ -30,7 +30,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -148,11 +148,13 @@ def train_loop_per_worker(config: dict) -> None:
     from safetensors.torch import load_file
 
     from .augment import augment
-    from .models import create_model
+    from .models import create_model, input_normalization
     from .preprocess import to_model_input
 
     cfg = TrainConfig(**config["train"])
-    spec = PreprocessSpec.from_dict(config["preprocess"])
+    # the data's preprocessing, normalised as the backbone's weights expect (one prepared data set serves every
+    # backbone of a search); the checkpoint records it, so scoring normalises the same way
+    spec = replace(PreprocessSpec.from_dict(config["preprocess"]), **input_normalization(cfg.backbone))
     aug = AugmentConfig.from_dict(cfg.augment)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -42,7 +42,7 @@ from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
 from .preprocess import PreprocessSpec, check_tta
-from .models import check_backbone, list_backbones
+from .models import check_backbone, fetch_imagenet, imagenet_available, list_backbones
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -168,40 +168,6 @@ def plan_trials(node_cpus: list[float], total_gpus: float, cpus_per_trial: float
     return cpus_per_trial, max(1, max_concurrent)
 
 
-def imagenet_cached(backbone: str) -> bool:
-    """Whether ImageNet weights for ``backbone`` are available without a download (timm models: assumed)."""
-    from .models import BACKBONES, _torchvision_weights, ensure_hub_cached
-
-    if backbone not in BACKBONES:
-        return True
-    return ensure_hub_cached(_torchvision_weights(BACKBONES[backbone]).url).is_file()
-
-
-def fetch_imagenet(backbone: str, timeout_s: float = 30.0) -> str | None:
-    """Make ``backbone``'s ImageNet weights available here (cached, seeded from an offline copy, or downloaded now);
-    None when they are, else why not."""
-    import socket
-
-    import torch
-
-    from .models import BACKBONES, _torchvision_weights, ensure_hub_cached
-
-    if backbone not in BACKBONES or imagenet_cached(backbone):
-        return None
-    url = _torchvision_weights(BACKBONES[backbone]).url
-    target = ensure_hub_cached(url)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout_s)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(target), progress=False)
-    except Exception as exc:  # noqa: BLE001 - offline, proxy, DNS: all mean "not available"
-        return f"not in {target.parent}, no offline copy, download failed: {type(exc).__name__}"
-    finally:
-        socket.setdefaulttimeout(old)
-    return None
-
-
 def check_imagenet_weights(backbones: list[str], weights: str) -> None:
     """``--weights imagenet``: every backbone's ImageNet file must be available before the search starts (else every
     trial of those backbones would fail minutes later). Raises CheckpointError (exit 4) naming them and the fixes."""
@@ -219,7 +185,7 @@ def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
     """``auto``: ImageNet weights where available here, else random initialisation (with a warning)."""
     if weights != "auto":
         return {b: weights for b in backbones}
-    out = {b: "imagenet" if imagenet_cached(b) else "none" for b in backbones}
+    out = {b: "imagenet" if imagenet_available(b) else "none" for b in backbones}
     scratch = [b for b, w in out.items() if w == "none"]
     if scratch:
         log.warning("no ImageNet weights available offline for %s: these train from scratch", ", ".join(scratch))

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -221,8 +222,10 @@ def train_loop_per_worker(config: dict) -> None:
             **validation_metrics(y, p, cfg.target_sensitivity),
         }
         history.append({**metrics, "resumed": bool(checkpoint) and epoch == start_epoch})
-        if rank == 0:  # the job's own progress: Ray forwards the workers' stdout to the driver's
-            print(epoch_line(metrics, cfg, config.get("label", "")), flush=True)
+        if rank == 0:  # the job's own progress: Ray forwards the workers' stdout to the driver's. Not print():
+            # Train V2 patches it in its workers to write to its logger *and* the wrapped stdout (every line twice).
+            sys.stdout.write(epoch_line(metrics, cfg, config.get("label", "")) + "\n")
+            sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
                 with open(os.path.join(d, HISTORY), "w") as f:
                     json.dump(history, f)

@@ -93,16 +93,30 @@ def upload_tree(client, bucket: str, local: Path, prefix: str) -> None:
 # --------------------------------------------------------------------------- Ray cluster
 
 
+def _uses(pid_dir: Path, marker: str) -> bool:
+    """Whether the process mentions ``marker`` on its command line or holds a file under it open (Ray's dashboard
+    and runtime-env agents retitle themselves ``ray::DashboardAgent``, and can outlive their raylet)."""
+    try:
+        if marker in (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            return True
+        fds = list((pid_dir / "fd").iterdir())
+    except OSError:  # gone, or not ours to read
+        return False
+    for fd in fds:
+        try:
+            if marker in os.readlink(fd):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
 def _kill_tree_under(marker: str) -> None:
-    """SIGKILL every process whose command line mentions ``marker`` (our cluster's temp dir)."""
+    """SIGKILL every process that uses ``marker`` (our cluster's temp dir)."""
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
             continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
+        if _uses(pid_dir, marker):
             try:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except OSError:

@@ -365,7 +365,7 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
     _old_run(out, data, weights="none", epochs=2, image_size=64)
     args = ["--data", str(data), "--output", str(out), "--weights", "none", "--epochs", "1", "--image-size", "32", "--lr", "0.01",
             "--batch-size", "8", "--oversample", "1", "--val-fraction", "0.25"]
-    env = {"RAY_ADDRESS": ray_driver.address}
+    env = {"RAY_ADDRESS": ray_driver.address, "CXR_PROGRESS_EVERY_S": "0"}  # a progress line after every batch
     job = run_job("train.py", *args, "--overwrite", env=env, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
     shown = re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)  # Ray colours the worker's prefix
@@ -379,6 +379,10 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
         logs = Path(ray_driver.temp_dir, "session_latest", "logs")
         written = "".join(f.read_text(errors="replace") for f in logs.rglob(f"*-{m.group(1)}.*") if f.suffix in (".out", ".err"))
         assert written.count(m.group(2)) == 1, written[-2000:]
+    # within the epoch: how far, of how many (18 training images: 24 less the validation quarter), in batches of 8
+    within = re.findall(r"^(?:\(RayTrainWorker pid=\d+\) )?epoch 1/1: (\d+) of (\d+) training images, train loss so far "
+                        r"\d+\.\d{3}, \d+ images/s, about \d+ s to go$", shown, re.M)
+    assert sorted({(int(a), int(b)) for a, b in within}) == [(8, 18), (16, 18), (18, 18)], shown[-3000:]
     info = json.loads((out / "model.json").read_text())
     assert info["preprocess"]["input_size"] == 32
     assert {k: info["provenance"]["training"][k] for k in ("epochs", "lr", "image_size")} == {"epochs": 1, "lr": 0.01, "image_size": 32}

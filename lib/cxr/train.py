@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"  # every epoch's metrics so far, carried from checkpoint to checkpoint
 CONFIG = "config.json"  # the run's settings: written before training starts, completed when it ends
+PROGRESS_EVERY_S = 60.0  # within an epoch, a progress line at most this often ($CXR_PROGRESS_EVERY_S)
 # TrainConfig fields that may change when an interrupted run is resumed (where and how it runs, not what it
 # learns); every other field, present or future, makes a different run.
 RESUMABLE_WITH = frozenset({"output", "workers", "cpus_per_worker", "threads_per_worker", "gpu", "max_failures", "fail_once_at_epoch"})
@@ -191,6 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
         fetched = time.perf_counter()
+        next_note = start + config.get("progress_every_s", PROGRESS_EVERY_S)
         for batch in epoch_batches(train_shard, cfg.batch_size, rng):
             waited += time.perf_counter() - fetched
             images = np.stack([augment(im, rng, aug) for im in batch["image"]])
@@ -206,6 +208,11 @@ def train_loop_per_worker(config: dict) -> None:
             seen += len(y)
             loss_sum += loss.item() * len(y)
             fetched = time.perf_counter()
+            if rank == 0 and fetched >= next_note:  # a long epoch (big data, a CPU) shows it is moving
+                sys.stdout.write(progress_line(epoch, cfg, seen * world, config.get("train_rows"), loss_sum / seen,
+                                               fetched - start, config.get("label", "")) + "\n")
+                sys.stdout.flush()
+                next_note = fetched + config.get("progress_every_s", PROGRESS_EVERY_S)
             if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
                 open(config["fail_marker"], "w").close()
                 time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
@@ -245,6 +252,16 @@ def epoch_line(metrics: dict, cfg: TrainConfig, label: str = "") -> str:
     return (f"{label + ': ' if label else ''}epoch {m['epoch'] + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f}, "
             f"val loss {m['val_loss']:.3f}, val AUC {m['val_auc']:.3f}, specificity {m['val_spec_at_target']:.3f} at "
             f"sensitivity >= {cfg.target_sensitivity}, {m['train_images_per_s']:.0f} images/s, {m['epoch_seconds']:.0f} s")
+
+
+def progress_line(epoch: int, cfg: TrainConfig, seen: int, total: int | None, loss: float, seconds: float, label: str = "") -> str:
+    """``epoch 2/6: 640 of 1930 training images, train loss so far 0.412, 45 images/s, about 29 s to go``: written
+    within an epoch every ``PROGRESS_EVERY_S`` (``$CXR_PROGRESS_EVERY_S``)."""
+    rate = seen / max(seconds, 1e-9)
+    of = f" of {total}" if total else ""
+    left = f", about {max(0.0, total - seen) / max(rate, 1e-9):.0f} s to go" if total else ""
+    return (f"{label + ': ' if label else ''}epoch {epoch + 1}/{cfg.epochs}: {seen}{of} training images, "
+            f"train loss so far {loss:.3f}, {rate:.0f} images/s{left}")
 
 
 def run_label(run_name: str, cfg: TrainConfig) -> str:
@@ -361,7 +378,8 @@ def fit(cfg: TrainConfig, data: PreparedData, *, storage_path: str, run_name: st
     threads = cfg.threads_per_worker or max(1, int(node_cpus // max(1, cfg.workers)))
     loop_config = {
         "train": asdict(cfg), "preprocess": data.spec.to_dict(), "threads": threads, "covid_weight": covid_weight,
-        "label": run_label(run_name, cfg),
+        "label": run_label(run_name, cfg), "train_rows": data.train_ds.count(),
+        "progress_every_s": float(os.environ.get("CXR_PROGRESS_EVERY_S", PROGRESS_EVERY_S)),
         "fail_marker": fail_marker or os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(time.time())}"),
     }
     trainer = TorchTrainer(

@@ -528,6 +528,18 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
             ax.scatter([r["width"] for r in sel], [r["height"] for r in sel], s=10, alpha=0.5, color=_COLOURS[name],
                        label=f"{name} (n={len(sel)})")
     ax.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="Image size by class")
+    if ok:  # a margin around the points, also when every image has one size (log axes give no room then)
+        from matplotlib.ticker import FuncFormatter
+
+        for axis, key, setter in ((ax.xaxis, "width", ax.set_xlim), (ax.yaxis, "height", ax.set_ylim)):
+            lo, hi = min(r[key] for r in ok), max(r[key] for r in ok)
+            setter(lo / 1.3, hi * 1.3)
+            every = hi / lo < 4  # a narrow range: every minor tick named; else 1, 2, 3, 5 of each decade
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 640, not 6.4 x 10^2
+            axis.set_minor_formatter(FuncFormatter(lambda v, _, every=every: f"{v:.0f}" if every or f"{v:.0f}"[0] in "1235" else ""))
+        if len({(r["width"], r["height"]) for r in ok}) == 1:
+            ax.annotate(f"every image {ok[0]['width']} x {ok[0]['height']} px", (ok[0]["width"], ok[0]["height"]),
+                        textcoords="offset points", xytext=(8, 8), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, out / "size_by_class.png")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import dicom_bytes, make_labelled_tree, run_job, xray_like
 
-from cxr.evaluate import evaluate
+from cxr.evaluate import data_name, evaluate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +49,7 @@ def test_single_class_external_folder_gives_sensitivity_only(ray_driver, trained
     proc = run_job("evaluate.py", "--data", str(data / "covid"), "--model", trained_model.output, "--output", str(out),
                    "--bootstrap", "50", env={"RAY_ADDRESS": ray_driver.address})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"<h1>[\w/]+ on ext</h1>", (out / "report.html").read_text())  # the set's name, not "covid"
     assert "evaluated 10 images (10 covid, 0 non" in proc.stdout
     r = json.loads((out / "report.json").read_text())
     assert r["specificity"]["value"] is None and r["roc_auc"]["value"] is None
@@ -129,3 +131,11 @@ def test_a_bad_group_pattern_is_a_bad_input_before_any_scoring(tiny_model, tmp_p
         proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"), "--group-by", str(table))
         assert proc.returncode == 3 and says in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
         assert not (tmp_path / "r").exists()
+
+
+def test_report_title_names_the_data_set_not_its_layout_folder():
+    assert data_name("../shared/data/external/hannover-covid/covid") == "hannover-covid"
+    assert data_name("s3://bucket/xray5k/test/") == "xray5k"
+    assert data_name("../shared/data/covid-xray-5k") == "covid-xray-5k"
+    assert data_name("runs/x/data") == "runs/x/data"  # a generic name: the path says more
+    assert data_name("s3://bucket") == "bucket"

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .runtime import ensure_ray
 from .checkpoint import load_checkpoint
-from .data import CLASS_NAMES, class_counts, fingerprint, labelled_files, read_group_table
+from .data import CLASS_NAMES, SPLIT_NAMES, class_counts, fingerprint, labelled_files, read_group_table
 from .metrics import binary_report, subgroup_report
 from .report import write_report
 from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, prepare_output, score_dataset
@@ -95,6 +95,16 @@ class EvaluationResult:
                 for g in groups]
 
 
+def data_name(uri: str) -> str:
+    """A data set's name for a report title: the folder's name above its layout folders (``.../hannover-covid/covid``
+    -> ``hannover-covid``, ``s3://b/xray5k/test`` -> ``xray5k``), the URI itself when nothing else names it."""
+    parts = [p for p in uri.rstrip("/").split("/") if p not in ("", ".")]
+    while len(parts) > 1 and parts[-1].lower() in (*CLASS_NAMES, *SPLIT_NAMES):
+        parts.pop()
+    name = parts[-1] if parts else uri
+    return uri.rstrip("/") if name in ("..", "data") or name.endswith(":") else name
+
+
 def evaluate(
     data: list[str],
     model: str,
@@ -161,6 +171,6 @@ def evaluate(
     }
     if errors:
         extra["unreadable_examples"] = "; ".join(f"{r['path']}: {r['error']}" for r in results.filter(pa.compute.invert(pa.compute.is_null(results["error"]))).slice(0, 5).to_pylist())
-    paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(os.path.basename(d.rstrip('/')) for d in data)}", extra=extra,
+    paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(data_name(d) for d in data)}", extra=extra,
                          subgroups=subgroups)
     return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups, not_frontal)

@@ -100,7 +100,10 @@ def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, t
     assert info["preprocess"]["input_size"] == 64
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # It learned, in the record too: the training loss falls well below a guess's (ln 2 = 0.69). Not "the last epoch
+    # below the first": on a few dozen images the batches' order (Ray Data's) moves the epoch means (0.27, then 0.42 once).
+    losses = [float(r["train_loss"]) for r in rows]
+    assert all(0 < v < 5 for v in losses) and min(losses) < 0.5, losses
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
     # It generalises to new images drawn the same way, through the scoring code path.

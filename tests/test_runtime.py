@@ -81,7 +81,8 @@ def test_training_workers_get_the_settings(ray_driver, monkeypatch, tmp_path):
         raise Captured
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
-    data = SimpleNamespace(spec=PreprocessSpec(input_size=32), train_ds=None, val_ds=None, balanced_covid_weight=1.0)
+    data = SimpleNamespace(spec=PreprocessSpec(input_size=32), train_ds=SimpleNamespace(count=lambda: 10), val_ds=None,
+                           balanced_covid_weight=1.0)  # stands in for PreparedData (the data sets are never read)
     with pytest.raises(Captured):
         fit(TrainConfig(data="unused", output=str(tmp_path)), data, storage_path=str(tmp_path))
     assert seen["run_config"].worker_runtime_env == {"env_vars": TORCH_WORKER_MALLOC_ENV}

@@ -295,6 +295,32 @@ def test_train_job_rejects_bad_input(tmp_path):
     assert groups.returncode == 3 and "--groups" in groups.stderr and "cannot read it" in groups.stderr
 
 
+def test_train_job_checks_its_starting_weights_before_anything(tmp_path):
+    """Weights that are not there, or do not fit, end the job at once (exit 4, one line), before Ray starts and
+    before the output is written (it used to fail in every worker, with tracebacks, and leave a run behind that the
+    next command with --weights none was refused for)."""
+    from conftest import offline_env, run_job
+
+    from cxr.models import TIMM_OFFLINE, offline_copy
+
+    data = make_labelled_tree(tmp_path / "data", n=4, size=32)
+    out = tmp_path / "o"
+    cases = [
+        (["--backbone", "efficientnet_b0"], "error: ImageNet weights of efficientnet_b0 not available (not in "),
+        (["--backbone", "timm/resnet18"], "error: ImageNet weights of timm/resnet18 not available (not in the Hugging Face cache"),
+        (["--weights", str(tmp_path / "nope.pth")], f"error: --weights: weights file not found: {tmp_path / 'nope.pth'}"),
+        (["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))], "error: --weights: /"),  # the path once
+        (["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))], ": does not fit this backbone (247 tensors"),
+    ]
+    for args, expected in cases:
+        r = run_job("train.py", "--data", str(data), "--output", str(out), *args, env=offline_env(tmp_path), timeout=120)
+        line = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 4 and expected in line, (args, r.returncode, r.stderr[-2000:])
+        assert not out.exists()
+    assert "--weights none" in run_job("train.py", "--data", str(data), "--output", str(out), "--backbone", "resnet50",
+                                       env=offline_env(tmp_path), timeout=120).stderr
+
+
 def _old_run(out: Path, data: Path, **settings) -> dict[str, bytes]:
     """An output as a finished run with ``settings`` leaves it (config.json, model files, Ray Train's ``_ray/``);
     returns every file's bytes."""

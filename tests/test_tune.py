@@ -288,11 +288,10 @@ def test_tune_job_rejects_bad_input(tmp_path):
 def test_tune_job_checks_imagenet_weights_before_the_search(tmp_path):
     """An empty torch hub cache and no network: efficientnet_b0's ImageNet file is missing (mobilenet_v2's comes from
     the offline weights package); the job says so at once (exit 4), before writing anything."""
-    from conftest import run_job
+    from conftest import offline_env, run_job
 
     data = make_labelled_tree(tmp_path / "data", n=4, size=32)
-    no_net = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-              "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    no_net = offline_env(tmp_path)
     r = run_job("tune.py", "--data", str(data), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,efficientnet_b0",
                 env=no_net, timeout=120)
     assert r.returncode == 4, r.stderr[-2000:]

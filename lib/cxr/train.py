@@ -486,6 +486,27 @@ def write_metrics_csv(history: list[dict], uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue().encode())
 
 
+def check_weights(cfg: TrainConfig) -> None:
+    """The starting weights are there before anything is written or started (else every worker fails in its first
+    seconds, Ray Train retries, and the job ends with tracebacks). Raises CheckpointError (exit 4), one line."""
+    from .checkpoint import CheckpointError
+    from .models import create_model, fetch_imagenet
+
+    if cfg.weights == "none":
+        return
+    if cfg.weights == "imagenet":
+        why = fetch_imagenet(cfg.backbone)
+        if why:
+            raise CheckpointError(
+                f"ImageNet weights of {cfg.backbone} not available ({why}): use --weights none (train from scratch), pass "
+                "--weights PATH, or put the file in the hub cache or a folder named by CXR_WEIGHTS_DIR (README: Train)")
+        return
+    try:
+        create_model(cfg.backbone, cfg.weights)  # the file exists and fits the backbone
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"--weights: {exc}" if cfg.weights in str(exc) else f"--weights {cfg.weights}: {exc}") from exc
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``.
 
@@ -496,6 +517,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     check_backbone(cfg.backbone)
     settings = storage.s3_settings()
     check_output(cfg, overwrite, settings)
+    check_weights(cfg)
     started = time.perf_counter()
     data = prepare_data(cfg, settings)
     files, train_files, val_files, counts = data.files, data.train_files, data.val_files, data.counts

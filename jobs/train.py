@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta", choices=TTA_CHOICES, default="none",
                    help="test-time augmentation: 'hflip' scores each image and its mirror image and averages the logits "
                         "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the checkpoint)")
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="share of the images (patient-grouped) held out for validation")
+    p.add_argument("--val-fraction", type=cli.val_fraction, default=0.2, help="share of the images (patient-grouped) held out for validation")
     p.add_argument("--threshold-folds", type=cli.positive_int, default=1, metavar="K",
                    help="K > 1: also train on the other folds of a K-fold split and choose the threshold on the pooled "
                         "out-of-fold scores (all training images, not one small validation split); K times the training time. "
@@ -80,8 +80,6 @@ def main() -> int:
 
         crop = parse_crop(args.crop)
         PreprocessSpec(input_size=args.image_size, crop=crop, equalize=args.equalize)  # validates
-        if not 0 < args.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return cli.USAGE

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="log-uniform COVID class weight, as a multiple of the balanced weight")
     p.add_argument("--oversample", type=cli.positive_int, default=5, help="repeat each COVID training image this often (see train.py)")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step")
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="share of the images (patient-grouped) held out for validation")
+    p.add_argument("--val-fraction", type=cli.val_fraction, default=0.2, help="share of the images (patient-grouped) held out for validation")
     p.add_argument("--grace-period", type=cli.positive_int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the search")
     p.add_argument("--verbose", action="store_true", help="debug logging")

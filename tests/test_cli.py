@@ -30,7 +30,9 @@ NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}
     ("audit.py", ["--heatmaps-per-class", "-1"], "--heatmaps-per-class must be at least 0"),
     ("audit.py", ["--actors", "0"], "--actors must be at least 1"),
     ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
-    ("train.py", ["--val-fraction", "1"], "--val-fraction must be between 0 and 1 (exclusive), got 1.0"),
+    ("train.py", ["--val-fraction", "1"], "--val-fraction must be above 0 and at most 0.5"),
+    ("train.py", ["--val-fraction", "0.7"], "--val-fraction must be above 0 and at most 0.5"),  # was a traceback, rc 1
+    ("tune.py", ["--val-fraction", "0"], "--val-fraction must be above 0 and at most 0.5"),  # (tune also left a config)
     ("tune.py", ["--cpus-per-trial", "0"], "--cpus-per-trial must be greater than 0"),
     ("tune.py", ["--lr-range", "0.1", "-1"], "--lr-range must be greater than 0"),
 ])

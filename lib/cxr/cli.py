@@ -139,6 +139,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def val_fraction(text: str) -> float:
+    """argparse ``type=``: the share held out for validation, in (0, 0.5] (``data.split_train_val``'s bound)."""
+    from .data import MAX_VAL_FRACTION
+
+    value = _number(float, text)
+    if not 0 < value <= MAX_VAL_FRACTION:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_VAL_FRACTION}")
+    return value
+
+
 def add_scoring_resources(p: argparse.ArgumentParser) -> None:
     """The predictor pool's options, shared by the jobs that score an archive (score, nightly)."""
     p.add_argument("--batch-size", type=positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")

@@ -162,6 +162,9 @@ def _take(files, idx) -> list[LabelledFile]:
     return [files[i] for i in idx]
 
 
+MAX_VAL_FRACTION = 0.5  # the validation split is one fold of round(1 / fraction): at least 2 folds
+
+
 def split_train_val(files, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[LabelledFile], list[LabelledFile]]:
     """(train, val): one fold of ``StratifiedGroupKFold(round(1/val_fraction), shuffle=True, seed)``.
 
@@ -169,8 +172,8 @@ def split_train_val(files, val_fraction: float = 0.2, seed: int = 0) -> tuple[li
     are >= 2 positive patient groups: then the first fold that has positives on both sides is taken.
     Both lists come sorted by path; the result depends only on the set of files and the seed.
     """
-    if not 0 < val_fraction <= 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    if not 0 < val_fraction <= MAX_VAL_FRACTION:
+        raise ValueError(f"val_fraction must be in (0, {MAX_VAL_FRACTION}], got {val_fraction}")
     files, folds = _folds(files, round(1 / val_fraction), seed)
     chosen = folds[0]
     if len({f.group for f in files if f.label == 1}) >= 2:

@@ -423,16 +423,17 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     rf = models["random_forest"].fit(df, y)
     names = list(rf[0].get_feature_names_out())
     # the features the forest splits on, strongest first (one that never varies, e.g. every width 96, has importance 0)
-    importance = [kv for kv in sorted(zip(names, rf[-1].feature_importances_.tolist()), key=lambda kv: -kv[1]) if kv[1] > 0][:8]
+    importance = sorted(((n.split("__", 1)[-1], round(v, 3)) for n, v in zip(names, rf[-1].feature_importances_.tolist())),
+                        key=lambda kv: -kv[1])
     return {"auc": aucs[best], "best_model": best, "auc_by_model": aucs, "folds": n_folds, "n": int(len(y)),
-            "features": list(METADATA_FEATURES), "top_features": [(n.split("__", 1)[-1], round(v, 3)) for n, v in importance]}
+            "features": list(METADATA_FEATURES), "top_features": [kv for kv in importance if kv[1] > 0][:8]}
 
 
 def metadata_finding(baseline: dict, threshold: float = 0.8) -> list[Finding]:
     auc = baseline.get("auc")
     if auc is None or auc < threshold:
         return []
-    top = ", ".join(n for n, w in baseline.get("top_features", [])[:3] if w > 0) or "no single feature"  # those the model uses
+    top = ", ".join(n for n, _ in baseline.get("top_features", [])[:3]) or "no single feature"
     return [Finding("warning", "metadata_shortcut",
                     f"file properties alone predict the label with cross-validated ROC AUC {auc:.3f} "
                     f"({baseline['best_model'].replace('_', ' ')}; strongest: {top}): a model can score well on this data "

@@ -352,10 +352,15 @@ def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, o
 # --------------------------------------------------------------------------- gallery and job
 
 
+def no_evidence(rows: list[dict]) -> int:
+    """How many explained rows (no error) have a zero Grad-CAM map: null focus, no positive evidence."""
+    return sum(r.get("error") is None and r.get("focus") is None for r in rows)
+
+
 def gallery_stats(rows: list[dict]) -> str:
     """``6 images, median focus 0.53 of 2, 0 of 2 with focus < 0.5, 4 with no positive evidence (focus n/a)``."""
     focus = np.array([r["focus"] for r in rows if r.get("focus") is not None], float)
-    no_focus = sum(r.get("error") is None and r.get("focus") is None for r in rows)
+    no_focus = no_evidence(rows)
     parts = [f"{len(rows)} images"]
     if focus.size:
         parts += [f"median focus {np.median(focus):.2f}" + (f" of {focus.size}" if no_focus else ""),
@@ -383,7 +388,7 @@ def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
                     f'<figcaption>{esc(posixpath.basename(r["path"]))}<br>{esc(vs)}'
                     f' · focus {f"n/a ({NO_EVIDENCE})" if f is None else f"{f:.2f}"}</figcaption></figure>')
     stats = gallery_stats(rows)
-    no_focus = sum(r.get("error") is None and r.get("focus") is None for r in rows)
+    no_focus = no_evidence(rows)
     x0, x1, y0, y1 = LUNG_BOX
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
@@ -457,7 +462,7 @@ def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool 
     summary = ExplainSummary(output, len(rows), sum(r["error"] is None for r in rows), sum(r["error"] is not None for r in rows),
                              sum(bool(r["outside_lungs"]) for r in rows), float(np.median(focus)) if focus else None,
                              sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1),
-                             count_not_frontal(result["error"]), sum(r["error"] is None and r["focus"] is None for r in rows),
+                             count_not_frontal(result["error"]), no_evidence(rows),
                              available, limit_option)
     note = f"Explained {summary.selection()}." if summary.selection() else ""
     storage.write_bytes(storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}", note).encode(), settings)

@@ -192,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
         fetched = time.perf_counter()
-        next_note = start + config.get("progress_every_s", PROGRESS_EVERY_S)
+        next_note = start + config["progress_every_s"]
         for batch in epoch_batches(train_shard, cfg.batch_size, rng):
             waited += time.perf_counter() - fetched
             images = np.stack([augment(im, rng, aug) for im in batch["image"]])
@@ -209,10 +209,10 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss.item() * len(y)
             fetched = time.perf_counter()
             if rank == 0 and fetched >= next_note:  # a long epoch (big data, a CPU) shows it is moving
-                sys.stdout.write(progress_line(epoch, cfg, seen * world, config.get("train_rows"), loss_sum / seen,
-                                               fetched - start, config.get("label", "")) + "\n")
+                sys.stdout.write(progress_line(epoch, cfg, seen * world, config["train_rows"], loss_sum / seen,
+                                               fetched - start, config["label"]) + "\n")
                 sys.stdout.flush()
-                next_note = fetched + config.get("progress_every_s", PROGRESS_EVERY_S)
+                next_note = fetched + config["progress_every_s"]
             if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
                 open(config["fail_marker"], "w").close()
                 time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
@@ -231,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
         history.append({**metrics, "resumed": bool(checkpoint) and epoch == start_epoch})
         if rank == 0:  # the job's own progress: Ray forwards the workers' stdout to the driver's. Not print():
             # Train V2 patches it in its workers to write to its logger *and* the wrapped stdout (every line twice).
-            sys.stdout.write(epoch_line(metrics, cfg, config.get("label", "")) + "\n")
+            sys.stdout.write(epoch_line(metrics, cfg, config["label"]) + "\n")
             sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
                 with open(os.path.join(d, HISTORY), "w") as f:

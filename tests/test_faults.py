@@ -239,7 +239,11 @@ def test_failing_s3_requests_are_retried_and_final_failures_become_error_rows(ra
         rows = {r["path"]: r for r in read_table(table).to_pylist()}
         assert set(rows) == set(uris) and len(read_table(table, all_versions=True)) == 20
         bad = rows[f"s3:/{poison}"]
-        assert bad["error"].startswith("read failed") and "SLOW_DOWN" in bad["error"], bad["error"]
+        # the 503 as the AWS SDK names it: SLOW_DOWN when it parses the error body, SERVICE_UNAVAILABLE (from the
+        # status) when it does not, which it does not for about half of concurrent failing reads (measured:
+        # 54 of 100 with 16 threads; CI once got it here)
+        assert bad["error"].startswith("read failed: OSError: AWS Error "), bad["error"]
+        assert "SLOW_DOWN" in bad["error"] or "SERVICE_UNAVAILABLE" in bad["error"], bad["error"]
         assert all(r["error"] is None and r["prob_covid"] is not None for p, r in rows.items() if p != f"s3:/{poison}")
 
         proxy.always_fail = ()  # the store recovers: the next night retries the read failure only

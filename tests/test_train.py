@@ -18,7 +18,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, _val_scores, epoch_batches, prepare_data, train, transfer_threshold, validation_metrics
+from cxr.train import TrainConfig, _val_scores, epoch_batches, member_data, prepare_data, train, transfer_threshold, validation_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -255,6 +255,13 @@ def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
         assert all(abs(q - share) < 0.2 for q in quarters), (share, quarters)
         orders.append(seq)
     assert not np.array_equal(orders[0], orders[1])  # the batches differ from epoch to epoch
+    # a seed ensemble's second member trains on the same rows in an order of its own
+    assert member_data(prepared, cfg, 0) is prepared
+    other = member_data(prepared, cfg, 1).train_ds.to_pandas()
+    assert len(other) == labels.size and int(other["label"].sum()) == n_covid
+    assert not np.array_equal(other["label"].to_numpy(), labels)
+    assert np.array_equal(np.sort(other["image"].map(lambda a: a.tobytes()).to_numpy()),
+                          np.sort(prepared.train_ds.to_pandas()["image"].map(lambda a: a.tobytes()).to_numpy()))
 
 
 def test_undecodable_training_files_are_left_out_named_and_counted(ray_driver, tmp_path, caplog):

@@ -596,6 +596,16 @@ def member_config(cfg: TrainConfig, i: int) -> TrainConfig:
     return TrainConfig(**{**asdict(cfg), "seed": cfg.seed + i, "fail_once_at_epoch": cfg.fail_once_at_epoch if i == 0 else None})
 
 
+def member_data(data: PreparedData, cfg: TrainConfig, i: int) -> PreparedData:
+    """Member ``i``'s data: member 0 trains on the rows in the order :func:`prepare_data` shuffled them, every
+    other member on the rows shuffled again with its own seed. The workers' buffer mixes only a few batches, so
+    one shared order would give every member nearly the same batches, and members fine-tuned from the same
+    ImageNet weights differ mostly by their batches (only the head's initialisation is their own)."""
+    if i == 0:
+        return data
+    return replace(data, train_ds=data.train_ds.random_shuffle(seed=cfg.seed + i).materialize())
+
+
 def fit_members(cfg: TrainConfig, data: PreparedData, storage_path: str, storage_fs, run_name: str) -> list[tuple[object, dict, list]]:
     """Fit ``cfg.seeds`` models on one split (runs ``run_name``, ``run_name_seed<i>``); per model its best
     checkpoint, that checkpoint's metrics and the whole per-epoch history."""
@@ -603,7 +613,7 @@ def fit_members(cfg: TrainConfig, data: PreparedData, storage_path: str, storage
     for i in range(max(1, cfg.seeds)):
         if cfg.seeds > 1:
             log.info("%s: model %d of %d (seed %d)", run_name, i + 1, cfg.seeds, cfg.seed + i)
-        result = fit(member_config(cfg, i), data, storage_path=storage_path, storage_filesystem=storage_fs,
+        result = fit(member_config(cfg, i), member_data(data, cfg, i), storage_path=storage_path, storage_filesystem=storage_fs,
                      run_name=run_name if i == 0 else f"{run_name}_seed{i}")
         with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
             with open(os.path.join(d, HISTORY)) as f:

@@ -216,3 +216,17 @@ def test_rows_per_block_bounds():
     for n in (5, 999, 50_000, 3_000_000, 10**7):
         assert 16 <= rows_per_block(n) <= 2048
         assert -(-n // rows_per_block(n)) <= max(1000, -(-n // 2048))  # at most ~1000 blocks unless capped
+
+
+def test_io_errors_are_described_in_one_line_without_credentials():
+    from cxr.storage import describe_error
+
+    assert describe_error(OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation:")) == \
+        "OSError: AWS Error SERVICE_UNAVAILABLE during GetObject operation"
+    assert describe_error(OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce\n  your request rate.")) == \
+        "OSError: AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate."
+    leaky = OSError("AWS Error ACCESS_DENIED during HeadObject operation: The AWS Access Key Id you provided AKIAEXAMPLE")
+    assert describe_error(leaky) == "OSError: AWS Error ACCESS_DENIED during HeadObject operation: The [redacted]"
+    signed = FileNotFoundError("https://b.s3/x?X-Amz-Credential=AKIAEXAMPLE%2F2026&X-Amz-Signature=abc")
+    assert "AKIA" not in describe_error(signed) and describe_error(signed).startswith("FileNotFoundError: https://b.s3/x?")
+    assert len(describe_error(OSError("x" * 1000))) == len("OSError: ") + 300

@@ -109,4 +109,5 @@ def describe_error(exc: BaseException) -> str:
     for marker in ("AWS Access Key Id", "Signature", "X-Amz-Credential"):
         if marker in msg:
             msg = msg.split(marker)[0] + "[redacted]"
-    return f"{type(exc).__name__}: {msg[:300]}"
+    # the AWS SDK leaves "...during GetObject operation:" when it could not read the error's message
+    return f"{type(exc).__name__}: {msg[:300].rstrip(': ')}"

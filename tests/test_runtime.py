@@ -86,3 +86,43 @@ def test_training_workers_get_the_settings(ray_driver, monkeypatch, tmp_path):
     with pytest.raises(Captured):
         fit(TrainConfig(data="unused", output=str(tmp_path)), data, storage_path=str(tmp_path))
     assert seen["run_config"].worker_runtime_env == {"env_vars": TORCH_WORKER_MALLOC_ENV}
+
+
+def test_ray_datas_no_free_cpu_warning_is_dropped_only_when_a_cpu_is_free_again(ray_driver):
+    import logging
+    import time
+
+    import ray
+
+    from cxr.runtime import RecheckNoFreeCpuWarning, ensure_ray
+
+    ensure_ray()
+    ensure_ray()
+    logger = logging.getLogger("ray.data.dataset")  # where Ray Data gives it
+    [check] = [f for f in logger.filters if isinstance(f, RecheckNoFreeCpuWarning)]  # installed once
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, "dataset.py", 1, msg, None, None)
+
+    warning = record("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will "
+                     "hang unless more CPUs are freed up.")
+    assert check.filter(record("Warning: something else"))
+    assert not check.filter(warning)  # CPUs free (or free within a second): a false alarm, dropped
+
+    @ray.remote(num_cpus=1)
+    class Hold:
+        def ready(self) -> bool:
+            return True
+
+    holders = [Hold.remote() for _ in range(int(ray.cluster_resources()["CPU"]))]
+    try:
+        ray.get([h.ready.remote() for h in holders], timeout=120)
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        start = time.monotonic()
+        assert check.filter(warning)  # every CPU stays taken: the warning is true and shown
+        assert time.monotonic() - start >= check.wait_s
+    finally:
+        for h in holders:
+            ray.kill(h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 # glibc malloc settings for the processes that run torch (training workers, scoring and explaining actors).
@@ -39,9 +40,45 @@ def torch_actor_remote_args() -> dict:
     return {"runtime_env": env} if env else {}
 
 
+class RecheckNoFreeCpuWarning(logging.Filter):
+    """Ray Data warns that a dataset "will hang" when no CPU is free at the moment its execution starts. Right
+    after an execution whose tasks have just finished, the cluster has not yet counted their CPUs free again:
+    every training job on a 2-CPU machine printed the warning while preparing its data, and never hung. This
+    looks again for up to ``wait_s`` and drops the warning if a CPU is free by then; a cluster whose CPUs stay
+    taken (by actors, trials, other jobs) still gets it. Ray gives the warning once per process, so a dropped
+    false one is not followed by a true one later (``ensure_ray`` installs this for the jobs)."""
+
+    MESSAGE = "does not have any available CPUs"
+
+    def __init__(self, wait_s: float = 1.0):
+        super().__init__()
+        self.wait_s = wait_s
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.MESSAGE not in record.getMessage():
+            return True
+        import ray
+
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            if ray.available_resources().get("CPU", 0) > 0:
+                return False
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.05)
+
+
+def recheck_no_free_cpu_warning() -> None:
+    """Install :class:`RecheckNoFreeCpuWarning` on the logger of Ray Data's warning (once)."""
+    logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, RecheckNoFreeCpuWarning) for f in logger.filters):
+        logger.addFilter(RecheckNoFreeCpuWarning())
+
+
 def ensure_ray() -> None:
     """Join the cluster in ``RAY_ADDRESS`` (or the one ``ray job submit`` runs us in), else start a local one."""
     import ray
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, runtime_env=code_runtime_env())
+    recheck_no_free_cpu_warning()

@@ -88,7 +88,7 @@ def test_training_workers_get_the_settings(ray_driver, monkeypatch, tmp_path):
     assert seen["run_config"].worker_runtime_env == {"env_vars": TORCH_WORKER_MALLOC_ENV}
 
 
-def test_ray_datas_no_free_cpu_warning_is_dropped_only_when_a_cpu_is_free_again(ray_driver):
+def test_ray_datas_no_free_cpu_warning_is_dropped_only_when_a_cpu_is_free_again(ray_driver, monkeypatch):
     import logging
     import time
 
@@ -108,6 +108,9 @@ def test_ray_datas_no_free_cpu_warning_is_dropped_only_when_a_cpu_is_free_again(
                      "hang unless more CPUs are freed up.")
     assert check.filter(record("Warning: something else"))
     assert not check.filter(warning)  # CPUs free (or free within a second): a false alarm, dropped
+    with monkeypatch.context() as m:
+        m.setattr(ray, "available_resources", lambda: (_ for _ in ()).throw(RuntimeError("not connected")))
+        assert check.filter(warning)  # no answer from Ray: shown
 
     @ray.remote(num_cpus=1)
     class Hold:

@@ -412,10 +412,10 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
     # The worker wrote it once (Train V2's patched print() wrote every line to stdout and to its logger: twice on
     # the console). Counted in the worker's own log files: this test cluster's two nodes share one log folder, so
     # both nodes' log monitors forward each line, and the job's output shows it twice either way.
-    if m.group(1):
-        logs = Path(ray_driver.temp_dir, "session_latest", "logs")
-        written = "".join(f.read_text(errors="replace") for f in logs.rglob(f"*-{m.group(1)}.*") if f.suffix in (".out", ".err"))
-        assert written.count(m.group(2)) == 1, written[-2000:]
+    assert m.group(1), m.group(0)  # Ray names the worker whose line it forwards
+    logs = Path(ray_driver.temp_dir, "session_latest", "logs")
+    written = "".join(f.read_text(errors="replace") for f in logs.rglob(f"*-{m.group(1)}.*") if f.suffix in (".out", ".err"))
+    assert written.count(m.group(2)) == 1, written[-2000:]
     # within the epoch: how far, of how many (18 training images: 24 less the validation quarter), in batches of 8
     within = re.findall(r"^(?:\(RayTrainWorker pid=\d+\) )?epoch 1/1: (\d+) of (\d+) training images, train loss so far "
                         r"\d+\.\d{3}, \d+ images/s, about \d+ s to go$", shown, re.M)

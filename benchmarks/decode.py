@@ -58,7 +58,7 @@ def main() -> None:
 
     import torch
 
-    from conftest import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
+    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
     from cxr.checkpoint import load_checkpoint
     from cxr.decode import decode
     from cxr.preprocess import preprocess

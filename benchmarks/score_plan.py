@@ -29,12 +29,8 @@ sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests"), os.path.
 
 
 def dicom_archive(folder: str, n: int) -> str:
-    saved = dict(os.environ)
-    from conftest import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
     from decode import radiograph
-
-    os.environ.clear()  # importing conftest sets the tests' environment (Ray token auth, fake S3): not ours
-    os.environ.update(saved)
+    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
 
     data = compress_dicom(dicom_bytes(radiograph(3000, 2500)), "1.2.840.10008.1.2.4.70")
     os.makedirs(folder)

@@ -9,13 +9,14 @@ from html import escape
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import dicom_bytes, run_job, xray_like
-from planted import marker_tree, train_tiny
+from support.images import dicom_bytes, xray_like
+from support.jobs import run_job
+from support.planted import marker_tree, train_tiny
 
 from cxr.audit import audit
 from cxr.explain import versus_threshold
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PicklePayload
+from support.payloads import PicklePayload
 import torch
 from torch import nn
 

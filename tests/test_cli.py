@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_labelled_tree, run_job
+from support.images import make_labelled_tree
+from support.jobs import run_job
 
 # An address nothing listens on: a job that got as far as joining Ray would fail otherwise (exit 1, a traceback).
 NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import upload_tree
+from support.s3 import upload_tree
 from cxr.data import (
     apply_groups,
     read_group_table,

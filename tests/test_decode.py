@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from conftest import compress_dicom, dicom_bytes, xray_like
+from support.images import compress_dicom, dicom_bytes, xray_like
 from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, is_non_frontal, sniff_kind
 
 

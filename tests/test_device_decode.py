@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes, xray_like
+from support.images import jpeg_bytes, xray_like
 from PIL import Image
 
 from cxr.checkpoint import default_model_path

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import dicom_bytes, make_labelled_tree, run_job, xray_like
+from support.images import dicom_bytes, make_labelled_tree, xray_like
+from support.jobs import run_job
 
 from cxr.evaluate import data_name, evaluate
 
@@ -119,6 +120,7 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
     assert not (out / "subgroups.png").exists() and "subgroups" not in json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_a_bad_group_pattern_is_a_bad_input_before_any_scoring(tiny_model, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=2, layout="")
     proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"),

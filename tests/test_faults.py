@@ -18,13 +18,15 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, ROOT, LocalCluster, png_bytes, run_job, xray_like
-from s3_proxy import FaultyS3Proxy
+from support.cluster import LocalCluster
+from support.images import png_bytes, xray_like
+from support.jobs import PYTHON, ROOT, run_job
+from support.s3_proxy import FaultyS3Proxy
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import read_table, run_incremental
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 N = 48  # three input blocks of 16 (sources.rows_per_block); the GETs of the last block are held
 HELD = range(32, N)

@@ -13,7 +13,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray.data
-from conftest import dicom_bytes, png_bytes, run_job, xray_like
+from support.images import dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import COMMIT_FILE, TABLE_SCHEMA, drift_check, read_table, run_incremental
@@ -140,6 +141,7 @@ def test_drift_flag_needs_a_large_and_significant_shift():
     assert not drift_check(5, 10, 0, 0, 0.1)[0]  # no history
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_nightly_job_exit_codes(tiny_model, tmp_path):
     write_images(tmp_path / "in", ["a.png"])
     missing = run_job("nightly.py", "--input", str(tmp_path / "nope"), "--table", str(tmp_path / "t"), "--model", tiny_model)

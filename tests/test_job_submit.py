@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, RAY, ROOT
+from support.jobs import PYTHON, RAY, ROOT
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import PicklePayload
+from support.payloads import PicklePayload
 import torch
 from torch import nn
 

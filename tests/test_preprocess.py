@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, xray_like
+from support.images import png_bytes, xray_like
 
 from cxr.decode import decode
 from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, crop_box, equalize, preprocess, to_model_input

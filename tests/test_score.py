@@ -12,7 +12,9 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, compress_dicom, dicom_bytes, png_bytes, run_job, upload_tree, xray_like
+from support.images import IGNORED, compress_dicom, dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
+from support.s3 import upload_tree
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint
@@ -223,7 +225,7 @@ def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_fol
     import io
 
     from PIL import Image
-    from conftest import jpeg_bytes, xray_like
+    from support.images import jpeg_bytes, xray_like
 
     from cxr.score import device_jpeg_size
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_labelled_tree, png_bytes, xray_like
+from support.images import make_labelled_tree, png_bytes, xray_like
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
@@ -281,8 +281,9 @@ def test_undecodable_training_files_are_left_out_named_and_counted(ray_driver, t
     assert all(" training files " in m or " validation files " in m for m in left_out), left_out
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_train_job_rejects_bad_input(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     missing = run_job("train.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
     assert missing.returncode == 3 and "error:" in missing.stderr
@@ -302,11 +303,12 @@ def test_train_job_rejects_bad_input(tmp_path):
     assert groups.returncode == 3 and "--groups" in groups.stderr and "cannot read it" in groups.stderr
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_train_job_checks_its_starting_weights_before_anything(tmp_path):
     """Weights that are not there, or do not fit, end the job at once (exit 4, one line), before Ray starts and
     before the output is written (it used to fail in every worker, with tracebacks, and leave a run behind that the
     next command with --weights none was refused for)."""
-    from conftest import offline_env, run_job
+    from support.jobs import offline_env, run_job
 
     from cxr.models import TIMM_OFFLINE, offline_copy
 
@@ -343,7 +345,7 @@ def _old_run(out: Path, data: Path, **settings) -> dict[str, bytes]:
 
 
 def test_train_job_refuses_an_output_holding_a_run_with_other_settings_before_starting_ray(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     data = make_labelled_tree(tmp_path / "data", n=12, size=32)
     out = tmp_path / "run"
@@ -394,7 +396,7 @@ def test_output_check_on_s3_names_changes_resumes_the_same_and_overwrite_empties
 
 
 def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     data = make_labelled_tree(tmp_path / "data", n=12, size=32)
     out = tmp_path / "run"
@@ -443,7 +445,7 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
 def test_train_and_tune_help_show_every_default_but_none_for_flags(capsys, monkeypatch):
     import importlib.util
 
-    from conftest import ROOT
+    from support.jobs import ROOT
 
     monkeypatch.setenv("COLUMNS", "200")
     for script, expected in (("train", ["--epochs EPOCHS passes over the training images; the checkpoint is the best epoch's (default: 8)",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_labelled_tree
+from support.images import make_labelled_tree
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
@@ -273,8 +273,9 @@ def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_pa
         save_ensemble({"a": resumed.exported[BACKBONES[0]], "b": tiny_model}, str(tmp_path / "mixed"), 0.5)
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_tune_job_rejects_bad_input(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     bad = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,vgg99", timeout=120)
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
@@ -285,10 +286,11 @@ def test_tune_job_rejects_bad_input(tmp_path):
     assert crop.returncode == 2 and "crop must satisfy" in crop.stderr
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_tune_job_checks_imagenet_weights_before_the_search(tmp_path):
     """An empty torch hub cache and no network: efficientnet_b0's ImageNet file is missing (mobilenet_v2's comes from
     the offline weights package); the job says so at once (exit 4), before writing anything."""
-    from conftest import offline_env, run_job
+    from support.jobs import offline_env, run_job
 
     data = make_labelled_tree(tmp_path / "data", n=4, size=32)
     no_net = offline_env(tmp_path)

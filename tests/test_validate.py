@@ -6,8 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_job, upload_tree
-from planted import clean_tree, planted_tree
+from support.jobs import run_job
+from support.s3 import upload_tree
+from support.planted import clean_tree, planted_tree
 
 from cxr.validate import near_duplicate_pairs, validate
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import dicom_bytes, jpeg_bytes, png_bytes
+from .images import dicom_bytes, jpeg_bytes, png_bytes
 
 
 def chest_like(h: int, w: int, seed: int, finding: bool = False, marker: bool = False) -> np.ndarray:

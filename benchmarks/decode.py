@@ -58,10 +58,10 @@ def main() -> None:
 
     import torch
 
-    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
     from cxr.checkpoint import load_checkpoint
     from cxr.decode import decode
     from cxr.preprocess import preprocess
+    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
 
     torch.set_num_threads(1)
     height, width = (int(v) for v in args.size.lower().split("x"))

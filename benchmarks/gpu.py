@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
@@ -212,7 +212,7 @@ def model_rates(backbone: str, device: str, batch: int, size: int, seconds: floa
     host = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
     ceiling = timed(model_only)
     through = timed(lambda: loaded.predict_proba(host))
-    del loaded, x
+    loaded = x = None  # drop the model and the batch before emptying the CUDA cache
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return ceiling, through
@@ -352,7 +352,7 @@ def main() -> int:
         return 2
     cpus = os.cpu_count() or 1
     results: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or platform.machine()})",
         "cpus": cpus, "torch": torch.__version__, "python": platform.python_version(), "args": vars(args),
         "bf16": bool(gpu and torch.cuda.is_bf16_supported()), "backbones": {}, "train": {},

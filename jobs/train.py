@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
-    from cxr.models import check_backbone
     from cxr.data import read_group_table
+    from cxr.models import check_backbone
     from cxr.train import TrainConfig, train
 
     try:

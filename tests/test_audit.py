@@ -9,12 +9,12 @@ from html import escape
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support.images import dicom_bytes, xray_like
-from support.jobs import run_job
-from support.planted import marker_tree, train_tiny
 
 from cxr.audit import audit
 from cxr.explain import versus_threshold
+from support.images import dicom_bytes, xray_like
+from support.jobs import run_job
+from support.planted import marker_tree, train_tiny
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.payloads import PicklePayload
 import torch
 from torch import nn
 
@@ -31,6 +30,7 @@ from cxr.checkpoint import (
 )
 from cxr.models import create_model
 from cxr.preprocess import PreprocessSpec, to_model_input
+from support.payloads import PicklePayload
 
 SIZE = 64
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+
 from support.images import make_labelled_tree
 from support.jobs import run_job
 

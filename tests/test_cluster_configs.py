@@ -475,7 +475,7 @@ def test_documented_job_commands_are_accepted():
     commands = documented_commands()
     files = {f for f, _, _ in commands}
     assert {"aws.yaml", "README.md"} <= files  # the examples users copy
-    for where, script, args in commands:
+    for _where, script, args in commands:
         accept(script, shell_words(args))
 
 

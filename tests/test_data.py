@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.s3 import upload_tree
 from cxr.data import (
+    CLASS_NAMES,
+    LabelledFile,
     apply_groups,
+    class_counts,
+    cv_folds,
+    fingerprint,
+    labelled_files,
+    patient_id,
     read_group_table,
-    CLASS_NAMES, LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, patient_id, split_train_val,
+    split_train_val,
 )
 from cxr.sources import InputError
+from support.s3 import upload_tree
 
 
 def _png(seed: int) -> bytes:

@@ -14,17 +14,16 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    JPEG2000Lossless,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGExtended12Bit,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
-from support.images import compress_dicom, dicom_bytes, xray_like
 from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, is_non_frontal, sniff_kind
-
+from support.images import compress_dicom, dicom_bytes, xray_like
 
 # ------------------------------------------------------------------ helpers
 

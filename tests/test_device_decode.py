@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.images import jpeg_bytes, xray_like
 from PIL import Image
 
 from cxr.checkpoint import default_model_path
 from cxr.decode import decode
 from cxr.device_decode import decode_preprocess_jpegs, preprocess_tensor
 from cxr.preprocess import PreprocessSpec, preprocess
+from support.images import jpeg_bytes, xray_like
 
 SAMPLES = Path(default_model_path()).parents[1] / "samples"
 

@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support.images import dicom_bytes, make_labelled_tree, xray_like
-from support.jobs import run_job
 
 from cxr.evaluate import data_name, evaluate
+from support.images import dicom_bytes, make_labelled_tree, xray_like
+from support.jobs import run_job
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,8 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.explain import (EnsembleCam, ExplainSummary, GradCam, LayerError, LUNG_BOX, cam_for, corner_mask, focus_scores, gallery_html,
-                         heatmap_name, lung_box_in_input, lung_mask, overlay_caption, overlay_png, target_layer, versus_threshold)
+from cxr.explain import (
+    LUNG_BOX,
+    EnsembleCam,
+    ExplainSummary,
+    GradCam,
+    LayerError,
+    cam_for,
+    corner_mask,
+    focus_scores,
+    gallery_html,
+    heatmap_name,
+    lung_box_in_input,
+    lung_mask,
+    overlay_caption,
+    overlay_png,
+    target_layer,
+    versus_threshold,
+)
 from cxr.preprocess import LUNG_BOX as PREPROCESS_LUNG_BOX
 
 

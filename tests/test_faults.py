@@ -18,13 +18,13 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+
+from cxr.checkpoint import load_checkpoint
+from cxr.incremental import read_table, run_incremental
 from support.cluster import LocalCluster
 from support.images import png_bytes, xray_like
 from support.jobs import PYTHON, ROOT, run_job
 from support.s3_proxy import FaultyS3Proxy
-
-from cxr.checkpoint import load_checkpoint
-from cxr.incremental import read_table, run_incremental
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 

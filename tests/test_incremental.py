@@ -13,11 +13,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray.data
-from support.images import dicom_bytes, png_bytes, xray_like
-from support.jobs import run_job
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import COMMIT_FILE, TABLE_SCHEMA, drift_check, read_table, run_incremental
+from support.images import dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
 
 pytestmark = pytest.mark.timeout(400)
 

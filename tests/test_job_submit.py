@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+
 from support.jobs import PYTHON, RAY, ROOT
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-from support.payloads import PicklePayload
 import torch
 from torch import nn
 
@@ -26,6 +25,7 @@ from cxr.models import (
     load_weights_file,
     read_state_dict,
 )
+from support.payloads import PicklePayload
 
 FIVE = ["mobilenet_v2", "mobilenet_v3_large", "resnet50", "efficientnet_b0", "densenet121"]
 OFFLINE_FILE = "mobilenet_v2-b0353104.pth"

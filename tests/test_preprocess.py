@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.images import png_bytes, xray_like
 
 from cxr.decode import decode
 from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, crop_box, equalize, preprocess, to_model_input
+from support.images import png_bytes, xray_like
 
 
 def _check(out: np.ndarray, size: int) -> None:

@@ -40,8 +40,8 @@ class EnvPredictor(Predictor):
 
 
 def _actor_env(folder, files, model) -> set:
-    from cxr.checkpoint import load_info
     from cxr import storage
+    from cxr.checkpoint import load_info
 
     settings = storage.s3_settings()
     good = [str(folder / name) for name, (_, error, _) in sorted(files.items()) if error is None][:4]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -12,15 +12,15 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from support.images import IGNORED, compress_dicom, dicom_bytes, png_bytes, xray_like
-from support.jobs import run_job
-from support.s3 import upload_tree
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.preprocess import preprocess
 from cxr.score import OUTPUT_SCHEMA, measure_costs, plan_resources, score
+from support.images import IGNORED, compress_dicom, dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
+from support.s3 import upload_tree
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,7 +60,7 @@ def check_table(table: pa.Table, files: dict, prefix: str, model_uri: str) -> No
             assert row["width"] is None and row["height"] is None
         assert row["view"] == decode(data, name).view, (name, row["view"])  # DICOM ViewPosition, else null
     assert len({r["run_id"] for r in rows.values()}) == 1
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert all(now - timedelta(minutes=10) < r["scored_at"] <= now for r in rows.values())
 
 
@@ -225,9 +225,9 @@ def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_fol
     import io
 
     from PIL import Image
-    from support.images import jpeg_bytes, xray_like
 
     from cxr.score import device_jpeg_size
+    from support.images import jpeg_bytes, xray_like
 
     folder, files = mixed_folder
     good = jpeg_bytes(xray_like(50, 40, seed=7))

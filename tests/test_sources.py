@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.images import IGNORED, mixed_files, write_files
-from support.s3 import upload_tree
 
 from cxr.sources import InputError, input_paths, list_images, read_manifest, rows_per_block
+from support.images import IGNORED, mixed_files, write_files
+from support.s3 import upload_tree
 
 
 @pytest.fixture

@@ -11,14 +11,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support.images import make_labelled_tree, png_bytes, xray_like
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
-from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, _val_scores, epoch_batches, member_data, prepare_data, train, transfer_threshold, validation_metrics
+from cxr.train import (
+    TrainConfig,
+    _val_scores,
+    epoch_batches,
+    member_data,
+    prepare_data,
+    train,
+    transfer_threshold,
+    validation_metrics,
+)
+from support.images import make_labelled_tree, png_bytes, xray_like
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -308,9 +316,8 @@ def test_train_job_checks_its_starting_weights_before_anything(tmp_path):
     """Weights that are not there, or do not fit, end the job at once (exit 4, one line), before Ray starts and
     before the output is written (it used to fail in every worker, with tracebacks, and leave a run behind that the
     next command with --weights none was refused for)."""
-    from support.jobs import offline_env, run_job
-
     from cxr.models import TIMM_OFFLINE, offline_copy
+    from support.jobs import offline_env, run_job
 
     data = make_labelled_tree(tmp_path / "data", n=4, size=32)
     out = tmp_path / "o"

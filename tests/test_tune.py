@@ -10,15 +10,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support.images import make_labelled_tree
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
 from cxr.decode import decode
 from cxr.metrics import expected_calibration_error
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.tune import (TEMPERATURE_BOUNDS, SearchConfig, calibrate, choose_members, export_calibrated, plan_trials, rank_key, run_search,
-                      usable_members, validation_figures)
+from cxr.tune import (
+    TEMPERATURE_BOUNDS,
+    SearchConfig,
+    calibrate,
+    choose_members,
+    export_calibrated,
+    plan_trials,
+    rank_key,
+    run_search,
+    usable_members,
+    validation_figures,
+)
+from support.images import make_labelled_tree
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -228,7 +238,6 @@ def test_a_temperature_at_its_bound_is_not_used():
 def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_path):
     from cxr.evaluate import evaluate
     from cxr.score import score
-
     from cxr.tune import _export_ensemble
 
     _, resumed, root = search

@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-from support.images import make_labelled_tree
-from support.jobs import ROOT, run_job
-from support.s3 import upload_tree
 
 from cxr.checkpoint import load_checkpoint
 from cxr.storage import s3_settings
 from cxr.tune import SearchConfig, run_search
+from support.images import make_labelled_tree
+from support.jobs import ROOT, run_job
+from support.s3 import upload_tree
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

@@ -6,11 +6,11 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from support.jobs import run_job
-from support.s3 import upload_tree
-from support.planted import clean_tree, planted_tree
 
 from cxr.validate import near_duplicate_pairs, validate
+from support.jobs import run_job
+from support.planted import clean_tree, planted_tree
+from support.s3 import upload_tree
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -55,7 +55,7 @@ class AugmentConfig:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
 
     @classmethod
-    def identity(cls) -> "AugmentConfig":
+    def identity(cls) -> AugmentConfig:
         """A config that changes nothing (validation / scoring path)."""
         return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0)
 
@@ -63,7 +63,7 @@ class AugmentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
+    def from_dict(cls, d: dict) -> AugmentConfig:
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         known.update({k: tuple(known[k]) for k in _PAIRS if k in known})
         return cls(**known)

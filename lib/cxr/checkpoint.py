@@ -17,7 +17,7 @@ import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelInfo":
+    def from_dict(cls, d: dict) -> ModelInfo:
         if not isinstance(d, dict):
             raise CheckpointError(f"invalid model.json: expected an object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -156,7 +156,7 @@ def save_checkpoint(model, info: ModelInfo, uri: str) -> ModelInfo:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state)
     info.weights_sha256 = hashlib.sha256(blob).hexdigest()
-    info.provenance.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info.provenance.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
     info.provenance.setdefault("versions", versions())
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), blob)
     storage.write_bytes(storage.join(uri, META_FILE), json.dumps(info.to_dict(), indent=2, sort_keys=False).encode())
@@ -310,7 +310,7 @@ def save_ensemble(members: dict[str, str], uri: str, threshold: float, provenanc
         rel.append(f"members/{name}")
     ens = ModelInfo(ENSEMBLE, infos[0].preprocess, infos[0].class_names, infos[0].positive_class, threshold=float(threshold),
                     provenance=dict(provenance or {}), weights_sha256=ensemble_hash(infos), kind=ENSEMBLE, members=tuple(rel))
-    ens.provenance.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    ens.provenance.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
     ens.provenance.setdefault("versions", versions())
     storage.write_bytes(storage.join(uri, META_FILE), json.dumps(ens.to_dict(), indent=2).encode(), settings)
     return ens

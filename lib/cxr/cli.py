@@ -8,7 +8,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Exit codes of every job (documented in README).
 OK = 0

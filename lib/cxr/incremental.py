@@ -38,7 +38,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +49,18 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .checkpoint import load_checkpoint
-from .runtime import ensure_ray
 from .decode import NOT_FRONTAL
-from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, WRITE_TASKS, measured_plan, new_run_id, score_dataset
+from .runtime import ensure_ray
+from .score import (
+    OUTPUT_SCHEMA,
+    WRITE_TASKS,
+    OutputError,
+    Predictor,
+    count_not_frontal,
+    measured_plan,
+    new_run_id,
+    score_dataset,
+)
 from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -342,7 +351,7 @@ def run_incremental(
         run = pending[-1]
         log.info("resuming run %s of %s (started %s)", run["run_id"], run["run_date"], run["started_at"])
     else:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         run = {"run_id": run_id or new_run_id(), "run_date": now.strftime("%Y-%m-%d"), "model": info.model_id,
                "model_uri": model, "started_at": now.isoformat(), "inputs": inputs}
         _write_json(fs, f"{root}/{STAGING}/{run['run_id']}/{RUN_FILE}", run, local)
@@ -390,7 +399,7 @@ def run_incremental(
              rid, len(wanted), counts["new"], counts["changed"], counts["retried"], counts["skipped"], len(reused_paths), len(remaining))
 
     # -- score the rest into a fresh attempt folder
-    attempt = f"{staging}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    attempt = f"{staging}/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     new_files: list[str] = []
     plan = None
     if len(remaining):
@@ -443,7 +452,7 @@ def run_incremental(
     )
     manifest = {
         "run_id": rid, "run_date": run_date, "model": info.model_id, "model_uri": run["model_uri"], "inputs": run["inputs"],
-        "started_at": run["started_at"], "committed_at": datetime.now(timezone.utc).isoformat(), "files": published,
+        "started_at": run["started_at"], "committed_at": datetime.now(UTC).isoformat(), "files": published,
         "counts": {"rows": stats.num_rows, "ok": n_ok, "errors": n_err, "predicted_positive": positive},
     }
     _write_json(fs, f"{partition}/{COMMIT_FILE}", manifest, local)  # the commit

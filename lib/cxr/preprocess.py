@@ -86,7 +86,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for key in ("mean", "std"):
             if key in known:

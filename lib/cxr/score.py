@@ -19,16 +19,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
 from .decode import NOT_FRONTAL, decode
 from .preprocess import PreprocessSpec, preprocess
+from .runtime import ensure_ray, torch_actor_remote_args
 from .sources import input_paths, table_dataset
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class Predictor:
                 prob[ok] = self.loaded.predict_proba(images)
         prediction = np.where(prob >= self.threshold, self.positive, self.negative)
         width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return pa.table(
             {
                 "path": pa.array([str(p) for p in batch["path"]], pa.string()),
@@ -461,7 +461,7 @@ class ScoreSummary:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def prepare_output(output: str, overwrite: bool, settings: storage.S3Settings) -> None:

@@ -36,11 +36,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 import numpy as np
 
 from . import storage
-from .runtime import ensure_ray, torch_worker_runtime_env
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
 from .data import LabelledFile, apply_groups, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
 from .preprocess import PreprocessSpec
+from .runtime import ensure_ray, torch_worker_runtime_env
 from .sources import InputError
 
 log = logging.getLogger(__name__)

@@ -41,8 +41,8 @@ import numpy as np
 from . import storage
 from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
-from .preprocess import PreprocessSpec, check_tta
 from .models import check_backbone, fetch_imagenet, imagenet_available, list_backbones
+from .preprocess import PreprocessSpec, check_tta
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)

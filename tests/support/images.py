@@ -99,9 +99,9 @@ def mixed_files() -> dict[str, tuple[bytes, str | None, tuple[int, int] | None]]
         "good/d16.png": (png_bytes((gray.astype(np.uint16) * 257), "I;16"), None, (120, 90)),
         "good/scan.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), view="PA"), None, (120, 90)),
         "good/inverted.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), photometric="MONOCHROME1"), None, (120, 90)),
-        "good/IM000001": (dicom_bytes((gray.astype(np.uint16) * 16)), None, (120, 90)),  # DICOM without extension
+        "good/IM000001": (dicom_bytes(gray.astype(np.uint16) * 16), None, (120, 90)),  # DICOM without extension
         # JPEG Lossless (Process 14, SV1): how PACS archives commonly store CR/DX images
-        "good/lossless.dcm": (compress_dicom(dicom_bytes((gray.astype(np.uint16) * 16)), "1.2.840.10008.1.2.4.70"), None, (120, 90)),
+        "good/lossless.dcm": (compress_dicom(dicom_bytes(gray.astype(np.uint16) * 16), "1.2.840.10008.1.2.4.70"), None, (120, 90)),
         "bad/empty.png": (b"", "empty file", None),
         "bad/truncated.png": (good_png[: len(good_png) // 2], "truncated", None),
         "bad/text.jpg": (b"this is not an image\n" * 10, "not an image", None),

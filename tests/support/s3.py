@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
 def upload_tree(client, bucket: str, local: Path, prefix: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():

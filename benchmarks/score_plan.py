@@ -74,7 +74,9 @@ def main() -> None:
             runs: dict[str, list[float]] = {"fixed": [], "measured": []}
             plans = {}
             for _ in range(args.repeat):
-                for mode in ("fixed", "measured") if len(runs["fixed"]) % 2 == 0 else ("measured", "fixed"):  # alternate who goes first
+                for mode in (
+                    ("fixed", "measured") if len(runs["fixed"]) % 2 == 0 else ("measured", "fixed")
+                ):  # alternate who goes first
                     out = os.path.join(tmp, "out")
                     start = time.perf_counter()
                     summary = score(inputs, out, args.model, measure=mode == "measured", overwrite=True)
@@ -84,8 +86,15 @@ def main() -> None:
                     plans[mode] = summary.plan
                     shutil.rmtree(out)
             best = {mode: max(v) for mode, v in runs.items()}
-            rows.append({"archive": name, "files": summary.files, "images_per_s": {m: round(v, 2) for m, v in best.items()},
-                         "ratio_measured_vs_fixed": round(best["measured"] / best["fixed"], 2), "plans": plans})
+            rows.append(
+                {
+                    "archive": name,
+                    "files": summary.files,
+                    "images_per_s": {m: round(v, 2) for m, v in best.items()},
+                    "ratio_measured_vs_fixed": round(best["measured"] / best["fixed"], 2),
+                    "plans": plans,
+                }
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

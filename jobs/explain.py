@@ -20,19 +20,35 @@ from cxr import cli  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, metavar="URI",
-                   help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest; repeatable")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest; repeatable",
+    )
     p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix (must be empty)")
-    p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
+    p.add_argument(
+        "--model",
+        default="default",
+        metavar="URI",
+        help="checkpoint directory or s3:// prefix; 'default' = the shipped model",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
     p.add_argument("--limit", type=cli.positive_int, help="explain a random subset of this many images (fixed --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layer", help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
-                   "an ensemble: each member's own, and its maps averaged)")
+    p.add_argument(
+        "--layer",
+        help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
+        "an ensemble: each member's own, and its maps averaged)",
+    )
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument("--all-views", action="store_true",
-                   help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in score.py)")
+    p.add_argument(
+        "--all-views",
+        action="store_true",
+        help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in score.py)",
+    )
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -42,8 +58,18 @@ def main() -> int:
     cli.setup_logging(args.verbose)
     from cxr.explain import explain
 
-    summary = explain(args.input, args.model, args.output, limit=args.limit, seed=args.seed, overwrite=args.overwrite,
-                      layer=args.layer, batch_size=args.batch_size, actors=args.actors, all_views=args.all_views)
+    summary = explain(
+        args.input,
+        args.model,
+        args.output,
+        limit=args.limit,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        all_views=args.all_views,
+    )
     print(summary.line())
     return cli.OK
 

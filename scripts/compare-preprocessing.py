@@ -37,10 +37,14 @@ from cxr.models import create_model  # noqa: E402
 from cxr.preprocess import LUNG_BOX, PreprocessSpec, preprocess, to_model_input  # noqa: E402
 
 SETS = {
-    "train_covid": "covid-xray-5k/train/covid/*", "train_non": "covid-xray-5k/train/non/*",
-    "hannover": "external/hannover-covid/covid/*", "actualmed_covid": "external/actualmed/covid/*",
-    "actualmed_non": "external/actualmed/non/*", "figure1_covid": "external/figure1/covid/*",
-    "figure1_non": "external/figure1/non/*", "kermany": "external/kermany-pediatric/test/non/*",
+    "train_covid": "covid-xray-5k/train/covid/*",
+    "train_non": "covid-xray-5k/train/non/*",
+    "hannover": "external/hannover-covid/covid/*",
+    "actualmed_covid": "external/actualmed/covid/*",
+    "actualmed_non": "external/actualmed/non/*",
+    "figure1_covid": "external/figure1/covid/*",
+    "figure1_non": "external/figure1/non/*",
+    "kermany": "external/kermany-pediatric/test/non/*",
 }
 VARIANTS = {  # name -> (PreprocessSpec keywords, augmentation degrade_p)
     "whole image": ({}, 0.5),
@@ -59,7 +63,11 @@ def load(root: str) -> dict[str, tuple[np.ndarray, list[str]]]:
         for f in files:
             with open(f, "rb") as fh:
                 img = decode(fh.read(), f).image
-            arrays.append(np.asarray(Image.fromarray(img.astype(np.float32)).resize((BASE, BASE), Image.Resampling.BILINEAR), np.float16))
+            arrays.append(
+                np.asarray(
+                    Image.fromarray(img.astype(np.float32)).resize((BASE, BASE), Image.Resampling.BILINEAR), np.float16
+                )
+            )
         out[key] = (np.stack(arrays), [os.path.basename(f) for f in files])
         print(f"  {key}: {len(files)} images", flush=True)
     return out
@@ -87,8 +95,12 @@ def run_variant(name, spec, degrade, data, groups, args) -> dict:
     def predict(images):
         model.eval()
         with torch.inference_mode():
-            return np.concatenate([torch.softmax(model(to_model_input(images[i:i + 128], spec)), 1)[:, 1].numpy()
-                                   for i in range(0, len(images), 128)])
+            return np.concatenate(
+                [
+                    torch.softmax(model(to_model_input(images[i : i + 128], spec)), 1)[:, 1].numpy()
+                    for i in range(0, len(images), 128)
+                ]
+            )
 
     for epoch in range(args.epochs):
         model.train()
@@ -104,9 +116,17 @@ def run_variant(name, spec, degrade, data, groups, args) -> dict:
     pv = predict(x[va])
     t = choose_threshold(y[va], pv, 0.98)
     ext = {k: predict(prep(k)) for k in SETS if not k.startswith("train")}
-    res = {"variant": name, "preprocess": spec.to_dict(), "degrade_p": degrade, "size": args.size, "epochs": args.epochs,
-           "seed": args.seed, "val_auc": float(roc_auc_score(y[va], pv)), "threshold": float(t),
-           "val_specificity": float(np.mean(pv[y[va] == 0] < t))}
+    res = {
+        "variant": name,
+        "preprocess": spec.to_dict(),
+        "degrade_p": degrade,
+        "size": args.size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "val_auc": float(roc_auc_score(y[va], pv)),
+        "threshold": float(t),
+        "val_specificity": float(np.mean(pv[y[va] == 0] < t)),
+    }
     for k, p in ext.items():
         res[k + ("_sensitivity" if k.endswith("covid") or k == "hannover" else "_fpr")] = float(np.mean(p >= t))
     a_pos, a_neg = ext["actualmed_covid"], ext["actualmed_non"]
@@ -127,16 +147,22 @@ def main() -> None:
     print("decoding ...", flush=True)
     data = load(args.data)
     meta = {}
-    with open(os.path.join(args.data, "covid-xray-5k", "SOURCE", "covid_images_ieee8023_metadata.tsv"), newline="") as f:
+    with open(
+        os.path.join(args.data, "covid-xray-5k", "SOURCE", "covid_images_ieee8023_metadata.tsv"), newline=""
+    ) as f:
         for row in csv.DictReader(f, delimiter="\t"):  # images cut from one case report stay on one side
             meta[row["filename"]] = row["url"] or row["filename"]
-    groups = [meta.get(n, n) for n in data["train_covid"][1]] + \
-             [(re.search(r"patient\d+", n) or [n])[0] for n in data["train_non"][1]]
+    groups = [meta.get(n, n) for n in data["train_covid"][1]] + [
+        (re.search(r"patient\d+", n) or [n])[0] for n in data["train_non"][1]
+    ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         kwargs, degrade = VARIANTS[name]
         res = run_variant(name, PreprocessSpec(input_size=args.size, **kwargs), degrade, data, groups, args)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items() if k != "preprocess"}), flush=True)
+        print(
+            json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items() if k != "preprocess"}),
+            flush=True,
+        )
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
 

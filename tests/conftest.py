@@ -120,7 +120,9 @@ def tiny_model(tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("models") / "tiny")
-    save_checkpoint(create_model("mobilenet_v2"), ModelInfo("mobilenet_v2", PreprocessSpec(input_size=64), threshold=0.5), path)
+    save_checkpoint(
+        create_model("mobilenet_v2"), ModelInfo("mobilenet_v2", PreprocessSpec(input_size=64), threshold=0.5), path
+    )
     return path
 
 
@@ -131,6 +133,15 @@ def trained_model(ray_driver, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     data = make_labelled_tree(root / "data")
-    cfg = TrainConfig(data=str(data), output=str(root / "run"), weights="imagenet", epochs=3, image_size=64, batch_size=16,
-                      lr=1e-3, oversample=2, val_fraction=0.25)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(root / "run"),
+        weights="imagenet",
+        epochs=3,
+        image_size=64,
+        batch_size=16,
+        lr=1e-3,
+        oversample=2,
+        val_fraction=0.25,
+    )
     return train(cfg)

@@ -12,41 +12,54 @@ from support.jobs import run_job
 NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("score.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
-    ("score.py", ["--actors", "-2"], "--actors must be at least 1"),
-    ("score.py", ["--cpus-per-actor", "0"], "--cpus-per-actor must be greater than 0"),
-    ("score.py", ["--gpus-per-actor", "-1"], "--gpus-per-actor must be at least 0"),
-    ("score.py", ["--threads-per-actor", "0"], "--threads-per-actor must be at least 1"),
-    ("score.py", ["--explain-limit", "0"], "--explain-limit must be at least 1"),
-    ("nightly.py", ["--rows-per-file", "0"], "--rows-per-file must be at least 1"),
-    ("nightly.py", ["--drift-threshold", "1.5"], "--drift-threshold must be between 0 and 1"),
-    ("nightly.py", ["--cpus-per-actor", "nan"], "--cpus-per-actor must be a finite number, got 'nan'"),
-    ("evaluate.py", ["--threshold", "-0.1"], "--threshold must be between 0 and 1"),
-    ("evaluate.py", ["--bootstrap", "-5"], "--bootstrap must be at least 0"),
-    ("evaluate.py", ["--batch-size", "ten"], "--batch-size must be an integer, got 'ten'"),
-    ("explain.py", ["--limit", "0"], "--limit must be at least 1"),
-    ("explain.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
-    ("validate.py", ["--near-distance", "33"], "--near-distance must be in 0..32"),
-    ("validate.py", ["--min-side", "0"], "--min-side must be at least 1"),
-    ("audit.py", ["--heatmaps-per-class", "-1"], "--heatmaps-per-class must be at least 0"),
-    ("audit.py", ["--actors", "0"], "--actors must be at least 1"),
-    ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
-    ("train.py", ["--val-fraction", "1"], "--val-fraction must be above 0 and at most 0.5"),
-    ("train.py", ["--val-fraction", "0.7"], "--val-fraction must be above 0 and at most 0.5"),  # was a traceback, rc 1
-    ("tune.py", ["--val-fraction", "0"], "--val-fraction must be above 0 and at most 0.5"),  # (tune also left a config)
-    ("tune.py", ["--cpus-per-trial", "0"], "--cpus-per-trial must be greater than 0"),
-    ("tune.py", ["--lr-range", "0.1", "-1"], "--lr-range must be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("score.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+        ("score.py", ["--actors", "-2"], "--actors must be at least 1"),
+        ("score.py", ["--cpus-per-actor", "0"], "--cpus-per-actor must be greater than 0"),
+        ("score.py", ["--gpus-per-actor", "-1"], "--gpus-per-actor must be at least 0"),
+        ("score.py", ["--threads-per-actor", "0"], "--threads-per-actor must be at least 1"),
+        ("score.py", ["--explain-limit", "0"], "--explain-limit must be at least 1"),
+        ("nightly.py", ["--rows-per-file", "0"], "--rows-per-file must be at least 1"),
+        ("nightly.py", ["--drift-threshold", "1.5"], "--drift-threshold must be between 0 and 1"),
+        ("nightly.py", ["--cpus-per-actor", "nan"], "--cpus-per-actor must be a finite number, got 'nan'"),
+        ("evaluate.py", ["--threshold", "-0.1"], "--threshold must be between 0 and 1"),
+        ("evaluate.py", ["--bootstrap", "-5"], "--bootstrap must be at least 0"),
+        ("evaluate.py", ["--batch-size", "ten"], "--batch-size must be an integer, got 'ten'"),
+        ("explain.py", ["--limit", "0"], "--limit must be at least 1"),
+        ("explain.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+        ("validate.py", ["--near-distance", "33"], "--near-distance must be in 0..32"),
+        ("validate.py", ["--min-side", "0"], "--min-side must be at least 1"),
+        ("audit.py", ["--heatmaps-per-class", "-1"], "--heatmaps-per-class must be at least 0"),
+        ("audit.py", ["--actors", "0"], "--actors must be at least 1"),
+        ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
+        ("train.py", ["--val-fraction", "1"], "--val-fraction must be above 0 and at most 0.5"),
+        (
+            "train.py",
+            ["--val-fraction", "0.7"],
+            "--val-fraction must be above 0 and at most 0.5",
+        ),  # was a traceback, rc 1
+        (
+            "tune.py",
+            ["--val-fraction", "0"],
+            "--val-fraction must be above 0 and at most 0.5",
+        ),  # (tune also left a config)
+        ("tune.py", ["--cpus-per-trial", "0"], "--cpus-per-trial must be greater than 0"),
+        ("tune.py", ["--lr-range", "0.1", "-1"], "--lr-range must be greater than 0"),
+    ],
+)
 def test_a_bad_numeric_option_is_a_one_line_usage_error(script, args, message, tmp_path):
-    where = {"score.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
-             "nightly.py": ["--input", str(tmp_path), "--table", str(tmp_path / "t")],
-             "evaluate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
-             "explain.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
-             "validate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
-             "audit.py": ["--internal", str(tmp_path), "--output", str(tmp_path / "o")],
-             "train.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
-             "tune.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")]}[script]
+    where = {
+        "score.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
+        "nightly.py": ["--input", str(tmp_path), "--table", str(tmp_path / "t")],
+        "evaluate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+        "explain.py": ["--input", str(tmp_path), "--output", str(tmp_path / "o")],
+        "validate.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+        "audit.py": ["--internal", str(tmp_path), "--output", str(tmp_path / "o")],
+        "train.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+        "tune.py": ["--data", str(tmp_path), "--output", str(tmp_path / "o")],
+    }[script]
     proc = run_job(script, *where, *args, env=NO_RAY, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"error: {message}" and proc.stdout == ""
@@ -64,9 +77,15 @@ def test_a_non_empty_output_is_refused_without_overwrite(script, tiny_model, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "subgroups.png").write_bytes(b"from an earlier run")
-    data_arg = {"evaluate.py": ["--data", str(data), "--model", tiny_model], "validate.py": ["--data", str(data)],
-                "audit.py": ["--internal", str(data), "--internal-split", "all", "--model", tiny_model]}[script]
+    data_arg = {
+        "evaluate.py": ["--data", str(data), "--model", tiny_model],
+        "validate.py": ["--data", str(data)],
+        "audit.py": ["--internal", str(data), "--internal-split", "all", "--model", tiny_model],
+    }[script]
     proc = run_job(script, *data_arg, "--output", str(out), env=NO_RAY, timeout=120)
     assert proc.returncode == 5, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"error: output {out} is not empty; choose a new location or pass --overwrite"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: output {out} is not empty; choose a new location or pass --overwrite"
+    )
     assert (out / "subgroups.png").read_bytes() == b"from an earlier run"

@@ -131,8 +131,13 @@ def _command_not_a_string(c):
 
 @pytest.mark.parametrize(
     "breakage",
-    [_unknown_top_level_key, _max_workers_wrong_type, _gpu_resources_wrong_type, _node_type_without_resources,
-     _command_not_a_string],
+    [
+        _unknown_top_level_key,
+        _max_workers_wrong_type,
+        _gpu_resources_wrong_type,
+        _node_type_without_resources,
+        _command_not_a_string,
+    ],
 )
 def test_broken_aws_yaml_is_rejected(aws, breakage):
     broken = copy.deepcopy(aws)
@@ -238,8 +243,12 @@ def test_every_manifest_parses_with_the_right_api_version_and_kind():
     expected = {
         RAYCLUSTER_YAML: [("ray.io/v1", "RayCluster")],
         RAYJOB_YAML: [("ray.io/v1", "RayJob")],
-        CRONJOB_YAML: [("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
-                       ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("batch/v1", "CronJob")],
+        CRONJOB_YAML: [
+            ("v1", "ServiceAccount"),
+            ("rbac.authorization.k8s.io/v1", "Role"),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+            ("batch/v1", "CronJob"),
+        ],
         PREREQ_YAML: [("v1", "Namespace"), ("v1", "ServiceAccount")],
     }
     assert set(KUBERAY.glob("*.yaml")) == set(expected), "new manifest: add it to this test"
@@ -383,8 +392,11 @@ def test_cronjob_creates_the_rayjob_with_minimal_rights(cron_docs):
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
     sa = one(cron_docs, "ServiceAccount")["metadata"]["name"]
     binding = one(cron_docs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
 
     cron = one(cron_docs, "CronJob")
@@ -402,8 +414,10 @@ def test_cronjob_creates_the_rayjob_with_minimal_rights(cron_docs):
     configmap = volume["configMap"]["name"]
 
     # The ConfigMap is generated from the RayJob file by the documented command: same name and key.
-    create_cm = (f"kubectl -n {NAMESPACE} create configmap {configmap} "
-                 f"--from-file={manifest.name}={RAYJOB_YAML.relative_to(ROOT).as_posix()}")
+    create_cm = (
+        f"kubectl -n {NAMESPACE} create configmap {configmap} "
+        f"--from-file={manifest.name}={RAYJOB_YAML.relative_to(ROOT).as_posix()}"
+    )
     assert create_cm in CRONJOB_YAML.read_text()
     assert create_cm in README.read_text()
 

@@ -81,7 +81,9 @@ def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -152,9 +154,23 @@ def val_fraction(text: str) -> float:
 def add_scoring_resources(p: argparse.ArgumentParser) -> None:
     """The predictor pool's options, shared by the jobs that score an archive (score, nightly)."""
     p.add_argument("--batch-size", type=positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")
-    p.add_argument("--actors", type=positive_int, help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
-                   "decoding; more lets the pool grow as an autoscaling cluster adds nodes)")
-    p.add_argument("--cpus-per-actor", type=positive_float, help="logical CPUs each predictor actor reserves (default on CPU: "
-                   "the model's share of a node, measured on a sample of the inputs)")
-    p.add_argument("--gpus-per-actor", type=non_negative_float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+    p.add_argument(
+        "--actors",
+        type=positive_int,
+        help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
+        "decoding; more lets the pool grow as an autoscaling cluster adds nodes)",
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=positive_float,
+        help="logical CPUs each predictor actor reserves (default on CPU: "
+        "the model's share of a node, measured on a sample of the inputs)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=non_negative_float,
+        help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))"
+    )

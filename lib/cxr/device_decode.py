@@ -36,7 +36,11 @@ def preprocess_tensor(image, spec: PreprocessSpec):
         flat = x.flatten()
         _, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
         mid_rank = torch.cumsum(counts, 0).to(x.dtype) - (counts.to(x.dtype) + 1) / 2
-        x = (mid_rank[inverse] / max(flat.numel() - 1, 1)).view(x.shape) if flat.numel() > 1 else torch.full_like(x, 0.5)
+        x = (
+            (mid_rank[inverse] / max(flat.numel() - 1, 1)).view(x.shape)
+            if flat.numel() > 1
+            else torch.full_like(x, 0.5)
+        )
     elif spec.autocontrast is not None:
         q = torch.tensor([spec.autocontrast[0] / 100.0, spec.autocontrast[1] / 100.0], device=x.device, dtype=x.dtype)
         lo, hi = torch.quantile(x.flatten(), q)

@@ -110,7 +110,11 @@ def plan_resources(
     node_cpus = [c for c in node_cpus if c > 0] or [1.0]
     gpus_per_actor = _gpus_per_actor(gpus_per_actor, total_gpus)
     if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
-        log.warning("asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes", gpus_per_actor, total_gpus)
+        log.warning(
+            "asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes",
+            gpus_per_actor,
+            total_gpus,
+        )
     task_cpus = 1.0 if gpus_per_actor > 0 and max(node_cpus) >= 4 else 0.5
     largest = max(node_cpus)
     default_threads = None
@@ -125,7 +129,11 @@ def plan_resources(
             cpus_per_actor = min(cpus_per_actor, max(0.5, math.ceil(model_cpus * 2) / 2))
     if cpus_per_actor > largest - task_cpus:
         fitted = max(0.1, largest - task_cpus)
-        log.warning("%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead", cpus_per_actor, fitted)
+        log.warning(
+            "%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead",
+            cpus_per_actor,
+            fitted,
+        )
         default_threads = default_threads or max(1, math.ceil(cpus_per_actor))
         cpus_per_actor = fitted
     capacity = sum(max(0, int((c - task_cpus) // cpus_per_actor)) for c in node_cpus)
@@ -137,19 +145,28 @@ def plan_resources(
         if measured:  # no more actors than the model's share of the whole cluster keeps busy
             actors = min(capacity, max(1, math.ceil((1.0 - decode_share) * sum(node_cpus) / cpus_per_actor)))
     elif actors > capacity:
-        log.warning("%d actors: %d fit beside the decode tasks on the nodes up now; the pool grows to %d only as nodes "
-                    "join (an autoscaling cluster)", actors, capacity, actors)
+        log.warning(
+            "%d actors: %d fit beside the decode tasks on the nodes up now; the pool grows to %d only as nodes "
+            "join (an autoscaling cluster)",
+            actors,
+            capacity,
+            actors,
+        )
     threads = threads_per_actor or default_threads or max(1, math.ceil(cpus_per_actor))
     if batch_size is None:
         batch_size = 256 if gpus_per_actor > 0 else 32
-    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size, decode_share if measured else None)
+    return ResourcePlan(
+        actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size, decode_share if measured else None
+    )
 
 
 def _cluster_resources() -> tuple[list[float], float]:
     """(CPUs of each live node, GPUs of the cluster), now."""
     import ray
 
-    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], ray.cluster_resources().get("GPU", 0.0)
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], ray.cluster_resources().get(
+        "GPU", 0.0
+    )
 
 
 def cluster_plan(**overrides) -> ResourcePlan:
@@ -171,12 +188,15 @@ class Costs:
         return self.decode_s / total if total > 0 else 0.0
 
     def line(self) -> str:
-        return (f"per image, one thread: decoding {self.decode_s * 1e3:.1f} ms ({self.files} files sampled), "
-                f"model {self.model_s * 1e3:.1f} ms: decoding is {self.decode_share:.0%} of the CPU work")
+        return (
+            f"per image, one thread: decoding {self.decode_s * 1e3:.1f} ms ({self.files} files sampled), "
+            f"model {self.model_s * 1e3:.1f} ms: decoding is {self.decode_share:.0%} of the CPU work"
+        )
 
 
-def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool = False,
-                  max_files: int = 8, max_seconds: float = 2.0) -> Costs | None:
+def measure_costs(
+    paths, loaded, settings: storage.S3Settings, all_views: bool = False, max_files: int = 8, max_seconds: float = 2.0
+) -> Costs | None:
     """Decode up to ``max_files`` of ``paths`` (spread over the list; stopping after ``max_seconds``) and run
     ``loaded`` (a :class:`~cxr.checkpoint.LoadedModel` or ensemble) on a batch, here, on one thread; CPU time
     (``time.thread_time``), so that slow storage does not count as decoding. What the files cost is what
@@ -220,17 +240,24 @@ def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool =
     return Costs(len(done), sum(done) / len(done), model_cpu)
 
 
-def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True,
-                  **overrides) -> ResourcePlan:
+def measured_plan(
+    paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True, **overrides
+) -> ResourcePlan:
     """:func:`cluster_plan` for scoring ``paths`` with ``loaded``: where the plan is for CPU actors whose
     CPUs are not given, the inputs' costs are measured first (:func:`measure_costs`) and size it."""
     nodes, gpus = _cluster_resources()
     share = None
-    if (measure and len(paths) and overrides.get("cpus_per_actor") is None
-            and _gpus_per_actor(overrides.get("gpus_per_actor"), gpus) == 0):
+    if (
+        measure
+        and len(paths)
+        and overrides.get("cpus_per_actor") is None
+        and _gpus_per_actor(overrides.get("gpus_per_actor"), gpus) == 0
+    ):
         costs = measure_costs(paths, loaded, settings, all_views)
         if costs is None:
-            log.warning("no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan")
+            log.warning(
+                "no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan"
+            )
         else:
             log.info("measured %s", costs.line())
             share = costs.decode_share
@@ -240,8 +267,9 @@ def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool =
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec,
-                       all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
+def _decode_preprocess(
+    data: bytes, path: str, spec: PreprocessSpec, all_views: bool = False
+) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
     """(image, width, height, error, DICOM view). A lateral/oblique DICOM view is not scored (an error row
     ``not a frontal view ...``) unless ``all_views``: the models read frontal chest X-rays."""
     decoded = decode(data, path, frontal_only=not all_views)
@@ -275,8 +303,9 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (width, height) if 0 < width * height <= MAX_PIXELS else None
 
 
-def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings, device_jpeg: bool = False,
-              all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None, bytes]:
+def _load_one(
+    path: str, spec: PreprocessSpec, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False
+) -> tuple[np.ndarray | None, int, int, str | None, str | None, bytes]:
     """(image, width, height, error, DICOM view, JPEG bytes left for the device decoder or b"")."""
     try:
         data = storage.read_bytes(path, settings)
@@ -287,7 +316,9 @@ def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings, dev
     return (*_decode_preprocess(data, path, spec, all_views), b"")
 
 
-def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False) -> dict:
+def decode_batch(
+    batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False
+) -> dict:
     """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding).
 
     Columns other than ``path`` (e.g. training labels) pass through unchanged. ``device_jpeg``: JPEGs that
@@ -315,14 +346,24 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_j
     }
 
 
-def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32,
-                    device_jpeg: bool = False, all_views: bool = False):
+def decoded_dataset(
+    paths_ds,
+    spec: PreprocessSpec,
+    settings: storage.S3Settings,
+    task_cpus: float = 0.5,
+    batch_size: int = 32,
+    device_jpeg: bool = False,
+    all_views: bool = False,
+):
     """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``,
     ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
     return paths_ds.map_batches(
-        decode_batch, fn_args=(spec.to_dict(), settings), fn_kwargs={"device_jpeg": device_jpeg, "all_views": all_views},
+        decode_batch,
+        fn_args=(spec.to_dict(), settings),
+        fn_kwargs={"device_jpeg": device_jpeg, "all_views": all_views},
         batch_size=batch_size,
-        batch_format="numpy", num_cpus=task_cpus,
+        batch_format="numpy",
+        num_cpus=task_cpus,
     )
 
 
@@ -349,7 +390,9 @@ class Predictor:
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
             images = self._device_images(batch, errors, ok) if "jpeg" in batch else batch["image"][ok]
-            still = np.array([errors[i] is None for i in np.flatnonzero(ok)], dtype=bool)  # device JPEGs the CPU could not decode either
+            still = np.array(
+                [errors[i] is None for i in np.flatnonzero(ok)], dtype=bool
+            )  # device JPEGs the CPU could not decode either
             ok = np.array([e is None for e in errors], dtype=bool)
             if not still.all():  # only with device JPEGs: images is a tensor
                 import torch
@@ -370,7 +413,9 @@ class Predictor:
                 "error": pa.array(errors, pa.string()),
                 "width": pa.array(width, pa.int32(), mask=~ok | (width < 0)),
                 "height": pa.array(height, pa.int32(), mask=~ok | (height < 0)),
-                "view": pa.array([v if isinstance(v, str) and v else None for v in batch.get("view", [None] * n)], pa.string()),
+                "view": pa.array(
+                    [v if isinstance(v, str) and v else None for v in batch.get("view", [None] * n)], pa.string()
+                ),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             },
@@ -406,8 +451,17 @@ class Predictor:
         return images
 
 
-def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings,
-                  predictor_cls: type = None, device_jpeg: bool | None = None, all_views: bool = False):
+def score_dataset(
+    paths_ds,
+    model_uri: str,
+    spec: PreprocessSpec,
+    plan: ResourcePlan,
+    run_id: str,
+    settings: storage.S3Settings,
+    predictor_cls: type = None,
+    device_jpeg: bool | None = None,
+    all_views: bool = False,
+):
     """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``; a ``predictor_cls``
     subclassing :class:`Predictor` may add columns). ``device_jpeg`` (default: when the actors have GPUs):
     JPEGs are decoded by the predictor on its device (nvJPEG), not by the CPU decode tasks. ``all_views``: score
@@ -498,8 +552,18 @@ def summarize(output: str, run_id: str, model_id: str, seconds: float, settings:
     files = table.num_rows
     errors = files - pc.sum(pc.is_null(table["error"])).as_py() if files else 0
     covid = pc.sum(pc.equal(table["prediction"], "covid")).as_py() or 0 if files else 0
-    return ScoreSummary(run_id, model_id, output, files, files - errors, errors, covid, seconds, files / seconds if seconds > 0 else 0.0,
-                        count_not_frontal(table["error"]))
+    return ScoreSummary(
+        run_id,
+        model_id,
+        output,
+        files,
+        files - errors,
+        errors,
+        covid,
+        seconds,
+        files / seconds if seconds > 0 else 0.0,
+        count_not_frontal(table["error"]),
+    )
 
 
 def count_not_frontal(errors) -> int:
@@ -533,24 +597,41 @@ def score(
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
-    loaded = load_checkpoint(model, settings=settings)  # validates the checkpoint fully before starting the cluster work
+    loaded = load_checkpoint(
+        model, settings=settings
+    )  # validates the checkpoint fully before starting the cluster work
     info = loaded.info
     prepare_output(output, overwrite, settings)
     ensure_ray()
     paths = input_paths(inputs, settings)
     start = time.perf_counter()  # the run's time includes sampling the inputs' costs
     plan = measured_plan(
-        paths, loaded, settings, all_views, measure, actors=actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size,
+        paths,
+        loaded,
+        settings,
+        all_views,
+        measure,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        threads_per_actor=threads_per_actor,
+        batch_size=batch_size,
     )
     del loaded
     paths_ds, n_inputs = table_dataset(pa.table({"path": paths})), len(paths)
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
-    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views)
+    results = score_dataset(
+        paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views
+    )
     fs, path = storage.filesystem(output, settings)
-    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus},
-                          concurrency=WRITE_TASKS)
+    results.write_parquet(
+        path,
+        filesystem=fs,
+        min_rows_per_file=50_000,
+        ray_remote_args={"num_cpus": plan.task_cpus},
+        concurrency=WRITE_TASKS,
+    )
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
     summary.plan = asdict(plan)

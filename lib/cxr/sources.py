@@ -101,7 +101,9 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
             import pyarrow.csv as pacsv
 
             with fs.open_input_stream(path) as f:
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS}))
+                table = pacsv.read_csv(
+                    f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS})
+                )
             names = table.column_names
             column = next((c for c in MANIFEST_COLUMNS if c in names), None)
     except InputError:
@@ -109,7 +111,9 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc)}") from exc
     if column is None:
-        raise InputError(f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})")
+        raise InputError(
+            f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})"
+        )
     col = pc.utf8_trim_whitespace(pc.fill_null(table.column(column).combine_chunks().cast(pa.string()), ""))
     col = pc.replace_substring_regex(pc.replace_substring_regex(col, "^file://", ""), r"^(\./)+", "")
     base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))

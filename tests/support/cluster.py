@@ -77,9 +77,17 @@ class LocalCluster:
 
     def _start(self, head_cpus: int, worker_cpus: int, common: list[str]) -> None:
         self._ray(
-            "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-cpus={head_cpus}",
-            "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", *common,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={head_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            *common,
         )
         self.add_worker(worker_cpus)
         self.wait_for_nodes(2)
@@ -88,8 +96,12 @@ class LocalCluster:
     def _agent_ports() -> list[str]:
         """Ports of a node's agents: distinct per node, as two nodes share this machine (the defaults collide
         and the head's job agent then never becomes available to `ray job submit`)."""
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        return [
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ]
 
     def _ray(self, *args: str, timeout: float = 120) -> str:
         out = subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
@@ -99,18 +111,31 @@ class LocalCluster:
 
     def add_worker(self, cpus: int) -> None:
         self._ray(
-            "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
+            "start",
+            f"--address={self.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            "--num-gpus=0",
             f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats", "--object-store-memory", str(400 * 1024**2), *self._agent_ports(),
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(400 * 1024**2),
+            *self._agent_ports(),
         )
 
     def wait_for_nodes(self, n: int, timeout: float = 60) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = subprocess.run(
-                [PYTHON, "-c", f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-                 "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))"],  # Ray may print warnings to stdout too
-                capture_output=True, text=True, timeout=60,
+                [
+                    PYTHON,
+                    "-c",
+                    f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
+                    "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))",
+                ],  # Ray may print warnings to stdout too
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             alive = re.findall(r"^ALIVE (\d+)$", out.stdout, re.M)
             if out.returncode == 0 and alive and int(alive[-1]) >= n:

@@ -25,8 +25,14 @@ def jpeg_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def dicom_bytes(arr: np.ndarray, *, frames: int = 1, photometric: str = "MONOCHROME2", preamble: bool = True,
-                view: str | None = None) -> bytes:
+def dicom_bytes(
+    arr: np.ndarray,
+    *,
+    frames: int = 1,
+    photometric: str = "MONOCHROME2",
+    preamble: bool = True,
+    view: str | None = None,
+) -> bytes:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -101,12 +107,20 @@ def mixed_files() -> dict[str, tuple[bytes, str | None, tuple[int, int] | None]]
         "good/inverted.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), photometric="MONOCHROME1"), None, (120, 90)),
         "good/IM000001": (dicom_bytes(gray.astype(np.uint16) * 16), None, (120, 90)),  # DICOM without extension
         # JPEG Lossless (Process 14, SV1): how PACS archives commonly store CR/DX images
-        "good/lossless.dcm": (compress_dicom(dicom_bytes(gray.astype(np.uint16) * 16), "1.2.840.10008.1.2.4.70"), None, (120, 90)),
+        "good/lossless.dcm": (
+            compress_dicom(dicom_bytes(gray.astype(np.uint16) * 16), "1.2.840.10008.1.2.4.70"),
+            None,
+            (120, 90),
+        ),
         "bad/empty.png": (b"", "empty file", None),
         "bad/truncated.png": (good_png[: len(good_png) // 2], "truncated", None),
         "bad/text.jpg": (b"this is not an image\n" * 10, "not an image", None),
         "bad/multiframe.dcm": (dicom_bytes(gray.astype(np.uint16), frames=3), "multi-frame", None),
-        "bad/lateral.dcm": (dicom_bytes((gray.astype(np.uint16) * 16), view="LL"), "not a frontal view", None),  # scored with all_views
+        "bad/lateral.dcm": (
+            dicom_bytes((gray.astype(np.uint16) * 16), view="LL"),
+            "not a frontal view",
+            None,
+        ),  # scored with all_views
     }
     return files
 
@@ -128,5 +142,7 @@ def make_labelled_tree(root: Path, n: int = 30, size: int = 64, seed: int = 0, l
         d = root / layout / cls if layout else root / cls
         d.mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            (d / f"{cls}{seed}-{i}.png").write_bytes(png_bytes(xray_like(size, size, seed=seed * 10_000 + i + (5000 if blob else 0), blob=blob)))
+            (d / f"{cls}{seed}-{i}.png").write_bytes(
+                png_bytes(xray_like(size, size, seed=seed * 10_000 + i + (5000 if blob else 0), blob=blob))
+            )
     return root

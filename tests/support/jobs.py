@@ -15,12 +15,23 @@ RAY = str(Path(PYTHON).parent / "ray")
 def offline_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a job that must find no network and an empty torch hub cache (HF_HUB_OFFLINE is set for all)."""
     proxy = "http://127.0.0.1:9"  # nothing listens there: every download fails at once
-    return {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy,
-            "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    return {
+        "TORCH_HOME": str(tmp_path / "hub"),
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "https_proxy": proxy,
+        "http_proxy": proxy,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
 
 
 def run_job(script: str, *args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, str(ROOT / "jobs" / script), *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=str(ROOT),
+        [PYTHON, str(ROOT / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=str(ROOT),
     )

@@ -486,12 +486,14 @@ def main() -> int:
         f"{'bf16' if results['bf16'] else 'fp16' if gpu else 'fp32'}, channels-last)"
     )
     print(
-        f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} images/s; "
+        f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} "
+        "images/s; "
         f"device JPEG decode+preprocess {results['device_decode']:,.0f} images/s"
     )
     print(f"checks: {results['checks']}")
     print(
-        f"{'backbone':20s} {'model only':>11s} {'from host':>10s} {'score JPEG':>11s} {'ratio':>6s} {'score PNG':>10s} {'ratio':>6s}"
+        f"{'backbone':20s} {'model only':>11s} {'from host':>10s} {'score JPEG':>11s} {'ratio':>6s} "
+        f"{'score PNG':>10s} {'ratio':>6s}"
     )
     for b, r in results["backbones"].items():
         print(
@@ -503,8 +505,10 @@ def main() -> int:
     for b, r in results["backbones"].items():
         if "score_jpeg" in r:
             print(
-                f"targets {b}: score JPEG / device JPEG decode {r['score_jpeg_ratio_to_target_base']:.2f} (target >= 0.6 "
-                f"for mobilenet_v2); score PNG / CPU PNG decode {r['score_png_ratio_to_target_base']:.2f} (target >= 0.8)"
+                f"targets {b}: score JPEG / device JPEG decode {r['score_jpeg_ratio_to_target_base']:.2f} (target >= "
+                "0.6 "
+                f"for mobilenet_v2); score PNG / CPU PNG decode {r['score_png_ratio_to_target_base']:.2f} (target >= "
+                "0.8)"
             )
     for b, r in results["train"].items():
         print(

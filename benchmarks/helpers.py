@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def bootstrap(resamples: int) -> dict:
@@ -108,7 +108,8 @@ def main() -> None:
     b = bootstrap(args.resamples)
     print(
         f"bootstrap AUC intervals, {b['resamples']} resamples of {b['n']}: {b['seconds']} s, scikit-learn loop "
-        f"{b['sklearn_loop_seconds']} s -> {b['speedup']}x faster (ROC AUC interval {b['roc_ci']} vs loop {b['loop_roc_ci']})"
+        f"{b['sklearn_loop_seconds']} s -> {b['speedup']}x faster (ROC AUC interval {b['roc_ci']} vs loop "
+        f"{b['loop_roc_ci']})"
     )
     a = augmentation(args.image_size)
     print(

@@ -106,7 +106,8 @@ def main() -> None:
                 r = json.loads(run.stdout.strip().splitlines()[-1])
                 base = base or r["images_per_s"]
                 print(
-                    f"{mode:5} {where:6} {label:11} {r['images_per_s']:9.1f} {r['faults_per_step']:12.0f} {r['peak_mib']:9.0f} "
+                    f"{mode:5} {where:6} {label:11} {r['images_per_s']:9.1f} {r['faults_per_step']:12.0f} "
+                    f"{r['peak_mib']:9.0f} "
                     f"{r['images_per_s'] / base:6.2f}"
                 )
 

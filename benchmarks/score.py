@@ -138,7 +138,8 @@ def main() -> None:
     )
     assert summary.files == len(paths), summary
     print(
-        f"score job             : {summary.images_per_s:7.1f} images/s ({summary.seconds:.1f} s, {summary.errors} errors)"
+        f"score job             : {summary.images_per_s:7.1f} images/s ({summary.seconds:.1f} s, {summary.errors} "
+        "errors)"
     )
     print(f"ratio score job / plain loop           : {summary.images_per_s / (len(paths) / loop_s):.2f}")
     print(f"ratio score job / loop with same opts  : {summary.images_per_s / (len(paths) / opt_s):.2f}")

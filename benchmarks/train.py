@@ -100,7 +100,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="cxr-bench-train-")
     root = subset(os.path.abspath(args.data), args.limit, os.path.join(tmp, "data"))
     print(
-        f"{args.limit} images, {args.epochs} epochs, mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs"
+        f"{args.limit} images, {args.epochs} epochs, mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs"
     )
 
     loop_rate, loop_s = plain_loop_rate(root, args.epochs, args.batch_size, args.image_size)
@@ -127,7 +128,8 @@ def main() -> None:
     )
     tuned_rate, tuned_s = json.loads(out.stdout.strip().splitlines()[-1])
     print(
-        f"plain loop, the job's malloc settings: {tuned_rate:6.1f} images/s per epoch after the first; {tuned_s:.0f} s end to end"
+        f"plain loop, the job's malloc settings: {tuned_rate:6.1f} images/s per epoch after the first; {tuned_s:.0f} "
+        "s end to end"
     )
 
     ray.init(logging_level="ERROR", include_dashboard=False)
@@ -151,7 +153,8 @@ def main() -> None:
     rates = [float(r["train_images_per_s"]) for r in rows]
     job_rate = sum(rates[1:]) / max(1, len(rates) - 1) if len(rates) > 1 else rates[0]
     print(
-        f"train job  : {job_rate:6.1f} images/s per epoch after the first; {job_s:.0f} s end to end (incl. validation each epoch)"
+        f"train job  : {job_rate:6.1f} images/s per epoch after the first; {job_s:.0f} s end to end (incl. validation "
+        "each epoch)"
     )
     print(f"ratio train job / plain loop (images/s): {job_rate / loop_rate:.2f}")
     print(f"ratio train job / plain loop with the job's malloc settings (images/s): {job_rate / tuned_rate:.2f}")

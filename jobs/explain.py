@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--all-views",
         action="store_true",
-        help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in score.py)",
+        help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in "
+        "score.py)",
     )
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         required=True,
         metavar="URI",
-        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable",
+        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; "
+        "repeatable",
     )
     p.add_argument(
         "--table",
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--drift-threshold",
         type=cli.fraction,
         default=0.1,
-        help="flag a change of the share predicted positive of at least this much (absolute; also tested for significance)",
+        help="flag a change of the share predicted positive of at least this much (absolute; also tested for "
+        "significance)",
     )
     p.add_argument(
         "--fail-on-drift",

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         required=True,
         metavar="URI",
-        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable",
+        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; "
+        "repeatable",
     )
     p.add_argument(
         "--output", required=True, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)"
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--explain-positive",
         action="store_true",
-        help="after scoring, write Grad-CAM heatmaps, a gallery and focus scores for the images predicted covid to OUTPUT/_heatmaps/",
+        help="after scoring, write Grad-CAM heatmaps, a gallery and focus scores for the images predicted covid to "
+        "OUTPUT/_heatmaps/",
     )
     p.add_argument(
         "--explain-limit",

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data",
         required=True,
         metavar="URI",
-        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or {covid,non}/",
+        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
+        "{covid,non}/",
     )
     p.add_argument(
         "--output",
@@ -88,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=TTA_CHOICES,
         default="none",
         help="test-time augmentation: 'hflip' scores each image and its mirror image and averages the logits "
-        "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the checkpoint)",
+        "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the "
+        "checkpoint)",
     )
     p.add_argument(
         "--val-fraction",
@@ -198,15 +200,19 @@ def main() -> int:
     result = train(cfg, overwrite=args.overwrite)
     m = result.metrics
     print(
-        f"trained {result.model_id} in {result.seconds:.0f}s: best epoch {result.best_epoch}, validation AUC {m['val_auc']:.3f}, "
-        f"specificity {m['val_spec_at_target']:.3f} at sensitivity >= {cfg.target_sensitivity} (threshold {result.threshold:.4f}) -> {result.output}"
+        f"trained {result.model_id} in {result.seconds:.0f}s: best epoch {result.best_epoch}, validation AUC "
+        f"{m['val_auc']:.3f}, "
+        f"specificity {m['val_spec_at_target']:.3f} at sensitivity >= {cfg.target_sensitivity} (threshold "
+        f"{result.threshold:.4f}) -> {result.output}"
     )
     if result.cross_validation:
         cv = result.cross_validation
         ps, sv = cv["pooled_sensitivity"], cv["shipped_validation"]["specificity"]
         print(
-            f"threshold {cv['threshold']:.4f} from {cv['folds']} folds: operating specificity {cv['operating_specificity']:.3f} keeps "
-            f"{ps['k']}/{ps['n']} out-of-fold COVID images (sensitivity 95% CI {ps['ci95'][0]:.3f}-{ps['ci95'][1]:.3f}); "
+            f"threshold {cv['threshold']:.4f} from {cv['folds']} folds: operating specificity "
+            f"{cv['operating_specificity']:.3f} keeps "
+            f"{ps['k']}/{ps['n']} out-of-fold COVID images (sensitivity 95% CI "
+            f"{ps['ci95'][0]:.3f}-{ps['ci95'][1]:.3f}); "
             f"shipped model's validation specificity {sv['value']:.3f} ({sv['k']}/{sv['n']}); per-fold AUC "
             + ", ".join(f"{f['auc']:.3f}" for f in cv["per_fold"])
         )

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data",
         required=True,
         metavar="URI",
-        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or {covid,non}/",
+        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
+        "{covid,non}/",
     )
     p.add_argument(
         "--output", required=True, metavar="URI", help="folder or s3:// prefix for the search and its exports"
@@ -163,7 +164,8 @@ def main() -> int:
         return cli.USAGE
     result = run_search(cfg)
     print(
-        f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, {result.unfinished} unfinished) in {result.seconds:.0f}s -> {result.output}"
+        f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, "
+        f"{result.unfinished} unfinished) in {result.seconds:.0f}s -> {result.output}"
     )
     for name, m in result.models.items():  # the exported checkpoints' own (calibrated) validation figures
         if m.get("exported_to"):
@@ -190,7 +192,8 @@ def main() -> int:
     )
     if result.errors:
         print(
-            f"error: {result.errors} of {result.trials} trials failed (see the leaderboard's error column and the log); "
+            f"error: {result.errors} of {result.trials} trials failed (see the leaderboard's error column and the "
+            "log); "
             f"{'the other trials were exported' if result.exported else 'nothing was exported'}. "
             "Run the same command again to restart the failed trials from their last checkpoints.",
             file=sys.stderr,

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--near-distance",
         type=cli.int_in(0, 32),
         default=4,
-        help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates (default 4)",
+        help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates (default "
+        "4)",
     )
     p.add_argument(
         "--min-side",

@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr.checkpoint import load_checkpoint  # noqa: E402
-from cxr.decode import decode  # noqa: E402
-from cxr.preprocess import LUNG_BOX, preprocess  # noqa: E402
+from cxr.checkpoint import load_checkpoint
+from cxr.decode import decode
+from cxr.preprocess import LUNG_BOX, preprocess
 
 BOX = LUNG_BOX  # top, bottom, left, right: the audit's lung box
 

@@ -30,11 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr.augment import AugmentConfig, augment  # noqa: E402
-from cxr.decode import decode  # noqa: E402
-from cxr.metrics import choose_threshold  # noqa: E402
-from cxr.models import create_model  # noqa: E402
-from cxr.preprocess import LUNG_BOX, PreprocessSpec, preprocess, to_model_input  # noqa: E402
+from cxr.augment import AugmentConfig, augment
+from cxr.decode import decode
+from cxr.metrics import choose_threshold
+from cxr.models import create_model
+from cxr.preprocess import LUNG_BOX, PreprocessSpec, preprocess, to_model_input
 
 SETS = {
     "train_covid": "covid-xray-5k/train/covid/*",

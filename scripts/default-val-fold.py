@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr.checkpoint import default_model_path  # noqa: E402
-from cxr.data import apply_groups, class_counts, labelled_files, split_train_val  # noqa: E402
+from cxr.checkpoint import default_model_path
+from cxr.data import apply_groups, class_counts, labelled_files, split_train_val
 
 data, out = sys.argv[1:]
 training = json.load(open(os.path.join(default_model_path(), "model.json")))["provenance"]["training"]

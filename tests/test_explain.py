@@ -224,8 +224,8 @@ def test_summaries_count_the_images_without_focus_and_the_limit():
     ]
     html = gallery_html(rows, "t", "Explained 6 of 15 files (--limit 6).")
     assert (
-        "6 images, median focus 0.53 of 2, 1 of 2 with focus &lt; 0.5, 4 with no positive evidence (focus n/a). Explained 6 of 15"
-        in html
+        "6 images, median focus 0.53 of 2, 1 of 2 with focus &lt; 0.5, 4 with no positive evidence (focus n/a). "
+        "Explained 6 of 15" in html
     )
     assert "<b>focus n/a (no positive evidence)</b>, 4 of these images" in html
     assert (

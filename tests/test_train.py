@@ -111,8 +111,9 @@ def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, t
     assert info["preprocess"]["input_size"] == 64
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    # It learned, in the record too: the training loss falls well below a guess's (ln 2 = 0.69). Not "the last epoch
-    # below the first": on a few dozen images the batches' order (Ray Data's) moves the epoch means (0.27, then 0.42 once).
+    # It learned, in the record too: the training loss falls well below a guess's (ln 2 = 0.69). Not "the last
+    # epoch below the first": on a few dozen images the batches' order (Ray Data's) moves the epoch means (0.27,
+    # then 0.42 once).
     losses = [float(r["train_loss"]) for r in rows]
     assert all(0 < v < 5 for v in losses) and min(losses) < 0.5, losses
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
@@ -662,7 +663,8 @@ def test_train_and_tune_help_show_every_default_but_none_for_flags(capsys, monke
         (
             "tune",
             [
-                "--num-samples NUM_SAMPLES trials per backbone (learning rate and class weight drawn at random) (default: 4)",
+                "--num-samples NUM_SAMPLES trials per backbone (learning rate and class weight drawn at random) "
+                "(default: 4)",
                 "(default: 6)",
                 "--data URI labelled images",
             ],

@@ -255,7 +255,8 @@ def test_export_of_a_model_that_learned_nothing_reports_it(tiny_model, tmp_path,
 
 
 def test_a_temperature_at_its_bound_is_not_used():
-    """Perfectly separated validation logits: the NLL falls towards T -> 0, where every float32 probability is 0 or 1."""
+    """Perfectly separated validation logits: the NLL falls towards T -> 0, where every float32 probability is 0
+    or 1."""
     from types import SimpleNamespace
 
     import torch

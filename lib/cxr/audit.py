@@ -157,7 +157,8 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
             if gap > RATE_GAP and beyond:
                 problems.append(
                     f"On {name} it {what} {'far less' if worse < 0 else 'far more'} often than on the internal set: "
-                    f"{key.replace('_', ' ')} {b['value']:.2f} ({b['k']}/{b['n']}) against {a['value']:.2f} ({a['k']}/{a['n']})."
+                    f"{key.replace('_', ' ')} {b['value']:.2f} ({b['k']}/{b['n']}) against {a['value']:.2f} "
+                    f"({a['k']}/{a['n']})."
                 )
     for name, s in sets.items():
         f = s["focus"]["predicted_covid"]
@@ -166,7 +167,8 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
         if f["median"] < FOCUS_THRESHOLD:
             problems.append(
                 f"On {name}, where it says COVID-19 its Grad-CAM evidence lies mostly outside the lungs: median focus "
-                f"{f['median']:.2f} over {f['n']} images predicted COVID-19 ({f['share_outside']:.0%} below {FOCUS_THRESHOLD}; "
+                f"{f['median']:.2f} over {f['n']} images predicted COVID-19 ({f['share_outside']:.0%} below "
+                f"{FOCUS_THRESHOLD}; "
                 "a uniform heatmap would give 0.525)."
             )
         else:
@@ -228,6 +230,13 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+def _baseline_line(meta: dict) -> str:
+    """The metadata baseline's cross-validated AUCs and strongest features, in one sentence."""
+    aucs = ", ".join(f"{k} {x:.3f}" for k, x in meta["auc_by_model"].items())
+    features = ", ".join(n for n, _ in meta["top_features"][:4]) or "none"
+    return f"Cross-validated ROC AUC: {aucs}; strongest features: {features}."
+
+
 def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], out: Path) -> str:
     from .report import _CSS, _card, _esc, _img_tag
 
@@ -247,34 +256,40 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
         ),
         _card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)"),
     ]
-    fmt = lambda r: (
-        "—"
-        if not r or r.get("value") is None
-        else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"
-    )  # noqa: E731
-    ff = lambda f: (
-        "—"
-        if not f["n"]
-        else f"{f['median']:.2f} [{f['q25']:.2f}–{f['q75']:.2f}], {f['share_outside']:.0%} &lt; {FOCUS_THRESHOLD}"
-    )  # noqa: E731
+
+    def fmt(r):
+        if not r or r.get("value") is None:
+            return "—"
+        return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"
+
+    def ff(f):
+        if not f["n"]:
+            return "—"
+        return f"{f['median']:.2f} [{f['q25']:.2f}–{f['q75']:.2f}], {f['share_outside']:.0%} &lt; {FOCUS_THRESHOLD}"
+
     rows = [
-        "<table><tr><th>set</th><th>images (covid / non)</th><th>sensitivity</th><th>false-positive rate</th><th>ROC AUC</th>"
-        "<th>focus, predicted covid: median [IQR], share flagged</th><th>focus, true covid</th><th>focus, true non</th></tr>"
+        "<table><tr><th>set</th><th>images (covid / non)</th><th>sensitivity</th><th>false-positive rate</th><th>ROC "
+        "AUC</th>"
+        "<th>focus, predicted covid: median [IQR], share flagged</th><th>focus, true covid</th><th>focus, true "
+        "non</th></tr>"
     ]
     for name, s in sets.items():
         auc = s.get("roc_auc")
         bad = f" ({s['unreadable']} unreadable)" if s["unreadable"] else ""
         rows.append(
-            f"<tr><td>{_esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / {s['n_non']}{bad}</td>"
+            f"<tr><td>{_esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / "
+            f"{s['n_non']}{bad}</td>"
             f"<td>{fmt(s.get('sensitivity'))}</td><td>{fmt(s.get('false_positive_rate'))}</td>"
-            f"<td>{'—' if auc is None else f'{auc:.3f}'}</td><td>{ff(s['focus']['predicted_covid'])}</td><td>{ff(s['focus']['covid'])}</td><td>{ff(s['focus']['non'])}</td></tr>"
+            f"<td>{'—' if auc is None else f'{auc:.3f}'}</td><td>{ff(s['focus']['predicted_covid'])}</td>"
+            f"<td>{ff(s['focus']['covid'])}</td><td>{ff(s['focus']['non'])}</td></tr>"
         )
     rows.append("</table>")
     figs = []
     for h in heatmaps:
         src = base64.b64encode((out / h["heatmap"]).read_bytes()).decode("ascii")
         figs.append(
-            f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{_esc(h["set"])} · true {CLASS_NAMES[h["label"]]}<br>'
+            f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{_esc(h["set"])} · true '
+            f"{CLASS_NAMES[h['label']]}<br>"
             f"{_esc(posixpath.basename(h['path']))}</figcaption></figure>"
         )
     x0, x1, y0, y1 = LUNG_BOX
@@ -284,7 +299,8 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>Shortcut audit: {_esc(report['model'])}</title><style>{_CSS}</style></head><body>",
             f"<h1>Shortcut audit: {_esc(report['model'])}</h1>",
-            f'<p class="sub">Internal: {_esc(report["internal"])}. External: {_esc(", ".join(n for n in sets if n != report["internal"]) or "none")}. '
+            f'<p class="sub">Internal: {_esc(report["internal"])}. External: '
+            f"{_esc(', '.join(n for n in sets if n != report['internal']) or 'none')}. "
             f"{_esc(report.get('sampling', ''))}</p>",
             f"<h2>Verdict</h2><p><b>{_esc(v['headline'])}</b></p>",
             "<ul>" + "".join(f"<li>{_esc(p)}</li>" for p in v["problems"]) + "</ul>" if v["problems"] else "",
@@ -292,10 +308,12 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
             f'<div class="cards">{"".join(cards)}</div>',
             "<h2>Per set</h2>",
             "\n".join(rows),
-            f'<p class="sub">Focus: share of the Grad-CAM heatmap (COVID-19 class) inside the lung box x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} '
-            "of the image; 0.525 for a uniform heatmap; below 0.5 the evidence lies mostly outside the lungs (borders, corners, text labels).</p>",
+            '<p class="sub">Focus: share of the Grad-CAM heatmap (COVID-19 class) inside the lung box x '
+            f"{x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} "
+            "of the image; 0.525 for a uniform heatmap; below 0.5 the evidence lies mostly outside the lungs "
+            "(borders, corners, text labels).</p>",
             "<h2>Metadata-only baseline (internal set)</h2>",
-            f"<p>{_esc(meta.get('reason') or 'Cross-validated ROC AUC: ' + ', '.join(f'{k} {x:.3f}' for k, x in meta['auc_by_model'].items()) + '; strongest features: ' + (', '.join(n for n, _ in meta['top_features'][:4]) or 'none') + '.')}</p>",
+            f"<p>{_esc(meta.get('reason') or _baseline_line(meta))}</p>",
             "<h2>Figures</h2>",
             '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
             "<h2>Sample heatmaps</h2>",

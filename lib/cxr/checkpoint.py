@@ -242,8 +242,8 @@ class LoadedModel:
             torch.backends.cudnn.benchmark = True
 
     def logits(self, images):
-        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad),
-        with the checkpoint's test-time augmentation (``info.tta``)."""
+        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor
+        (no grad), with the checkpoint's test-time augmentation (``info.tta``)."""
         import torch
 
         from .models import forward_tta
@@ -327,7 +327,8 @@ def save_ensemble(
         ):
             raise CheckpointError(
                 f"ensemble members must share one preprocessing spec and class names: {name} has "
-                f"{info.preprocess.to_dict()} {info.class_names}, {rel[0]} has {infos[0].preprocess.to_dict()} {infos[0].class_names}"
+                f"{info.preprocess.to_dict()} {info.class_names}, {rel[0]} has {infos[0].preprocess.to_dict()} "
+                f"{infos[0].class_names}"
             )
         for f in (WEIGHTS_FILE, META_FILE):
             storage.write_bytes(
@@ -372,7 +373,7 @@ def load_checkpoint(
         return _load_checkpoint(uri, device, optimize, settings, precision)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - storage, JSON, torch: all mean "this model cannot be used"
+    except Exception as exc:
         raise CheckpointError(f"cannot load model {uri}: {storage.describe_error(exc)}") from exc
 
 

@@ -49,7 +49,7 @@ def run(main: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
-    except Exception:  # noqa: BLE001
+    except Exception:
         logging.getLogger("cxr").exception("job failed")
         code = FAILED
     sys.exit(code)

@@ -9,8 +9,9 @@ It matches ``preprocess(decode(bytes).image, spec)`` (decode.py + preprocess.py)
 Pillow does it) and the same per-image percentile contrast stretch (linear interpolation, as
 ``np.percentile``). What a caller must route to the CPU path: EXIF-rotated JPEGs (the CUDA decoder does not
 apply the orientation), other formats, and any file it cannot decode (reported in ``errors``, never raised).
-nvJPEG's output may differ from libjpeg's by a grey level: to be checked on the GPU (benchmarks/gpu.py does). torchvision marks its image decoders deprecated from 0.29
-(superseded by TorchCodec); they still work and are what this uses.
+nvJPEG's output may differ from libjpeg's by a grey level: to be checked on the GPU (benchmarks/gpu.py does).
+torchvision marks its image decoders deprecated from 0.29 (superseded by TorchCodec); they still work and are
+what this uses.
 """
 
 from __future__ import annotations

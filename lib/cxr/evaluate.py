@@ -97,7 +97,8 @@ class EvaluationResult:
         groups = (self.subgroups or {}).get("groups") or []
         width = max((len(g["group"]) for g in groups), default=0)
         return [
-            f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate {rate(g['false_positive_rate'])}"
+            f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate "
+            f"{rate(g['false_positive_rate'])}"
             for g in groups
         ]
 

@@ -219,7 +219,8 @@ def versus_threshold(prob: float, threshold: float, prediction: str | None) -> s
 
 def overlay_caption(prob: float, threshold: float, prediction: str | None, focus: float | None) -> str:
     """The caption under an overlay: ``p=0.54 < 0.5401: non, focus n/a (no positive evidence)``."""
-    return f"{versus_threshold(prob, threshold, prediction)}, focus {f'{focus:.2f}' if focus is not None else f'n/a ({NO_EVIDENCE})'}"
+    shown = f"{focus:.2f}" if focus is not None else f"n/a ({NO_EVIDENCE})"
+    return f"{versus_threshold(prob, threshold, prediction)}, focus {shown}"
 
 
 def overlay_png(
@@ -464,13 +465,18 @@ def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
             f"<h1>{esc(title)}</h1>",
             f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
-            f"<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the lung region "
-            f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it (uniform: 0.525). "
-            f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs). Captions: the probability "
+            "<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the "
+            "lung region "
+            f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it "
+            "(uniform: 0.525). "
+            f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs). Captions: the "
+            "probability "
             f"of COVID-19 against the model's threshold, and the prediction.</p>",
             (
-                f"<p><b>focus n/a ({NO_EVIDENCE})</b>, {no_focus} of these images: their Grad-CAM map is zero. Grad-CAM keeps only "
-                "the regions whose activations raise the COVID-19 score; in these images none does (typical of an image the model "
+                f"<p><b>focus n/a ({NO_EVIDENCE})</b>, {no_focus} of these images: their Grad-CAM map is zero. "
+                "Grad-CAM keeps only "
+                "the regions whose activations raise the COVID-19 score; in these images none does (typical of an "
+                "image the model "
                 "finds clearly negative), so there is no evidence to locate, and they are not in the median focus.</p>"
                 if no_focus
                 else ""

@@ -227,9 +227,12 @@ class RunReport:
         share = "-" if self.positive_share is None else f"{self.positive_share:.3f}"
         prev = "-" if self.previous_positive_share is None else f"{self.previous_positive_share:.3f}"
         return (
-            f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.inputs} inputs: {self.new} new, {self.changed} changed, "
-            f"{self.retried} retried, {self.skipped} skipped; scored {self.scored} ({self.reused} reused from the dead attempt), "
-            f"{self.errors} errors{f' ({self.not_frontal} of them not frontal views)' if self.not_frontal else ''}; positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
+            f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.inputs} inputs: {self.new} new, "
+            f"{self.changed} changed, "
+            f"{self.retried} retried, {self.skipped} skipped; scored {self.scored} ({self.reused} reused from the "
+            "dead attempt), "
+            f"{self.errors} errors{f' ({self.not_frontal} of them not frontal views)' if self.not_frontal else ''}; "
+            f"positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
             f"in {self.seconds:.1f}s -> {self.table}"
         )
 
@@ -248,7 +251,8 @@ def drift_check(
     shifted = abs(p - q) >= threshold and p_value < alpha
     return (
         shifted,
-        f"positive share {p:.3f} vs {q:.3f} over the previous runs (|diff| {abs(p - q):.3f}, threshold {threshold}, p={p_value:.2g})",
+        f"positive share {p:.3f} vs {q:.3f} over the previous runs (|diff| {abs(p - q):.3f}, threshold {threshold}, "
+        f"p={p_value:.2g})",
     )
 
 
@@ -353,7 +357,7 @@ def run_incremental(
         history = committed_runs(table, settings)
     except OutputError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise OutputError(f"cannot write to {table}: {storage.describe_error(exc)}") from exc
 
     wanted = input_infos(inputs, settings)
@@ -500,7 +504,8 @@ def run_incremental(
     rows = _read_files(fs, files, ["path"])
     if rows.num_rows != len(todo) or set(rows["path"].to_pylist()) != set(todo["path"].to_pylist()):
         raise RuntimeError(
-            f"run {rid}: staged {rows.num_rows} rows ({len(set(rows['path'].to_pylist()))} images) for {len(todo)} images to score"
+            f"run {rid}: staged {rows.num_rows} rows ({len(set(rows['path'].to_pylist()))} images) for {len(todo)} "
+            "images to score"
         )
 
     # -- publish into the run's partition, then commit with the manifest (written last)

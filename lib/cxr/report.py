@@ -366,7 +366,8 @@ def _subgroup_table(sub: Mapping[str, Any]) -> str:
 
     for g in sub.get("groups") or []:
         rows.append(
-            f"<tr><td>{_esc(g['group'])}</td><td>{_esc(g['n'])}</td><td>{_esc(g['n_positive'])} / {_esc(g['n_negative'])}</td>"
+            f"<tr><td>{_esc(g['group'])}</td><td>{_esc(g['n'])}</td><td>{_esc(g['n_positive'])} / "
+            f"{_esc(g['n_negative'])}</td>"
             f"<td>{_esc(rate(g.get('sensitivity')))}</td><td>{_esc(rate(g.get('false_positive_rate')))}</td>"
             f"<td>{_esc(_num(g.get('roc_auc')))}</td></tr>"
         )

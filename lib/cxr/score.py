@@ -99,8 +99,9 @@ def plan_resources(
     places the actors, some node keeps ``task_cpus`` free. An actor that would take a whole node is
     shrunk (with a warning). ``actors`` beyond that sum is kept as the pool's maximum, with a warning:
     Ray Data starts one actor and adds more only within its resource budget, that is as an autoscaling
-    cluster adds nodes (GPU nodes too: the GPUs up now do not cap it). By default each CPU node gets one actor whose torch threads use all its cores (up to 8),
-    sharing the last half core with the tasks: right where the model is the cost (PNG/JPEG at 224 px).
+    cluster adds nodes (GPU nodes too: the GPUs up now do not cap it). By default each CPU node gets one actor
+    whose torch threads use all its cores (up to 8), sharing the last half core with the tasks: right where the
+    model is the cost (PNG/JPEG at 224 px).
 
     ``decode_share`` (CPU plans, no ``cpus_per_actor`` given): decoding's measured share of the CPU work per
     image (:func:`measure_costs`). The actors then reserve only the model's share of a node (at least half a
@@ -355,8 +356,8 @@ def decoded_dataset(
     device_jpeg: bool = False,
     all_views: bool = False,
 ):
-    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``,
-    ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
+    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``,
+    ``error``, ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
     return paths_ds.map_batches(
         decode_batch,
         fn_args=(spec.to_dict(), settings),
@@ -509,7 +510,8 @@ class ScoreSummary:
     def line(self) -> str:
         views = f" ({self.not_frontal} of them not frontal views)" if self.not_frontal else ""
         return (
-            f"scored {self.files} files: {self.scored} ok, {self.errors} errors{views}, {self.predicted_covid} predicted covid "
+            f"scored {self.files} files: {self.scored} ok, {self.errors} errors{views}, {self.predicted_covid} "
+            "predicted covid "
             f"in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s) -> {self.output}"
         )
 
@@ -539,7 +541,7 @@ def prepare_output(output: str, overwrite: bool, settings: storage.S3Settings) -
         fs.delete_file(storage.filesystem(probe, settings)[1])
     except OutputError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise OutputError(f"cannot write to {output}: {storage.describe_error(exc)}") from exc
 
 

@@ -112,7 +112,8 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc)}") from exc
     if column is None:
         raise InputError(
-            f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})"
+            f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: "
+            f"{', '.join(names[:10])})"
         )
     col = pc.utf8_trim_whitespace(pc.fill_null(table.column(column).combine_chunks().cast(pa.string()), ""))
     col = pc.replace_substring_regex(pc.replace_substring_regex(col, "^file://", ""), r"^(\./)+", "")

@@ -533,7 +533,7 @@ def check_output(cfg: TrainConfig, overwrite: bool, settings) -> None:
         entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OutputError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise OutputError(f"cannot read {cfg.output}: {storage.describe_error(exc)}") from exc
     names = {os.path.basename(e.path.rstrip("/")) for e in entries}
     runs = sorted(n for n in names if n.startswith("_ray"))
@@ -578,7 +578,8 @@ def check_weights(cfg: TrainConfig) -> None:
         why = fetch_imagenet(cfg.backbone)
         if why:
             raise CheckpointError(
-                f"ImageNet weights of {cfg.backbone} not available ({why}): use --weights none (train from scratch), pass "
+                f"ImageNet weights of {cfg.backbone} not available ({why}): use --weights none (train from scratch), "
+                "pass "
                 "--weights PATH, or put the file in the hub cache or a folder named by CXR_WEIGHTS_DIR (README: Train)"
             )
         return
@@ -629,8 +630,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     if cfg.threshold_folds > 1:
         cv = cross_validate_threshold(cfg, data, main_scores, settings, storage_path, storage_fs)
         threshold_rule = (
-            f"the validation non-COVID quantile at specificity {cv['operating_specificity']:.4f}: the highest operating point keeping "
-            f"sensitivity >= {cfg.target_sensitivity} on the out-of-fold scores of {cfg.threshold_folds} patient-grouped folds "
+            f"the validation non-COVID quantile at specificity {cv['operating_specificity']:.4f}: the highest "
+            "operating point keeping "
+            f"sensitivity >= {cfg.target_sensitivity} on the out-of-fold scores of {cfg.threshold_folds} "
+            "patient-grouped folds "
             f"({cv['positives']} COVID, {cv['n'] - cv['positives']} non-COVID), pooled by operating point"
         )
     seconds = time.perf_counter() - started

@@ -309,13 +309,14 @@ def calibrate(
     target_sensitivity: float,
     bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
 ) -> Calibration:
-    """Temperature scaling fitted on (validation) ``images``; every figure from the float32 probabilities the model gives
-    at that temperature (as :meth:`LoadedModel.predict_proba`), the threshold re-chosen on them.
+    """Temperature scaling fitted on (validation) ``images``; every figure from the float32 probabilities the model
+    gives at that temperature (as :meth:`LoadedModel.predict_proba`), the threshold re-chosen on them.
 
     A fitted temperature at a bound of its search means the likelihood has no optimum inside it, with a warning: at the
     lower bound validation is perfectly separated (T -> 0 would make every probability 0 or 1), so the temperature is
-    left at 1; at the upper bound the logits hold no signal (T -> infinity), so it is clamped there. It is also left at
-    1 where the fitted one would merge float32 probabilities of a model with some spread and lose ranking (lower AUC)."""
+    left at 1; at the upper bound the logits hold no signal (T -> infinity), so it is clamped there. It is also left
+    at 1 where the fitted one would merge float32 probabilities of a model with some spread and lose ranking (lower
+    AUC)."""
     z = _logits(loaded, images)  # float32, with the checkpoint's test-time augmentation
     pos = loaded.info.positive_index
     name = loaded.info.backbone
@@ -325,14 +326,16 @@ def calibrate(
     t, note = fitted, "fitted"
     if fitted <= bounds[0] * 1.001:
         note = (
-            f"fitted temperature {fitted:.4g} at the lower bound of its search {list(bounds)} (validation perfectly separated: "
+            f"fitted temperature {fitted:.4g} at the lower bound of its search {list(bounds)} (validation perfectly "
+            "separated: "
             "every probability would be 0 or 1): temperature 1 kept"
         )
         log.warning("%s: %s", name, note)
         t = 1.0
     elif fitted >= bounds[1] / 1.001:
         note = (
-            f"fitted temperature {fitted:.4g} at the upper bound of its search {list(bounds)} (no signal in the logits: "
+            f"fitted temperature {fitted:.4g} at the upper bound of its search {list(bounds)} (no signal in the "
+            "logits: "
             "every probability pulled towards the base rate): clamped there"
         )
         log.warning("%s: %s", name, note)
@@ -342,7 +345,10 @@ def calibrate(
         from sklearn.metrics import roc_auc_score
 
         if roc_auc_score(y, _probs(z, t, pos)) < roc_auc_score(y, before):
-            note = f"fitted temperature {fitted:.4g} merges float32 probabilities (lower validation AUC): temperature 1 kept"
+            note = (
+                f"fitted temperature {fitted:.4g} merges float32 probabilities (lower validation AUC): "
+                "temperature 1 kept"
+            )
             log.warning("%s: %s", name, note)
             t = 1.0
     after = before if t == 1.0 else _probs(z, t, pos)
@@ -411,7 +417,8 @@ def export_calibrated(
             "val_threshold": cal.threshold,
             "separates_classes": cal.separates,
             "probability_spread": cal.spread,
-            "figures_from": "float32 probabilities of this checkpoint as exported (load_checkpoint, as scoring loads it)",
+            "figures_from": "float32 probabilities of this checkpoint as exported "
+            "(load_checkpoint, as scoring loads it)",
         }
     )
     info.provenance["threshold_rule"] = (
@@ -608,7 +615,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             from .score import OutputError
 
             raise OutputError(
-                f"{cfg.output} holds a search with other settings ({'; '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in changed.items())}); "
+                f"{cfg.output} holds a search with other settings "
+                f"({'; '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in changed.items())}); "
                 "run it with its own settings (search_config.json) to resume it, or give another --output"
             )
         for k in _SEARCH_KEYS:
@@ -654,7 +662,8 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     base.threads_per_worker = max(1, math.ceil(cpus))
     trials = len(cfg.backbones) * cfg.num_samples
     log.info(
-        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver %.2f CPU)",
+        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
+        "%.2f CPU)",
         len(cfg.backbones),
         cfg.num_samples,
         trials,
@@ -924,7 +933,8 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
                 }
             )
             log.info(
-                "exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f at sensitivity %.3f "
+                "exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f "
+                "at sensitivity %.3f "
                 "(threshold %.6g) -> %s",
                 backbone,
                 row["trial_id"],
@@ -941,7 +951,8 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
             )
             if not cal.separates:
                 log.warning(
-                    "%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread %.2g); "
+                    "%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread "
+                    "%.2g); "
                     "exported for inspection, left out of the ensemble",
                     backbone,
                     cal.auc,
@@ -1027,7 +1038,8 @@ def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_
         {
             "members": members,
             "combination": "mean of the members' calibrated probabilities",
-            "member_selection": "the subset of the exported models ranking best on validation (specificity at target sensitivity, ties ROC AUC)",
+            "member_selection": "the subset of the exported models ranking best on validation "
+            "(specificity at target sensitivity, ties ROC AUC)",
             "subsets_tried": [
                 {"members": t["members"], "val_spec_at_target": t["val_spec_at_target"], "val_auc": t["val_auc"]}
                 for t in tried

@@ -380,7 +380,8 @@ def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Findi
             Finding(
                 "error",
                 "duplicate_across_splits",
-                f"{len(across)} file(s) appear byte-identical in more than one split (leakage: test images seen in training)",
+                f"{len(across)} file(s) appear byte-identical in more than one split (leakage: test images seen in "
+                "training)",
                 [paths(g) for g in across],
                 len(across),
             )
@@ -423,7 +424,8 @@ def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Findi
             Finding(
                 "error",
                 "near_duplicate_across_splits",
-                f"{len(near_across)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) in different splits (leakage)",
+                f"{len(near_across)} pair(s) of near-identical images (perceptual and difference hashes within "
+                f"{near_distance} bits) in different splits (leakage)",
                 [fmt(*p) for p in near_across],
                 len(near_across),
             )
@@ -433,7 +435,8 @@ def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Findi
             Finding(
                 "warning",
                 "near_duplicate_within_split",
-                f"{len(near_within)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) within one split",
+                f"{len(near_within)} pair(s) of near-identical images (perceptual and difference hashes within "
+                f"{near_distance} bits) within one split",
                 [fmt(*p) for p in near_within],
                 len(near_within),
             )
@@ -597,16 +600,20 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     if n_folds < 2:
         return {
             "auc": None,
-            "reason": f"needs at least 2 readable images of each class (have {dict(zip(CLASS_NAMES, counts.tolist()))})",
+            "reason": "needs at least 2 readable images of each class "
+            f"(have {dict(zip(CLASS_NAMES, counts.tolist()))})",
         }
     groups = [patient_id(r["path"]) or r["path"] for r in ok]
     numeric = [c for c in METADATA_FEATURES if c not in ("mode", "format")]
-    encode = lambda scale: ColumnTransformer(
-        [  # noqa: E731
-            ("num", StandardScaler() if scale else "passthrough", numeric),
-            ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"]),
-        ]
-    )
+
+    def encode(scale):
+        return ColumnTransformer(
+            [
+                ("num", StandardScaler() if scale else "passthrough", numeric),
+                ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"]),
+            ]
+        )
+
     models = {
         "logistic_regression": make_pipeline(encode(True), LogisticRegression(max_iter=2000, class_weight="balanced")),
         "random_forest": make_pipeline(
@@ -675,7 +682,8 @@ class ValidationResult:
         s = self.summary
         auc = s["metadata_baseline"].get("auc")
         return (
-            f"validated {s['files']} files: {s['unreadable']} unreadable, {s['duplicates']['exact_groups']} exact duplicate group(s), "
+            f"validated {s['files']} files: {s['unreadable']} unreadable, {s['duplicates']['exact_groups']} exact "
+            "duplicate group(s), "
             f"{s['duplicates']['near_pairs']} near-duplicate pair(s), {len(self.errors)} error finding(s), "
             f"{sum(1 for f in self.findings if f.severity == 'warning')} warning(s); metadata-only AUC "
             f"{'n/a' if auc is None else f'{auc:.3f}'} -> {self.files['report_html']}"
@@ -844,7 +852,8 @@ def _findings_table(findings: list[Finding]) -> str:
     if not findings:
         return "<p><b>No problems found.</b></p>"
     rows = [
-        '<table><tr><th>severity</th><th>check</th><th style="text-align:left">finding</th><th style="text-align:left">examples</th></tr>'
+        '<table><tr><th>severity</th><th>check</th><th style="text-align:left">finding</th><th '
+        'style="text-align:left">examples</th></tr>'
     ]
     for f in findings:
         ex = [" | ".join(x) if isinstance(x, list) else str(x) for x in f.files[:5]]
@@ -872,12 +881,20 @@ def _distribution_table(dist: dict) -> str:
             return "n/a" if not x.get("n") else f"{x['median']:,.0f}{unit} [{x['p5']:,.0f}–{x['p95']:,.0f}]"
 
         rows.append(
-            f"<tr><td>{_esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td><td>{rng(d['size_bytes'], ' B')}</td>"
+            f"<tr><td>{_esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td>"
+            f"<td>{rng(d['size_bytes'], ' B')}</td>"
             f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['mode'].items())))}</td>"
             f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['format'].items())))}</td></tr>"
         )
     rows.append("</table>")
     return "\n".join(rows)
+
+
+def _baseline_line(base: dict) -> str:
+    """The metadata baseline's cross-validated AUC per model and its strongest features, in two sentences."""
+    aucs = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in base["auc_by_model"].items())
+    features = ", ".join(f"{n} ({v})" for n, v in base["top_features"][:5])
+    return f"Cross-validated ROC AUC by model: {aucs}. Strongest features: {features}."
 
 
 def write_validation_report(summary: dict, findings: list[Finding], rows: list[dict], out: Path) -> dict[str, str]:
@@ -947,9 +964,11 @@ def write_validation_report(summary: dict, findings: list[Finding], rows: list[d
             "<h2>Per-class file properties</h2>",
             _distribution_table(summary["distributions"]),
             "<h2>Metadata-only baseline</h2>",
-            f"<p>{_esc(base.get('reason') or 'Cross-validated ROC AUC by model: ' + ', '.join(f'{k.replace(chr(95), chr(32))} {v:.3f}' for k, v in base['auc_by_model'].items()) + '. Strongest features: ' + ', '.join(f'{n} ({v})' for n, v in base['top_features'][:5]) + '.')}</p>",
-            '<p class="sub">Features: width, height, aspect ratio, pixel count, file size, bytes per pixel, bit depth, colour mode, '
-            "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 means a model "
+            f"<p>{_esc(base.get('reason') or _baseline_line(base))}</p>",
+            '<p class="sub">Features: width, height, aspect ratio, pixel count, file size, bytes per pixel, bit '
+            "depth, colour mode, "
+            "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 "
+            "means a model "
             "can separate the classes without looking at the lungs.</p>",
             "<h2>Figures</h2>",
             '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",

@@ -217,6 +217,35 @@ def test_aws_installs_the_project_from_its_pyproject(aws):
     assert "ray-wheels" not in AWS_YAML.read_text()
 
 
+def test_every_installer_uses_the_constraints_file(aws):
+    """scripts/setup.sh, cluster/Dockerfile and aws.yaml install from constraints.txt, which pins every dependency
+    of pyproject.toml (and the offline-weights group) at a version its range allows."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    project = pyproject()
+    wanted = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"]]
+    wanted += project["dependency-groups"]["offline"]
+    for text in wanted:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (text, pins[name])
+    assert "cxr" not in pins  # the project itself is not a constraint
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt -e '.[test]'" in setup
+    assert "--no-deps -c constraints.txt --group offline" in setup
+    assert re.search(r"^RUN pip install .*-c constraints\.txt \.", DOCKERFILE.read_text(), re.M)
+    assert "constraints.txt" in re.search(r"^COPY .*constraints\.txt", DOCKERFILE.read_text(), re.M).group(0)
+    assert aws["file_mounts"]["~/cxr/constraints.txt"] == "constraints.txt"
+    assert "cd ~/cxr && ~/cxr-venv/bin/pip install -e . -c constraints.txt" in aws["setup_commands"]
+
+
 # =========================================================================== KubeRay manifests
 
 

@@ -35,3 +35,13 @@ def run_job(script: str, *args: str, env: dict | None = None, timeout: float = 2
         env={**os.environ, **(env or {})},
         cwd=str(ROOT),
     )
+
+
+def load_job_script(job: str):
+    """``jobs/<job>.py`` imported as a module (its ``parse_args`` and ``main``), without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_script_{job}", ROOT / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
+from cxr.output import new_run_id
+from cxr.resources import cluster_plan
 from cxr.runtime import TORCH_WORKER_MALLOC_ENV, torch_actor_remote_args, torch_worker_runtime_env
-from cxr.score import Predictor, cluster_plan, new_run_id, score_dataset
+from cxr.score import Predictor, score_dataset
 from cxr.sources import table_dataset
 
 pytestmark = pytest.mark.timeout(300)

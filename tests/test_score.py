@@ -17,7 +17,8 @@ from cxr import storage
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.preprocess import preprocess
-from cxr.score import OUTPUT_SCHEMA, measure_costs, plan_resources, score
+from cxr.resources import plan_resources
+from cxr.score import OUTPUT_SCHEMA, measure_costs, score
 from support.images import IGNORED, compress_dicom, dicom_bytes, png_bytes, xray_like
 from support.jobs import run_job
 from support.s3 import upload_tree

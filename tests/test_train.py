@@ -507,7 +507,7 @@ def test_train_job_refuses_an_output_holding_a_run_with_other_settings_before_st
     assert after == before
 
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
     (out / "config.json").unlink()  # a run folder whose settings nothing records (an older version's, interrupted)
@@ -522,7 +522,7 @@ def test_output_check_on_s3_names_changes_resumes_the_same_and_overwrite_empties
     from dataclasses import asdict
 
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
     bucket, client = s3_bucket
@@ -621,7 +621,7 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
     # The same command again is let through to resume the run (Ray Train returns its finished result; a second
     # job would take another minute here), however it runs (--workers, --max-failures); another --lr is not.
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
     same = TrainConfig(

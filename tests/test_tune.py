@@ -185,7 +185,7 @@ def test_search_finishes_ranks_exports_and_resumes(search):
 
 
 def test_resuming_with_other_settings_is_refused(search):
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
 
     _, _, root = search
     config = root / "out" / "search_config.json"

@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files
+from .errors import InputError
 from .explain import FOCUS_THRESHOLD, LUNG_BOX, check_model, run_explain
 from .metrics import binary_report, to_jsonable
 from .report import plot_rates
-from .sources import InputError
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
 def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from .report import _COLOURS, _save
+    from .pages import COLOURS, save_figure
 
     fig = Figure(figsize=(10.5, 0.55 * len(sets) + 2.2), layout="constrained")
     ax = fig.subplots()
@@ -201,7 +201,7 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
             if v:
                 data.append(v)
                 pos.append(i + (k - 0.5) * 0.35)
-                colours.append(_COLOURS[cls])
+                colours.append(COLOURS[cls])
     if data:
         parts = ax.boxplot(
             data,
@@ -218,8 +218,8 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     ax.axvline(FOCUS_THRESHOLD, color="#111", ls="--", label=f"flag below {FOCUS_THRESHOLD}")
     ax.set_yticks(range(len(sets)), labels=sets)
     ax.invert_yaxis()
-    ax.plot([], [], "s", color=_COLOURS["covid"], alpha=0.5, label="true covid")
-    ax.plot([], [], "s", color=_COLOURS["non"], alpha=0.5, label="true non")
+    ax.plot([], [], "s", color=COLOURS["covid"], alpha=0.5, label="true covid")
+    ax.plot([], [], "s", color=COLOURS["non"], alpha=0.5, label="true non")
     ax.set(
         xlim=(0, 1),
         xlabel="focus: share of Grad-CAM mass inside the lung box",
@@ -227,7 +227,7 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _baseline_line(meta: dict) -> str:
@@ -238,23 +238,23 @@ def _baseline_line(meta: dict) -> str:
 
 
 def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], out: Path) -> str:
-    from .report import _CSS, _card, _esc, _img_tag
+    from .pages import CSS, card, esc, img_tag
 
     v = report["verdict"]
     meta = report["metadata_baseline"]
     sets = report["sets"]
     cards = [
-        _card(
+        card(
             "Verdict",
             "do not trust" if not v["trustworthy"] else "no red flags",
             f"{len(v['problems'])} warning sign(s)",
         ),
-        _card(
+        card(
             "Metadata-only ROC AUC",
             "n/a" if meta.get("auc") is None else f"{meta['auc']:.3f}",
             "internal set, file properties alone",
         ),
-        _card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)"),
+        card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)"),
     ]
 
     def fmt(r):
@@ -277,7 +277,7 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
         auc = s.get("roc_auc")
         bad = f" ({s['unreadable']} unreadable)" if s["unreadable"] else ""
         rows.append(
-            f"<tr><td>{_esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / "
+            f"<tr><td>{esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / "
             f"{s['n_non']}{bad}</td>"
             f"<td>{fmt(s.get('sensitivity'))}</td><td>{fmt(s.get('false_positive_rate'))}</td>"
             f"<td>{'—' if auc is None else f'{auc:.3f}'}</td><td>{ff(s['focus']['predicted_covid'])}</td>"
@@ -288,23 +288,23 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
     for h in heatmaps:
         src = base64.b64encode((out / h["heatmap"]).read_bytes()).decode("ascii")
         figs.append(
-            f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{_esc(h["set"])} · true '
+            f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{esc(h["set"])} · true '
             f"{CLASS_NAMES[h['label']]}<br>"
-            f"{_esc(posixpath.basename(h['path']))}</figcaption></figure>"
+            f"{esc(posixpath.basename(h['path']))}</figcaption></figure>"
         )
     x0, x1, y0, y1 = LUNG_BOX
     return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>Shortcut audit: {_esc(report['model'])}</title><style>{_CSS}</style></head><body>",
-            f"<h1>Shortcut audit: {_esc(report['model'])}</h1>",
-            f'<p class="sub">Internal: {_esc(report["internal"])}. External: '
-            f"{_esc(', '.join(n for n in sets if n != report['internal']) or 'none')}. "
-            f"{_esc(report.get('sampling', ''))}</p>",
-            f"<h2>Verdict</h2><p><b>{_esc(v['headline'])}</b></p>",
-            "<ul>" + "".join(f"<li>{_esc(p)}</li>" for p in v["problems"]) + "</ul>" if v["problems"] else "",
-            ("<p>" + " ".join(_esc(n) for n in v["notes"]) + "</p>") if v["notes"] else "",
+            f"<title>Shortcut audit: {esc(report['model'])}</title><style>{CSS}</style></head><body>",
+            f"<h1>Shortcut audit: {esc(report['model'])}</h1>",
+            f'<p class="sub">Internal: {esc(report["internal"])}. External: '
+            f"{esc(', '.join(n for n in sets if n != report['internal']) or 'none')}. "
+            f"{esc(report.get('sampling', ''))}</p>",
+            f"<h2>Verdict</h2><p><b>{esc(v['headline'])}</b></p>",
+            "<ul>" + "".join(f"<li>{esc(p)}</li>" for p in v["problems"]) + "</ul>" if v["problems"] else "",
+            ("<p>" + " ".join(esc(n) for n in v["notes"]) + "</p>") if v["notes"] else "",
             f'<div class="cards">{"".join(cards)}</div>',
             "<h2>Per set</h2>",
             "\n".join(rows),
@@ -313,9 +313,9 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
             "of the image; 0.525 for a uniform heatmap; below 0.5 the evidence lies mostly outside the lungs "
             "(borders, corners, text labels).</p>",
             "<h2>Metadata-only baseline (internal set)</h2>",
-            f"<p>{_esc(meta.get('reason') or _baseline_line(meta))}</p>",
+            f"<p>{esc(meta.get('reason') or _baseline_line(meta))}</p>",
             "<h2>Figures</h2>",
-            '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
+            '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
             "<h2>Sample heatmaps</h2>",
             '<div class="figs">' + "".join(figs) + "</div>",
             "<footer>Generated by cxr.audit. Research tool, not a medical device.</footer></body></html>",
@@ -349,7 +349,7 @@ def audit(
     random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class. A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first (no stale heatmaps stay behind).
     """
-    from .score import prepare_output
+    from .output import prepare_output
     from .validate import inspect_files, metadata_baseline
 
     settings = storage.s3_settings()

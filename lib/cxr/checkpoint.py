@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
+from .errors import CheckpointError
 from .preprocess import TTA_CHOICES, PreprocessSpec
 
 FORMAT = "cxr-checkpoint"
@@ -34,10 +35,6 @@ DEFAULT_MODEL = "default"
 ENSEMBLE = "ensemble"
 CLASS_NAMES = ("non", "covid")
 POSITIVE_CLASS = "covid"
-
-
-class CheckpointError(Exception):
-    """The checkpoint is missing, unreadable or inconsistent."""
 
 
 @dataclass

@@ -10,15 +10,21 @@ import re
 import sys
 from collections.abc import Callable
 
-# Exit codes of every job (documented in README).
-OK = 0
-FAILED = 1  # unexpected failure (a bug or a cluster problem): traceback in the log
-USAGE = 2  # bad command line (argparse)
-BAD_INPUT = 3  # input missing, empty or unreadable
-BAD_MODEL = 4  # model checkpoint missing or unreadable
-BAD_OUTPUT = 5  # output exists (without --overwrite) or cannot be written
-CHECK_FAILED = 6  # a data check failed (validate --strict: leakage or corrupt files)
-DRIFT = 7  # nightly.py --fail-on-drift: the run committed, and its share predicted positive shifted
+# Exit codes of every job (documented in README), and the exceptions that carry them: see cxr.errors.
+from .errors import (  # noqa: F401 (the jobs use them as cli.OK, cli.DRIFT, ...)
+    BAD_INPUT,
+    BAD_MODEL,
+    BAD_OUTPUT,
+    CHECK_FAILED,
+    DRIFT,
+    FAILED,
+    OK,
+    USAGE,
+    CheckFailed,
+    CxrError,
+    JobFailed,
+    UsageError,
+)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -34,18 +40,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Call ``main`` and exit with its code; known failures become one line on stderr."""
-    from .checkpoint import CheckpointError
-    from .explain import LayerError
-    from .score import OutputError
-    from .sources import InputError
-
-    codes = {LayerError: USAGE, InputError: BAD_INPUT, CheckpointError: BAD_MODEL, OutputError: BAD_OUTPUT}
+    """Call ``main`` and exit with its code; a :class:`~cxr.errors.CxrError` becomes one line on stderr and its
+    class's exit code."""
     try:
         code = main()
-    except tuple(codes) as exc:
+    except CxrError as exc:  # a failure the user can act on: its class carries the exit code
         print(f"error: {exc}", file=sys.stderr)
-        code = codes[type(exc)]
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130

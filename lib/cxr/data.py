@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from . import storage
-from .sources import InputError, list_images
+from .errors import InputError
+from .sources import list_images
 
 CLASS_NAMES = ("non", "covid")  # label index 0 = non, 1 = covid (same order as cxr.checkpoint.CLASS_NAMES)
 SPLIT_NAMES = ("train", "test")

@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 from . import storage
 from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, SPLIT_NAMES, class_counts, fingerprint, labelled_files, read_group_table
+from .errors import InputError
 from .metrics import binary_report, subgroup_report
+from .output import new_run_id, prepare_output
 from .report import write_report
 from .runtime import ensure_ray
-from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, prepare_output, score_dataset
-from .sources import InputError, table_dataset
+from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, score_dataset
+from .sources import table_dataset
 
 log = logging.getLogger(__name__)
 

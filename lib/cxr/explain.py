@@ -31,7 +31,6 @@ clearly negative) is zero: its focus is null, "n/a", and summaries count such im
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import posixpath
@@ -44,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .errors import UsageError
 from .preprocess import LUNG_BOX as _LUNG_TBLR
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ EXPLAIN_COLUMNS = [
 ]
 
 
-class LayerError(ValueError):
+class LayerError(UsageError):
     """The model has no module of the name given for Grad-CAM (``--layer``): a bad command line, exit code 2."""
 
 
@@ -388,8 +388,9 @@ def run_explain(
     import ray
 
     from .checkpoint import load_info
+    from .output import new_run_id
+    from .resources import cluster_plan
     from .runtime import ensure_ray
-    from .score import cluster_plan, new_run_id
     from .sources import table_dataset
 
     info = load_info(model_uri, settings)
@@ -437,8 +438,7 @@ def gallery_stats(rows: list[dict]) -> str:
 
 def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
     """A page of overlay thumbnails (relative links), highest probability first."""
-    esc = lambda x: html.escape(str(x), quote=True)  # noqa: E731
-    from .report import _CSS
+    from .pages import CSS, esc
 
     shown = sorted((r for r in rows if r.get("heatmap")), key=lambda r: -(r.get("prob_covid") or 0))
     figs = []
@@ -462,7 +462,7 @@ def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
             f"<h1>{esc(title)}</h1>",
             f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
             "<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the "
@@ -546,7 +546,8 @@ def explain_paths(
     ``available``: how many files the input had when a limit (``limit_option``) picked ``paths`` from them."""
     import pyarrow.parquet as pq
 
-    from .score import count_not_frontal, prepare_output
+    from .output import prepare_output
+    from .score import count_not_frontal
 
     settings = storage.s3_settings()
     check_model(model, layer, settings)

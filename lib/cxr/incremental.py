@@ -61,7 +61,7 @@ from .score import (
     new_run_id,
     score_dataset,
 )
-from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
+from .sources import InputError, input_paths, is_manifest, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def input_infos(uris: list[str], settings: storage.S3Settings | None = None) -> 
     names a file that does not exist: it is scored, and becomes a read-failure row)."""
     rows: dict[str, tuple[int | None, int | None]] = {}
     for uri in uris:
-        if _is_manifest(uri):
+        if is_manifest(uri):
             paths = [p for p in input_paths([uri], settings).to_pylist() if p not in rows]
             for p, info in zip(paths, _stat(paths, settings)):
                 rows[p] = info

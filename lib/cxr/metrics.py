@@ -79,7 +79,8 @@ def _as_probs(prob: Any, n: int | None = None) -> np.ndarray:
     return p
 
 
-def _inputs(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+def as_label_and_prob(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) as checked arrays of one length: labels 0/1, probabilities finite in [0, 1]."""
     y = _as_labels(y_true)
     return y, _as_probs(prob, y.shape[0])
 
@@ -149,7 +150,7 @@ def choose_threshold(y_true: Any, prob: Any, target_sensitivity: float = 0.98) -
     (at least the 1st).  Ties are harmless because ``>=`` keeps every tied score.
     Raises ``ValueError`` when ``y_true`` has no positives.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     if not 0.0 <= target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in [0, 1], got {target_sensitivity}")
     pos = np.sort(p[y == 1])[::-1]
@@ -167,7 +168,7 @@ def specificity_at_sensitivity(y_true: Any, prob: Any, target: float) -> tuple[f
     Specificity is NaN when there are no negatives; raises ``ValueError`` (from
     :func:`choose_threshold`) when there are no positives.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     t = choose_threshold(y, p, target)
     neg = p[y == 0]
     spec = float(np.mean(neg < t)) if neg.size else math.nan
@@ -194,7 +195,7 @@ def expected_calibration_error(y_true: Any, prob: Any, n_bins: int = 15, *, form
     Bin ``b`` covers ``[b/n_bins, (b+1)/n_bins)``, the last bin also includes 1.0.
     Returns NaN for empty input.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if y.size == 0:
@@ -319,7 +320,7 @@ def bootstrap_auc_ci(
     Returns ``{"roc_auc": (lo, hi), "pr_auc": (lo, hi)}``; ``(nan, nan)`` when only one
     class is present or ``n_bootstrap == 0``.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     nan2 = (math.nan, math.nan)
     if n_bootstrap <= 0 or not (np.any(y == 1) and np.any(y == 0)):
         return {"roc_auc": nan2, "pr_auc": nan2}
@@ -385,7 +386,7 @@ def binary_report(
     With only one class present (e.g. an external COVID-only set) the AUCs, curves,
     operating points and the absent class's rates are ``None``; nothing raises or warns.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
@@ -472,7 +473,7 @@ def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: fl
     float) where the group has both classes, else ``None``. JSON-serialisable like
     :func:`binary_report`.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     g = np.asarray([str(v) for v in groups], dtype=object)
     if g.size != y.size:
         raise ValueError(f"groups has {g.size} entries for {y.size} examples")

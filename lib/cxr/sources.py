@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from . import storage
 from .decode import IMAGE_EXTENSIONS, is_dicom
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,7 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv")
 MANIFEST_COLUMNS = ("path", "uri", "url", "file")
 
 
-class InputError(Exception):
-    """An input cannot be used (missing, empty, unreadable manifest)."""
-
-
-def _is_manifest(path: str) -> bool:
+def is_manifest(path: str) -> bool:
     return path.lower().endswith(MANIFEST_EXTENSIONS)
 
 
@@ -128,7 +125,7 @@ def input_paths(uris: list[str], settings: storage.S3Settings | None = None) -> 
 
     arrays = []
     for uri in uris:
-        if _is_manifest(uri):
+        if is_manifest(uri):
             arrays.append(read_manifest(uri, settings))
             log.info("input %s: manifest with %d entries", uri, len(arrays[-1]))
         else:

@@ -111,3 +111,13 @@ def describe_error(exc: BaseException) -> str:
             msg = msg.split(marker)[0] + "[redacted]"
     # the AWS SDK leaves "...during GetObject operation:" when it could not read the error's message
     return f"{type(exc).__name__}: {msg[:300].rstrip(': ')}"
+
+
+def ray_storage(uri: str, settings: S3Settings) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) for Ray Train/Tune: an absolute local path, or an S3 path + its filesystem."""
+    fs, path = filesystem(uri, settings)
+    if is_s3(uri):
+        return path, fs
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    return path, None

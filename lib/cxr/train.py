@@ -39,9 +39,9 @@ from . import storage
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
 from .data import LabelledFile, apply_groups, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
+from .errors import InputError
 from .preprocess import PreprocessSpec
 from .runtime import ensure_ray, torch_worker_runtime_env
-from .sources import InputError
 
 log = logging.getLogger(__name__)
 
@@ -475,16 +475,6 @@ def fit(
     return result
 
 
-def _storage_location(uri: str, settings) -> tuple[str, object]:
-    """(storage_path, storage_filesystem) for Ray Train/Tune: an absolute local path, or an S3 path + its filesystem."""
-    fs, path = storage.filesystem(uri, settings)
-    if storage.is_s3(uri):
-        return path, fs
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    return path, None
-
-
 def _comparable(value):
     """A setting as config.json holds it (tuples as lists, keys as strings), so that read and new compare alike."""
     return json.loads(json.dumps(value, default=str))
@@ -521,7 +511,7 @@ def check_output(cfg: TrainConfig, overwrite: bool, settings) -> None:
     the same settings resume it. ``overwrite`` empties the output instead."""
     import pyarrow.fs as pafs
 
-    from .score import OutputError, prepare_output
+    from .output import OutputError, prepare_output
 
     if overwrite:
         prepare_output(cfg.output, True, settings)  # empties it (local or S3) and checks that it can be written
@@ -569,7 +559,7 @@ def write_metrics_csv(history: list[dict], uri: str) -> None:
 def check_weights(cfg: TrainConfig) -> None:
     """The starting weights are there before anything is written or started (else every worker fails in its first
     seconds, Ray Train retries, and the job ends with tracebacks). Raises CheckpointError (exit 4), one line."""
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
     from .models import create_model, fetch_imagenet
 
     if cfg.weights == "none":
@@ -606,7 +596,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     data = prepare_data(cfg, settings)
     files, train_files, val_files, counts = data.files, data.train_files, data.val_files, data.counts
     covid_weight = cfg.covid_weight if cfg.covid_weight is not None else data.balanced_covid_weight
-    storage_path, storage_fs = _storage_location(cfg.output, settings)
+    storage_path, storage_fs = storage.ray_storage(cfg.output, settings)
     # The settings go in before Ray Train writes anything, so that an interrupted run is known by them
     # (after the data is read: a command that fails on its input leaves nothing behind to be refused).
     write_config(cfg, settings)

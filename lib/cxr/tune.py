@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import storage
-from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .checkpoint import ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .errors import CheckpointError
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
 from .models import check_backbone, fetch_imagenet, imagenet_available, list_backbones
 from .preprocess import PreprocessSpec, check_tta
@@ -593,7 +594,6 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     import ray
 
     from .runtime import ensure_ray
-    from .train import _storage_location
 
     tune, ASHAScheduler = _tune_imports()
     started = time.perf_counter()
@@ -612,7 +612,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             if k in stored and json.loads(json.dumps(getattr(cfg, k))) != stored[k]
         }
         if changed:
-            from .score import OutputError
+            from .errors import OutputError
 
             raise OutputError(
                 f"{cfg.output} holds a search with other settings "
@@ -674,7 +674,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         DRIVER_CPUS,
     )
 
-    runs_path, runs_fs = _storage_location(storage.join(cfg.output, "_tune", "runs"), settings)
+    runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
     fail_marker = os.path.join(
         tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16]
     )

@@ -57,7 +57,8 @@ import pyarrow as pa
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files, patient_id
 from .decode import decode, is_non_frontal, sniff_kind
-from .sources import InputError, table_dataset
+from .errors import InputError
+from .sources import table_dataset
 
 log = logging.getLogger(__name__)
 
@@ -730,7 +731,7 @@ def validate(
     ``result.errors`` lists the error findings (what ``--strict`` turns into exit code 6). A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first.
     """
-    from .score import prepare_output
+    from .output import prepare_output
 
     settings = storage.s3_settings()
     start = time.perf_counter()
@@ -764,7 +765,7 @@ def dumps(obj) -> str:
 def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
     from matplotlib.figure import Figure
 
-    from .report import _COLOURS, _save
+    from .pages import COLOURS, save_figure
 
     ok = [r for r in rows if not r["error"] and r["width"]]
     images = []
@@ -778,7 +779,7 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
                 [r["height"] for r in sel],
                 s=10,
                 alpha=0.5,
-                color=_COLOURS[name],
+                color=COLOURS[name],
                 label=f"{name} (n={len(sel)})",
             )
     ax.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="Image size by class")
@@ -803,7 +804,7 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
             )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, out / "size_by_class.png")
+    save_figure(fig, out / "size_by_class.png")
     images.append((out / "size_by_class.png", "Image size by class (a class that differs by size is a shortcut)"))
 
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
@@ -819,13 +820,13 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
                     bins=bins,
                     histtype="step",
                     lw=1.5,
-                    color=_COLOURS[name],
+                    color=COLOURS[name],
                     label=f"{name} (n={len(sel)})",
                     density=True,
                 )
         ax.set(xscale="log", xlabel="file size (bytes)", ylabel="density", title="File size by class")
         ax.legend(fontsize=8)
-    _save(fig, out / "file_size_by_class.png")
+    save_figure(fig, out / "file_size_by_class.png")
     images.append((out / "file_size_by_class.png", "File size by class"))
 
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
@@ -837,17 +838,17 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
         share = [
             sum(1 for r in sel if f"{r['format'] or '?'} {r['mode'] or '?'}" == key) / max(1, len(sel)) for key in keys
         ]
-        ax.bar(x + (k - 0.5) * 0.4, share, width=0.4, color=_COLOURS[name], label=f"{name} (n={len(sel)})")
+        ax.bar(x + (k - 0.5) * 0.4, share, width=0.4, color=COLOURS[name], label=f"{name} (n={len(sel)})")
     ax.set_xticks(x, labels=keys, rotation=30, ha="right")
     ax.set(ylabel="share of the class", ylim=(0, 1.05), title="Format and mode by class")
     ax.legend(fontsize=8)
-    _save(fig, out / "format_mode_by_class.png")
+    save_figure(fig, out / "format_mode_by_class.png")
     images.append((out / "format_mode_by_class.png", "Format and colour mode by class"))
     return images
 
 
 def _findings_table(findings: list[Finding]) -> str:
-    from .report import _esc
+    from .pages import esc
 
     if not findings:
         return "<p><b>No problems found.</b></p>"
@@ -860,16 +861,16 @@ def _findings_table(findings: list[Finding]) -> str:
         more = f" (+{len(f.files) - 5} more in validation.json)" if len(f.files) > 5 else ""
         colour = "#b00020" if f.severity == "error" else "#8a5a00"
         rows.append(
-            f'<tr><td style="color:{colour};font-weight:600">{_esc(f.severity)}</td><td>{_esc(f.check)}</td>'
-            f'<td style="text-align:left">{_esc(f.message)}</td>'
-            f'<td style="text-align:left;font-size:.85em">{"<br>".join(_esc(e) for e in ex)}{_esc(more)}</td></tr>'
+            f'<tr><td style="color:{colour};font-weight:600">{esc(f.severity)}</td><td>{esc(f.check)}</td>'
+            f'<td style="text-align:left">{esc(f.message)}</td>'
+            f'<td style="text-align:left;font-size:.85em">{"<br>".join(esc(e) for e in ex)}{esc(more)}</td></tr>'
         )
     rows.append("</table>")
     return "\n".join(rows)
 
 
 def _distribution_table(dist: dict) -> str:
-    from .report import _esc
+    from .pages import esc
 
     rows = [
         "<table><tr><th>class</th><th>width median [p5–p95]</th><th>height median [p5–p95]</th>"
@@ -881,10 +882,10 @@ def _distribution_table(dist: dict) -> str:
             return "n/a" if not x.get("n") else f"{x['median']:,.0f}{unit} [{x['p5']:,.0f}–{x['p95']:,.0f}]"
 
         rows.append(
-            f"<tr><td>{_esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td>"
+            f"<tr><td>{esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td>"
             f"<td>{rng(d['size_bytes'], ' B')}</td>"
-            f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['mode'].items())))}</td>"
-            f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['format'].items())))}</td></tr>"
+            f"<td>{esc(', '.join(f'{k} {v}' for k, v in sorted(d['mode'].items())))}</td>"
+            f"<td>{esc(', '.join(f'{k} {v}' for k, v in sorted(d['format'].items())))}</td></tr>"
         )
     rows.append("</table>")
     return "\n".join(rows)
@@ -899,7 +900,7 @@ def _baseline_line(base: dict) -> str:
 
 def write_validation_report(summary: dict, findings: list[Finding], rows: list[dict], out: Path) -> dict[str, str]:
     """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``."""
-    from .report import _CSS, _card, _esc, _img_tag
+    from .pages import CSS, card, esc, img_tag
 
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -921,20 +922,20 @@ def write_validation_report(summary: dict, findings: list[Finding], rows: list[d
     )
     cards = "".join(
         [
-            _card("Files", f"{summary['files']:,}", f"{summary['unreadable']} unreadable"),
-            _card("Errors", str(len(errors)), "leakage, corrupt files, label conflicts"),
-            _card("Warnings", str(len(warnings)), "modes, sizes, duplicates within a split, imbalance, shortcut"),
-            _card(
+            card("Files", f"{summary['files']:,}", f"{summary['unreadable']} unreadable"),
+            card("Errors", str(len(errors)), "leakage, corrupt files, label conflicts"),
+            card("Warnings", str(len(warnings)), "modes, sizes, duplicates within a split, imbalance, shortcut"),
+            card(
                 "Exact duplicate groups",
                 str(summary["duplicates"]["exact_groups"]),
                 f"{summary['duplicates']['exact_groups_across_splits']} across splits",
             ),
-            _card(
+            card(
                 "Near-duplicate pairs",
                 str(summary["duplicates"]["near_pairs"]),
                 f"{summary['duplicates']['near_pairs_across_splits']} across splits",
             ),
-            _card(
+            card(
                 "Metadata-only ROC AUC",
                 "n/a" if auc is None else f"{auc:.3f}",
                 "file properties alone; 0.5 = no shortcut",
@@ -942,36 +943,36 @@ def write_validation_report(summary: dict, findings: list[Finding], rows: list[d
         ]
     )
     balance_rows = "".join(
-        f"<tr><td>{_esc(s)}</td>" + "".join(f"<td>{c.get(n, 0):,}</td>" for n in CLASS_NAMES) + "</tr>"
+        f"<tr><td>{esc(s)}</td>" + "".join(f"<td>{c.get(n, 0):,}</td>" for n in CLASS_NAMES) + "</tr>"
         for s, c in sorted(counts.items())
     )
     html = "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>Data validation: {_esc(summary.get('data', ''))}</title><style>{_CSS}</style></head><body>",
-            f'<h1>Data validation</h1><p class="sub">{_esc(summary.get("data", ""))}</p>',
-            f"<p><b>{_esc(verdict)}</b></p>",
+            f"<title>Data validation: {esc(summary.get('data', ''))}</title><style>{CSS}</style></head><body>",
+            f'<h1>Data validation</h1><p class="sub">{esc(summary.get("data", ""))}</p>',
+            f"<p><b>{esc(verdict)}</b></p>",
             f'<div class="cards">{cards}</div>',
             "<h2>Findings</h2>",
             _findings_table(findings),
             "<h2>Class balance</h2>",
             "<table><tr><th>split</th>"
-            + "".join(f"<th>{_esc(n)}</th>" for n in CLASS_NAMES)
+            + "".join(f"<th>{esc(n)}</th>" for n in CLASS_NAMES)
             + "</tr>"
             + balance_rows
             + "</table>",
             "<h2>Per-class file properties</h2>",
             _distribution_table(summary["distributions"]),
             "<h2>Metadata-only baseline</h2>",
-            f"<p>{_esc(base.get('reason') or _baseline_line(base))}</p>",
+            f"<p>{esc(base.get('reason') or _baseline_line(base))}</p>",
             '<p class="sub">Features: width, height, aspect ratio, pixel count, file size, bytes per pixel, bit '
             "depth, colour mode, "
             "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 "
             "means a model "
             "can separate the classes without looking at the lungs.</p>",
             "<h2>Figures</h2>",
-            '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
+            '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
             "<footer>Generated by cxr.validate. Research tool, not a medical device.</footer></body></html>",
         ]
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .. import cli
 
@@ -165,8 +164,7 @@ def main() -> int:
         crop = parse_crop(args.crop)
         PreprocessSpec(input_size=args.image_size, crop=crop, equalize=args.equalize)  # validates
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli.USAGE
+        raise cli.UsageError(str(exc)) from None
     groups = read_group_table(args.groups, "--groups") if args.groups else None
     cfg = TrainConfig(
         data=args.data,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .. import cli
 
@@ -129,8 +128,7 @@ def main() -> int:
     try:
         crop = parse_crop(args.crop)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli.USAGE
+        raise cli.UsageError(str(exc)) from None
     cfg = SearchConfig(
         data=args.data,
         output=args.output,
@@ -157,8 +155,7 @@ def main() -> int:
     try:
         cfg.check()
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli.USAGE
+        raise cli.UsageError(str(exc)) from None
     result = run_search(cfg)
     print(
         f"{'resumed' if result.resumed else 'ran'} {result.trials} trials ({result.errors} failed, "
@@ -188,14 +185,12 @@ def main() -> int:
         )
     )
     if result.errors:
-        print(
-            f"error: {result.errors} of {result.trials} trials failed (see the leaderboard's error column and the "
+        raise cli.JobFailed(
+            f"{result.errors} of {result.trials} trials failed (see the leaderboard's error column and the "
             "log); "
             f"{'the other trials were exported' if result.exported else 'nothing was exported'}. "
             "Run the same command again to restart the failed trials from their last checkpoints.",
-            file=sys.stderr,
         )
-        return cli.FAILED
     return cli.OK if result.exported else cli.FAILED
 
 

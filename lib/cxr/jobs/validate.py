@@ -12,7 +12,6 @@ conflicts are found (a CI gate on data).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .. import cli
 
@@ -72,8 +71,7 @@ def main() -> int:
     for f in result.findings:
         print(f"{f.severity}: {f.check}: {f.message}")
     if args.strict and result.errors:
-        print(f"error: --strict: {len(result.errors)} error finding(s)", file=sys.stderr)
-        return cli.CHECK_FAILED
+        raise cli.CheckFailed(f"--strict: {len(result.errors)} error finding(s)")
     return cli.OK
 
 

@@ -149,3 +149,59 @@ def test_a_console_command_resolves_and_prints_its_help(name, tmp_path):
     if installed:
         cmd = subprocess.run([installed, "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert cmd.returncode == 0 and cmd.stdout == out.stdout, cmd.stderr
+
+
+@pytest.mark.parametrize("job, config", [("train", "TrainConfig"), ("tune", "SearchConfig")])
+def test_training_defaults_are_the_config_dataclasses(job, config):
+    """Every option of train and tune that names a field of its config has that field's default: the command line
+    and the library cannot disagree."""
+    from dataclasses import MISSING, fields
+
+    from cxr import configs
+    from support.jobs import load_job_script
+
+    cls = getattr(configs, config)
+    parsed = vars(load_job_script(job).parse_args(["--data", "d", "--output", "o"]))
+    checked = 0
+    for f in fields(cls):
+        if f.name not in parsed or f.name in ("data", "output"):
+            continue
+        want = f.default if f.default is not MISSING else f.default_factory()
+        got = parsed[f.name]
+        if f.name == "crop":
+            got = None if got == "none" else got
+        elif f.name == "backbones":
+            got = got.split(",")
+        assert (list(got) if isinstance(want, tuple | list) else got) == (
+            list(want) if isinstance(want, tuple | list) else want
+        ), f.name
+        checked += 1
+    assert checked >= 14
+
+
+def test_shared_options_are_grouped_by_topic_in_every_jobs_help(monkeypatch):
+    """--output, --overwrite and --verbose come from cxr.cli's shared groups, with one help text for --overwrite
+    where the job refuses a non-empty output."""
+    import argparse
+
+    from cxr import cli
+    from support.jobs import load_job_script
+
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for job in ("audit", "evaluate", "explain", "validate", "train", "tune"):
+        with pytest.raises(SystemExit):
+            load_job_script(job).parse_args([])
+        parser = parsers[-1]
+        titles = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
+        assert titles["general"] == {"verbose"}, job
+        assert "output" in titles["output"], job
+        if job in ("audit", "evaluate", "explain", "validate"):
+            overwrite = next(a for a in parser._actions if a.dest == "overwrite")
+            assert overwrite.help == cli.OVERWRITE_HELP, job
+        assert len(titles) >= 5, (job, titles)  # options, general, output and at least two topics

@@ -58,10 +58,11 @@ def run(main: Callable[[], int]) -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` with every option's default, ``(default: 8)``, and the description's own line breaks; flags
-    (``store_true``) and options without a default (``None``) print none: their help says what happens."""
+    (``store_true``) and options without a default (``None``, or an empty list for a repeatable option) print
+    none: their help says what happens."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.nargs == 0:
+        if action.default is None or action.default is False or action.default == [] or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -175,3 +176,114 @@ def add_scoring_resources(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))"
     )
+
+
+# --------------------------------------------------------------------------- shared option groups
+# Each option the jobs share is defined here once; each job's --help lists its options by topic
+# (argparse argument groups). Defaults of the training and search options come from the config dataclasses
+# (cxr.configs), so that the command line and the library cannot disagree.
+
+OVERWRITE_HELP = "delete what the output holds before writing (default: refuse a non-empty output, exit 5)"
+MODEL_HELP = "checkpoint directory or s3:// prefix; 'default' = the shipped model"
+
+
+def add_general_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--verbose``, in a group of its own at the end of --help."""
+    group = p.add_argument_group("general")
+    group.add_argument("--verbose", action="store_true", help="debug logging")
+    return group
+
+
+def add_output_options(
+    p: argparse.ArgumentParser, *, help: str, metavar: str = "DIR", overwrite_help: str | None = OVERWRITE_HELP
+) -> argparse._ArgumentGroup:
+    """``--output`` (required; ``help`` says what is written there) and ``--overwrite`` (none where
+    ``overwrite_help`` is None: a search resumes in its output instead)."""
+    group = p.add_argument_group("output")
+    group.add_argument("--output", required=True, metavar=metavar, help=help)
+    if overwrite_help is not None:
+        group.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    return group
+
+
+def add_model_option(group, help: str = MODEL_HELP) -> None:
+    """``--model URI`` (default: the shipped model)."""
+    group.add_argument("--model", default="default", metavar="URI", help=help)
+
+
+def add_batch_size(group, *, default: int | None = None, help: str = "images per model batch") -> None:
+    """``--batch-size``: one definition; its ``help`` says what a batch is in that job (a model batch when scoring,
+    a training step when training)."""
+    group.add_argument("--batch-size", type=positive_int, default=default, help=help)
+
+
+def add_actor_options(group, *, gpus: bool = False) -> None:
+    """``--actors`` (and ``--gpus-per-actor``) of the jobs that score through a predictor pool without the full
+    set of :func:`add_scoring_resources`."""
+    group.add_argument("--actors", type=positive_int, help="maximum predictor actors (default: what fits the cluster)")
+    if gpus:
+        group.add_argument(
+            "--gpus-per-actor",
+            type=non_negative_float,
+            help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)",
+        )
+
+
+def add_training_options(p: argparse.ArgumentParser, config: type, *, what: str) -> dict[str, argparse._ArgumentGroup]:
+    """The options train and tune share, in groups 'data', 'preprocessing' and 'training', with the defaults of
+    ``config`` (``TrainConfig`` or ``SearchConfig``); ``what`` names what the job trains ("the model", "every
+    trial's model"). Returns the groups, for the job's own options."""
+    from .configs import default_of
+    from .preprocess import TTA_CHOICES
+
+    def default(name):
+        return default_of(config, name)
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        metavar="URI",
+        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
+        "{covid,non}/",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=val_fraction,
+        default=default("val_fraction"),
+        help="share of the images (patient-grouped) held out for validation",
+    )
+    prep = p.add_argument_group("preprocessing (recorded in the checkpoint: scoring does the same)")
+    prep.add_argument(
+        "--image-size", type=positive_int, default=default("image_size"), help=f"{what}'s input, in pixels (square)"
+    )
+    prep.add_argument(
+        "--crop",
+        default="none" if default("crop") is None else ",".join(map(str, default("crop"))),
+        metavar="lung|none|T,B,L,R",
+        help="keep only this box of each image (fractions top,bottom,left,right) before resizing; 'lung' = "
+        "0.10,0.85,0.15,0.85, which cuts away the borders where side markers and text identify the source",
+    )
+    prep.add_argument(
+        "--equalize",
+        action="store_true",
+        default=default("equalize"),
+        help="histogram-equalise each image instead of the percentile contrast stretch "
+        "(erases each source's exposure and tone curve)",
+    )
+    prep.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default=default("tta"),
+        help=f"test-time augmentation of {what}: 'hflip' scores each image and its mirror image and averages the "
+        "logits (twice the model's work). Used for validation, the threshold and every later scoring",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--oversample",
+        type=positive_int,
+        default=default("oversample"),
+        help="repeat each COVID training image this often, augmented differently",
+    )
+    add_batch_size(train, default=default("batch_size"), help="images per training step of each worker")
+    return {"data": data, "preprocessing": prep, "training": train}

@@ -31,13 +31,14 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy as np
 
 from . import storage
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
+from .configs import TrainConfig
 from .data import LabelledFile, apply_groups, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
 from .errors import InputError
 from .preprocess import PreprocessSpec
@@ -54,39 +55,6 @@ PROGRESS_EVERY_S = 60.0  # within an epoch, a progress line at most this often (
 RESUMABLE_WITH = frozenset(
     {"output", "workers", "cpus_per_worker", "threads_per_worker", "gpu", "max_failures", "fail_once_at_epoch"}
 )
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    output: str
-    backbone: str = "mobilenet_v2"
-    weights: str = "imagenet"
-    epochs: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    covid_weight: float | None = None  # None: n_non / (n_covid * oversample), i.e. balanced
-    oversample: int = 5  # the paper augments 84 COVID images to 420
-    batch_size: int = 32
-    image_size: int = 224
-    crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop: (top, bottom, left, right) kept
-    equalize: bool = False  # PreprocessSpec.equalize: histogram equalisation instead of the percentile stretch
-    tta: str = "none"  # test-time augmentation of the checkpoint ("hflip"), applied in validation too
-    val_fraction: float = 0.2
-    threshold_folds: int = 1  # > 1: choose the threshold on pooled out-of-fold scores of this many folds
-    seeds: int = (
-        1  # > 1: an ensemble of this many models per split (model seeds seed, seed+1, ...), their mean probability
-    )
-    target_sensitivity: float = 0.98
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int | None = None  # default: this node's CPUs // workers
-    gpu: bool = False
-    seed: int = 0
-    groups: dict[str, str] | None = None  # file name -> group (e.g. a COVID case), besides patient ids
-    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
-    max_failures: int = 2
-    fail_once_at_epoch: int | None = None  # testing hook: kill a worker once, to exercise recovery
 
 
 # --------------------------------------------------------------------------- worker side

@@ -40,10 +40,10 @@ import numpy as np
 
 from . import storage
 from .checkpoint import ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .configs import SearchConfig
 from .errors import CheckpointError
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
-from .models import check_backbone, fetch_imagenet, imagenet_available, list_backbones
-from .preprocess import PreprocessSpec, check_tta
+from .models import fetch_imagenet, imagenet_available
 from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -74,56 +74,6 @@ _SEARCH_KEYS = (
     "grace_period",
     "reduction_factor",
 )
-
-
-@dataclass
-class SearchConfig:
-    data: str
-    output: str
-    backbones: list[str] = field(default_factory=list_backbones)
-    num_samples: int = 4  # trials per backbone
-    max_concurrent: int | None = None  # default: as many as the cluster's resources hold
-    epochs: int = 6
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0  # CPUs of a trial's Ray Train worker (its driver takes DRIVER_CPUS more)
-    target_sensitivity: float = 0.98
-    image_size: int = 224
-    crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop for every trial (see train --crop)
-    equalize: bool = False
-    tta: str = "none"  # test-time augmentation of every trial's model (preprocess.TTA_CHOICES)
-    weights: str = "imagenet"  # imagenet | none | auto (ImageNet where the weights are available offline, else none)
-    lr_range: tuple[float, float] = (1e-4, 3e-3)
-    covid_weight_range: tuple[float, float] = (0.5, 2.0)  # multiples of the balanced class weight
-    oversample: int = 5
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    seed: int = 0
-    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: int = 2
-    max_failures: int = 1  # Ray Train worker failures survived inside a trial
-    trial_max_failures: int = 1  # Tune: restarts of a failed trial (its Train run resumes from its last epoch)
-    fail_once_at_epoch: int | None = None  # testing hook: the first trial to reach this epoch crashes once
-
-    def check(self) -> None:
-        if not self.backbones:
-            raise ValueError("no backbones to search")
-        for b in self.backbones:
-            check_backbone(b)
-        if self.weights not in ("imagenet", "none", "auto"):
-            raise ValueError(f"--weights must be imagenet, none or auto, not {self.weights!r}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise ValueError("a backbone is named twice")
-        if self.num_samples < 1 or self.epochs < 1:
-            raise ValueError("--num-samples and --epochs must be at least 1")
-        if not 0 < self.target_sensitivity <= 1:
-            raise ValueError("--target-sensitivity must be in (0, 1]")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        for lo, hi in (self.lr_range, self.covid_weight_range):
-            if not 0 < lo <= hi:
-                raise ValueError(f"bad range ({lo}, {hi}): need 0 < low <= high")
-        PreprocessSpec(input_size=self.image_size, crop=self.crop, equalize=self.equalize)  # raises on a bad crop
-        check_tta(self.tta)
 
 
 @dataclass

@@ -17,43 +17,34 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model",
-        default="default",
-        metavar="URI",
-        help="checkpoint directory or s3:// prefix; 'default' = the shipped model",
-    )
-    p.add_argument("--internal", required=True, metavar="URI", help="labelled data like the model's training data")
-    p.add_argument(
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--internal", required=True, metavar="URI", help="labelled data like the model's training data")
+    data.add_argument(
         "--external", action="append", default=[], metavar="URI", help="labelled data from elsewhere; repeatable"
     )
-    p.add_argument("--output", required=True, metavar="DIR", help="local directory for the report")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete what the output holds before writing (default: refuse a non-empty output, exit 5)",
-    )
-    p.add_argument(
-        "--internal-split", default="test", help="split folder of the internal set: train | test | all (default test)"
-    )
-    p.add_argument(
+    data.add_argument("--internal-split", default="test", help="split folder of the internal set: train | test | all")
+    data.add_argument(
         "--limit", type=cli.positive_int, help="at most N images per set and class, drawn at random (fixed --seed)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    data.add_argument("--seed", type=int, default=0, help="seed of the --limit draw")
+    report = p.add_argument_group("report")
+    report.add_argument(
         "--heatmaps-per-class",
         type=cli.non_negative_int,
         default=2,
-        help="overlay PNGs kept per set and class (default 2)",
+        help="overlay PNGs kept per set and class",
     )
-    p.add_argument(
+    report.add_argument(
         "--bootstrap", type=cli.non_negative_int, default=500, help="bootstrap resamples for the AUC intervals"
     )
-    p.add_argument("--layer", help="module Grad-CAM hooks (default: the backbone's last convolutional block)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16)
-    p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument("--verbose", action="store_true")
+    model = p.add_argument_group("model and resources")
+    cli.add_model_option(model)
+    model.add_argument("--layer", help="module Grad-CAM hooks (default: the backbone's last convolutional block)")
+    cli.add_batch_size(model, default=16)
+    cli.add_actor_options(model)
+    cli.add_output_options(p, help="local directory for the report")
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

@@ -16,27 +16,17 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument(
         "--data", action="append", required=True, metavar="URI", help="labelled folder or s3:// prefix; repeatable"
     )
-    p.add_argument("--model", default="default", metavar="URI")
-    p.add_argument(
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="local directory for report.html, report.json, plots, predictions.parquet",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete what the output holds before writing (default: refuse a non-empty output, exit 5)",
-    )
-    p.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
-    p.add_argument(
+    data.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
+    report = p.add_argument_group("report")
+    report.add_argument(
         "--threshold", type=cli.fraction, help="override the model's threshold (default: the one chosen on validation)"
     )
-    p.add_argument(
+    report.add_argument(
         "--group-by",
         metavar="source|TABLE.csv|REGEX",
         help="also report the rates per subgroup: 'source' (the --data each image came from), a .csv/.tsv with "
@@ -44,13 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "file name whose first group names the subgroup, e.g. '^(.+?)-patient' for the finding that starts "
         "CheXpert-derived names",
     )
-    p.add_argument(
+    report.add_argument(
         "--bootstrap", type=cli.non_negative_int, default=1000, help="bootstrap resamples for the AUC intervals"
     )
-    p.add_argument("--batch-size", type=cli.positive_int)
-    p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument("--gpus-per-actor", type=cli.non_negative_float)
-    p.add_argument("--verbose", action="store_true")
+    model = p.add_argument_group("model and resources")
+    cli.add_model_option(model)
+    cli.add_batch_size(model, help="images per model batch (default 32 on CPU, 256 on GPU)")
+    cli.add_actor_options(model, gpus=True)
+    cli.add_output_options(p, help="local directory for report.html, report.json, plots, predictions.parquet")
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

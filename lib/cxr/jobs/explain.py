@@ -15,38 +15,36 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    data = p.add_argument_group("input")
+    data.add_argument(
         "--input",
         action="append",
         required=True,
         metavar="URI",
         help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest; repeatable",
     )
-    p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix (must be empty)")
-    p.add_argument(
-        "--model",
-        default="default",
-        metavar="URI",
-        help="checkpoint directory or s3:// prefix; 'default' = the shipped model",
+    data.add_argument(
+        "--limit", type=cli.positive_int, help="explain a random subset of this many images (fixed --seed)"
     )
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
-    p.add_argument("--limit", type=cli.positive_int, help="explain a random subset of this many images (fixed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--layer",
-        help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
-        "an ensemble: each member's own, and its maps averaged)",
-    )
-    p.add_argument("--batch-size", type=cli.positive_int, default=16)
-    p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument(
+    data.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    data.add_argument(
         "--all-views",
         action="store_true",
         help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in "
         "score.py)",
     )
-    p.add_argument("--verbose", action="store_true")
+    model = p.add_argument_group("model and resources")
+    cli.add_model_option(model)
+    model.add_argument(
+        "--layer",
+        help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
+        "an ensemble: each member's own, and its maps averaged)",
+    )
+    cli.add_batch_size(model, default=16)
+    cli.add_actor_options(model)
+    cli.add_output_options(p, metavar="URI", help="directory or s3:// prefix (must be empty)")
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

@@ -15,138 +15,109 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..preprocess import TTA_CHOICES
+    from ..configs import TrainConfig, default_of
+
+    def default(name):
+        return default_of(TrainConfig, name)
 
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument(
-        "--data",
-        required=True,
-        metavar="URI",
-        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
-        "{covid,non}/",
+    groups = cli.add_training_options(p, TrainConfig, what="the model")
+    data, train = groups["data"], groups["training"]
+    data.add_argument(
+        "--groups",
+        metavar="CSV",
+        help="CSV or TSV (local or s3://) with columns file,group: images of one group (a case, a patient) stay on "
+        "one side of the split",
     )
-    p.add_argument(
-        "--output",
-        required=True,
-        metavar="URI",
-        help="checkpoint directory or s3:// prefix to write. The same command again resumes an interrupted run; "
-        "an output holding a run with other settings is refused (exit 5) unless --overwrite",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="delete what the output holds (an earlier run) before training"
-    )
-    p.add_argument(
+    model = p.add_argument_group("model")
+    model.add_argument(
         "--backbone",
-        default="mobilenet_v2",
+        default=default("backbone"),
         help="mobilenet_v2, mobilenet_v3_large, resnet50, efficientnet_b0, densenet121, or timm/<name>",
     )
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a .safetensors/.pth state dict")
-    p.add_argument(
+    model.add_argument(
+        "--weights", default=default("weights"), help="imagenet | none | PATH to a .safetensors/.pth state dict"
+    )
+    train.add_argument(
         "--epochs",
         type=cli.positive_int,
-        default=8,
+        default=default("epochs"),
         help="passes over the training images; the checkpoint is the best epoch's",
     )
-    p.add_argument(
+    train.add_argument(
         "--lr",
         type=cli.positive_float,
-        default=3e-4,
+        default=default("lr"),
         help="AdamW learning rate, decayed to 0 by a cosine schedule over the epochs",
     )
-    p.add_argument(
+    train.add_argument(
         "--covid-weight",
         type=cli.positive_float,
+        default=default("covid_weight"),
         help="loss weight of the covid class (default: balanced after oversampling)",
     )
-    p.add_argument(
-        "--oversample",
-        type=cli.positive_int,
-        default=5,
-        help="repeat each COVID training image this often, augmented differently",
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=default("seed"),
+        help="seed of the split, the initialisation, the batch order and the augmentation",
     )
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step of each worker")
-    p.add_argument("--image-size", type=cli.positive_int, default=224, help="the model's input, in pixels (square)")
-    p.add_argument(
-        "--crop",
-        default="none",
-        metavar="lung|none|T,B,L,R",
-        help="keep only this box of each image (fractions top,bottom,left,right) before resizing; 'lung' = "
-        "0.10,0.85,0.15,0.85, which cuts away the borders where side markers and text identify the source. "
-        "Recorded in the checkpoint: scoring crops alike",
+    threshold = p.add_argument_group("threshold and ensembles")
+    threshold.add_argument(
+        "--target-sensitivity",
+        type=cli.fraction,
+        default=default("target_sensitivity"),
+        help="the threshold keeps validation sensitivity at this",
     )
-    p.add_argument(
-        "--equalize",
-        action="store_true",
-        help="histogram-equalise each image instead of the percentile contrast stretch "
-        "(erases each source's exposure and tone curve; recorded in the checkpoint)",
-    )
-    p.add_argument(
-        "--tta",
-        choices=TTA_CHOICES,
-        default="none",
-        help="test-time augmentation: 'hflip' scores each image and its mirror image and averages the logits "
-        "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the "
-        "checkpoint)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=cli.val_fraction,
-        default=0.2,
-        help="share of the images (patient-grouped) held out for validation",
-    )
-    p.add_argument(
+    threshold.add_argument(
         "--threshold-folds",
         type=cli.positive_int,
-        default=1,
+        default=default("threshold_folds"),
         metavar="K",
         help="K > 1: also train on the other folds of a K-fold split and choose the threshold on the pooled "
         "out-of-fold scores (all training images, not one small validation split); K times the training time. "
         "With K = 1/--val-fraction (5 for 0.2) the shipped model is one of the K",
     )
-    p.add_argument(
+    threshold.add_argument(
         "--seeds",
         type=cli.positive_int,
-        default=1,
+        default=default("seeds"),
         metavar="N",
         help="N > 1: train N models per split that differ only in their seed and write an ensemble checkpoint "
         "(the mean of their probabilities; its threshold chosen on the ensemble's own validation scores, "
         "with --threshold-folds on every fold's ensemble); N times the training and scoring time",
     )
-    p.add_argument(
-        "--target-sensitivity",
-        type=cli.fraction,
-        default=0.98,
-        help="the threshold keeps validation sensitivity at this",
+    resources = p.add_argument_group("resources and recovery")
+    resources.add_argument(
+        "--workers", type=cli.positive_int, default=default("workers"), help="data-parallel Ray Train workers"
     )
-    p.add_argument("--workers", type=cli.positive_int, default=1, help="data-parallel Ray Train workers")
-    p.add_argument(
-        "--cpus-per-worker", type=cli.positive_float, default=1.0, help="logical CPUs each training worker reserves"
+    resources.add_argument(
+        "--cpus-per-worker",
+        type=cli.positive_float,
+        default=default("cpus_per_worker"),
+        help="logical CPUs each training worker reserves",
     )
-    p.add_argument(
+    resources.add_argument(
         "--threads-per-worker",
         type=cli.positive_int,
+        default=default("threads_per_worker"),
         help="torch threads per worker (default: the node's CPUs // workers)",
     )
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 mixed precision")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the split, the initialisation, the batch order and the augmentation",
-    )
-    p.add_argument(
-        "--groups",
-        metavar="CSV",
-        help="CSV or TSV (local or s3://) with columns file,group: images of one group (a case, a patient) stay on one "
-        "side of the split",
-    )
-    p.add_argument(
+    resources.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 mixed precision")
+    resources.add_argument(
         "--max-failures",
         type=cli.non_negative_int,
-        default=2,
+        default=default("max_failures"),
         help="worker failures survived by resuming from the last checkpoint",
     )
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    cli.add_output_options(
+        p,
+        metavar="URI",
+        help="checkpoint directory or s3:// prefix to write. The same command again resumes an interrupted run; "
+        "an output holding a run with other settings is refused (exit 5) unless --overwrite",
+        overwrite_help="delete what the output holds (an earlier run) before training",
+    )
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

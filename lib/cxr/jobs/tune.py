@@ -17,105 +17,88 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..models import list_backbones
-    from ..preprocess import TTA_CHOICES
+    from ..configs import SearchConfig, default_of
+
+    def default(name):
+        return default_of(SearchConfig, name)
 
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument(
-        "--data",
-        required=True,
-        metavar="URI",
-        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
-        "{covid,non}/",
-    )
-    p.add_argument(
-        "--output", required=True, metavar="URI", help="folder or s3:// prefix for the search and its exports"
-    )
-    p.add_argument("--backbones", default=",".join(list_backbones()), help="comma-separated")
-    p.add_argument(
-        "--num-samples",
-        type=cli.positive_int,
-        default=4,
-        help="trials per backbone (learning rate and class weight drawn at random)",
-    )
-    p.add_argument(
-        "--max-concurrent", type=cli.positive_int, help="trials at a time (default: as many as the cluster holds)"
-    )
-    p.add_argument(
-        "--epochs", type=cli.positive_int, default=6, help="epochs per trial (ASHA stops weak trials earlier)"
-    )
-    p.add_argument(
-        "--gpus-per-trial", type=cli.non_negative_float, default=0.0, help="GPUs of each trial's training worker"
-    )
-    p.add_argument(
-        "--cpus-per-trial",
-        type=cli.positive_float,
-        default=1.0,
-        help="CPUs of each trial's training worker (fractions allowed)",
-    )
-    p.add_argument(
-        "--target-sensitivity",
-        type=cli.fraction,
-        default=0.98,
-        help="models are ranked by validation specificity at this sensitivity",
-    )
-    p.add_argument("--image-size", type=cli.positive_int, default=224, help="the models' input, in pixels (square)")
-    p.add_argument(
-        "--crop",
-        default="none",
-        metavar="lung|none|T,B,L,R",
-        help="keep only this box of each image (see train.py --crop)",
-    )
-    p.add_argument(
-        "--equalize",
-        action="store_true",
-        help="histogram equalisation instead of the percentile stretch (see train.py)",
-    )
-    p.add_argument(
-        "--tta",
-        choices=TTA_CHOICES,
-        default="none",
-        help="test-time augmentation of every trial's model (see train.py --tta)",
-    )
-    p.add_argument(
+    groups = cli.add_training_options(p, SearchConfig, what="every trial's model")
+    train = groups["training"]
+    search = p.add_argument_group("search")
+    search.add_argument("--backbones", default=",".join(default("backbones")), help="comma-separated")
+    search.add_argument(
         "--weights",
-        default="imagenet",
+        default=default("weights"),
         help="imagenet | none | auto (ImageNet where its weights are available offline, else from scratch)",
     )
-    p.add_argument(
+    search.add_argument(
+        "--num-samples",
+        type=cli.positive_int,
+        default=default("num_samples"),
+        help="trials per backbone (learning rate and class weight drawn at random)",
+    )
+    search.add_argument(
         "--lr-range",
         type=cli.positive_float,
         nargs=2,
-        default=(1e-4, 3e-3),
+        default=default("lr_range"),
         metavar=("LOW", "HIGH"),
         help="log-uniform learning rate",
     )
-    p.add_argument(
+    search.add_argument(
         "--covid-weight-range",
         type=cli.positive_float,
         nargs=2,
-        default=(0.5, 2.0),
+        default=default("covid_weight_range"),
         metavar=("LOW", "HIGH"),
         help="log-uniform COVID class weight, as a multiple of the balanced weight",
     )
-    p.add_argument(
-        "--oversample",
+    search.add_argument(
+        "--target-sensitivity",
+        type=cli.fraction,
+        default=default("target_sensitivity"),
+        help="models are ranked by validation specificity at this sensitivity",
+    )
+    search.add_argument(
+        "--grace-period",
         type=cli.positive_int,
-        default=5,
-        help="repeat each COVID training image this often (see train.py)",
+        default=default("grace_period"),
+        help="ASHA: epochs before a trial can be stopped",
     )
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step")
-    p.add_argument(
-        "--val-fraction",
-        type=cli.val_fraction,
-        default=0.2,
-        help="share of the images (patient-grouped) held out for validation",
+    search.add_argument("--seed", type=int, default=default("seed"), help="seed of the split and of the search")
+    train.add_argument(
+        "--epochs",
+        type=cli.positive_int,
+        default=default("epochs"),
+        help="epochs per trial (ASHA stops weak trials earlier)",
     )
-    p.add_argument(
-        "--grace-period", type=cli.positive_int, default=1, help="ASHA: epochs before a trial can be stopped"
+    resources = p.add_argument_group("resources")
+    resources.add_argument(
+        "--max-concurrent",
+        type=cli.positive_int,
+        default=default("max_concurrent"),
+        help="trials at a time (default: as many as the cluster holds)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the search")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    resources.add_argument(
+        "--gpus-per-trial",
+        type=cli.non_negative_float,
+        default=default("gpus_per_trial"),
+        help="GPUs of each trial's training worker",
+    )
+    resources.add_argument(
+        "--cpus-per-trial",
+        type=cli.positive_float,
+        default=default("cpus_per_trial"),
+        help="CPUs of each trial's training worker (fractions allowed)",
+    )
+    cli.add_output_options(
+        p,
+        metavar="URI",
+        help="folder or s3:// prefix for the search and its exports",
+        overwrite_help=None,
+    )
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

@@ -17,39 +17,30 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, metavar="URI", help="labelled folder or s3:// prefix")
-    p.add_argument(
-        "--output", required=True, metavar="DIR", help="local directory for validation.json, report.html, plots"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete what the output holds before writing (default: refuse a non-empty output, exit 5)",
-    )
-    p.add_argument(
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, metavar="URI", help="labelled folder or s3:// prefix")
+    checks = p.add_argument_group("checks")
+    checks.add_argument(
         "--strict",
         action="store_true",
         help="exit 6 when error findings (corrupt files, leakage, label conflicts) exist",
     )
-    p.add_argument(
+    checks.add_argument(
         "--near-distance",
         type=cli.int_in(0, 32),
         default=4,
-        help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates (default "
-        "4)",
+        help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates",
     )
-    p.add_argument(
-        "--min-side",
-        type=cli.positive_int,
-        default=128,
-        help="images with a shorter side are flagged as tiny (default 128)",
+    checks.add_argument(
+        "--min-side", type=cli.positive_int, default=128, help="images with a shorter side are flagged as tiny"
     )
-    p.add_argument(
+    checks.add_argument(
         "--max-pixels", type=cli.positive_int, default=40_000_000, help="images with more pixels are flagged as huge"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the metadata baseline's cross-validation")
-    p.add_argument("--verbose", action="store_true")
+    checks.add_argument("--seed", type=int, default=0, help="seed of the metadata baseline's cross-validation")
+    cli.add_output_options(p, help="local directory for validation.json, report.html, plots")
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

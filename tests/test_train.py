@@ -17,6 +17,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.preprocess import LUNG_BOX, preprocess
 from cxr.train import (
+    CRASH_AT_EPOCH_ENV,
     TrainConfig,
     _val_scores,
     epoch_batches,
@@ -129,7 +130,8 @@ def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, t
     assert roc_auc_score(y, loaded.predict_proba(np.stack(images))) >= 0.9
 
 
-def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path):
+def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_AT_EPOCH_ENV, "1")  # the test-only hook: rank 0 dies once in epoch 1
     data = make_labelled_tree(tmp_path / "data", n=12)
     cfg = TrainConfig(
         data=str(data),
@@ -140,7 +142,6 @@ def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path)
         batch_size=8,
         oversample=1,
         val_fraction=0.25,
-        fail_once_at_epoch=1,
     )
     result = train(cfg)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))

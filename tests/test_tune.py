@@ -29,6 +29,7 @@ from cxr.tune import (
     validation_figures,
 )
 from support.images import make_labelled_tree
+from support.jobs import crash_hook
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -67,7 +68,8 @@ def search(ray_driver, tmp_path_factory):
         cpus_per_trial=0.9,
         crop=LUNG_BOX,
     )
-    interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
+    with crash_hook(epoch=1):
+        interrupted = run_search(SearchConfig(**common))
     resumed = run_search(SearchConfig(**common))
     return interrupted, resumed, root
 

@@ -15,7 +15,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.storage import s3_settings
 from cxr.tune import SearchConfig, run_search
 from support.images import make_labelled_tree
-from support.jobs import ROOT, run_job
+from support.jobs import ROOT, crash_hook, run_job
 from support.s3 import upload_tree
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -56,7 +56,8 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a storage path taken for a local one would land here (relative "<bucket>/tune/...")
     try:
-        interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
+        with crash_hook(epoch=1):
+            interrupted = run_search(SearchConfig(**common))
     finally:
         os.chdir(cwd)
     assert interrupted.errors == 1 and not interrupted.resumed  # the crash hook failed the trial in epoch 1

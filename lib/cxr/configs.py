@@ -59,7 +59,6 @@ class TrainConfig:
     groups: dict[str, str] | None = None  # file name -> group (e.g. a COVID case), besides patient ids
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     max_failures: int = 2
-    fail_once_at_epoch: int | None = None  # testing hook: kill a worker once, to exercise recovery
 
 
 @dataclass
@@ -88,7 +87,6 @@ class SearchConfig:
     reduction_factor: int = 2
     max_failures: int = 1  # Ray Train worker failures survived inside a trial
     trial_max_failures: int = 1  # Tune: restarts of a failed trial (its Train run resumes from its last epoch)
-    fail_once_at_epoch: int | None = None  # testing hook: the first trial to reach this epoch crashes once
 
     def check(self) -> None:
         from .models import check_backbone

@@ -52,9 +52,7 @@ CONFIG = "config.json"  # the run's settings: written before training starts, co
 PROGRESS_EVERY_S = 60.0  # within an epoch, a progress line at most this often ($CXR_PROGRESS_EVERY_S)
 # TrainConfig fields that may change when an interrupted run is resumed (where and how it runs, not what it
 # learns); every other field, present or future, makes a different run.
-RESUMABLE_WITH = frozenset(
-    {"output", "workers", "cpus_per_worker", "threads_per_worker", "gpu", "max_failures", "fail_once_at_epoch"}
-)
+RESUMABLE_WITH = frozenset({"output", "workers", "cpus_per_worker", "threads_per_worker", "gpu", "max_failures"})
 
 
 # --------------------------------------------------------------------------- worker side
@@ -129,33 +127,63 @@ def epoch_batches(shard, batch_size: int, rng: np.random.Generator):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: set up (or resume after a failure), then per epoch train, validate and
+    report (rank 0 with a checkpoint)."""
     import ray.train
     import torch
-    from ray.train.torch import get_device, prepare_model
-    from safetensors.torch import load_file
+    from ray.train.torch import get_device
 
-    from .augment import augment
-    from .models import create_model, input_normalization
-    from .preprocess import to_model_input
+    from .models import input_normalization
 
     cfg = TrainConfig(**config["train"])
     # the data's preprocessing, normalised as the backbone's weights expect (one prepared data set serves every
     # backbone of a search); the checkpoint records it, so scoring normalises the same way
     spec = replace(PreprocessSpec.from_dict(config["preprocess"]), **input_normalization(cfg.backbone))
-    aug = AugmentConfig.from_dict(cfg.augment)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     torch.manual_seed(cfg.seed + rank)
     device = get_device()
-    use_amp = device.type == "cuda"
+    model, optimizer, scheduler, start_epoch, history, resumed = _start_or_resume(cfg, use_amp=device.type == "cuda")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
+        trained = _train_epoch(model, optimizer, cfg, spec, device, epoch, rank, world, config)
+        scheduler.step()
+        p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2, cfg.tta)
+        p, y, losses = _gather(p, y, np.array([val_loss]))
+        metrics = {
+            "epoch": epoch,
+            "train_loss": trained["train_loss"],
+            "val_loss": float(np.sum(losses) / max(1, len(y))),
+            "train_images_per_s": trained["train_images_per_s"],
+            "epoch_seconds": time.perf_counter() - start,
+            "data_wait_s": trained["data_wait_s"],  # time the loop waited for the next batch: > a few % = input-bound
+            "lr": scheduler.get_last_lr()[0],
+            "val_n": int(len(y)),
+            "val_positives": int(np.sum(y)),
+            **validation_metrics(y, p, cfg.target_sensitivity),
+        }
+        history.append({**metrics, "resumed": resumed and epoch == start_epoch})
+        _report_epoch(metrics, history, model, optimizer, cfg, spec, p, y, rank, config["label"])
 
-    model = create_model(cfg.backbone, weights=cfg.weights if not ray.train.get_checkpoint() else "none")
+
+def _start_or_resume(cfg: TrainConfig, use_amp: bool):
+    """The worker's model, optimiser and schedule: new, or restored from the last report's checkpoint after a
+    failure (weights, optimiser state, epoch and history). Returns (model, optimizer, scheduler, first epoch to
+    run, history so far, whether it resumed)."""
+    import ray.train
+    import torch
+    from ray.train.torch import prepare_model
+    from safetensors.torch import load_file
+
+    from .models import create_model
+
+    checkpoint = ray.train.get_checkpoint()
+    model = create_model(cfg.backbone, weights=cfg.weights if not checkpoint else "none")
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
     optimizer_state, start_epoch, history = None, 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure: weights, optimiser and epoch from the last report
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
@@ -170,82 +198,82 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, cfg.epochs), last_epoch=start_epoch - 1 if start_epoch else -1
     )
-    class_weight = torch.tensor([1.0, config["covid_weight"]], device=device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    return model, optimizer, scheduler, start_epoch, history, bool(checkpoint)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        crash_now = cfg.fail_once_at_epoch == epoch and rank == 0 and not os.path.exists(config["fail_marker"])
-        model.train()
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
+
+def _train_epoch(model, optimizer, cfg: TrainConfig, spec, device, epoch: int, rank: int, world: int, config: dict):
+    """One pass over this worker's shard of the training images (augmented); rank 0 prints a progress line every
+    ``progress_every_s``. Returns the epoch's training figures for its metrics row."""
+    import ray.train
+    import torch
+
+    from .augment import augment
+    from .preprocess import to_model_input
+
+    use_amp = device.type == "cuda"
+    aug = AugmentConfig.from_dict(cfg.augment)
+    class_weight = torch.tensor([1.0, config["covid_weight"]], device=device)
+    crash_now = config["crash_at_epoch"] == epoch and rank == 0 and not os.path.exists(config["fail_marker"])
+    model.train()
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    start, seen, loss_sum, waited = time.perf_counter(), 0, 0.0, 0.0
+    fetched = time.perf_counter()
+    next_note = start + config["progress_every_s"]
+    for batch in epoch_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, rng):
+        waited += time.perf_counter() - fetched
+        images = np.stack([augment(im, rng, aug) for im in batch["image"]])
+        x = to_model_input(images, spec).to(device)
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y, weight=class_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
         fetched = time.perf_counter()
-        next_note = start + config["progress_every_s"]
-        for batch in epoch_batches(train_shard, cfg.batch_size, rng):
-            waited += time.perf_counter() - fetched
-            images = np.stack([augment(im, rng, aug) for im in batch["image"]])
-            x = to_model_input(images, spec).to(device)
-            if use_amp:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y, weight=class_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            fetched = time.perf_counter()
-            if rank == 0 and fetched >= next_note:  # a long epoch (big data, a CPU) shows it is moving
-                sys.stdout.write(
-                    progress_line(
-                        epoch,
-                        cfg,
-                        seen * world,
-                        config["train_rows"],
-                        loss_sum / seen,
-                        fetched - start,
-                        config["label"],
-                    )
-                    + "\n"
-                )
-                sys.stdout.flush()
-                next_note = fetched + config["progress_every_s"]
-            if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
-                open(config["fail_marker"], "w").close()
-                time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
-                os._exit(1)
-        scheduler.step()
-        train_seconds = time.perf_counter() - start
-        p, y, val_loss = _val_scores(model, val_shard, spec, device, cfg.batch_size * 2, cfg.tta)
-        p, y, losses = _gather(p, y, np.array([val_loss]))
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(1, seen),
-            "val_loss": float(np.sum(losses) / max(1, len(y))),
-            "train_images_per_s": seen * world / max(train_seconds, 1e-9),
-            "epoch_seconds": time.perf_counter() - start,
-            "data_wait_s": waited,  # time the loop waited for the next batch: > a few % means input-bound
-            "lr": scheduler.get_last_lr()[0],
-            "val_n": int(len(y)),
-            "val_positives": int(np.sum(y)),
-            **validation_metrics(y, p, cfg.target_sensitivity),
-        }
-        history.append({**metrics, "resumed": bool(checkpoint) and epoch == start_epoch})
-        if rank == 0:  # the job's own progress: Ray forwards the workers' stdout to the driver's. Not print():
-            # Train V2 patches it in its workers to write to its logger *and* the wrapped stdout (every line twice).
-            sys.stdout.write(epoch_line(metrics, cfg, config["label"]) + "\n")
+        if rank == 0 and fetched >= next_note:  # a long epoch (big data, a CPU) shows it is moving
+            line = progress_line(
+                epoch, cfg, seen * world, config["train_rows"], loss_sum / seen, fetched - start, config["label"]
+            )
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
-            with tempfile.TemporaryDirectory() as d:
-                with open(os.path.join(d, HISTORY), "w") as f:
-                    json.dump(history, f)
-                info = ModelInfo(cfg.backbone, spec, threshold=metrics["val_threshold"], tta=cfg.tta)
-                save_checkpoint(getattr(model, "module", model), info, d)
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch}, os.path.join(d, TRAIN_STATE))
-                np.save(os.path.join(d, "val_scores.npy"), np.stack([p, y.astype(np.float32)]))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+            next_note = fetched + config["progress_every_s"]
+        if crash_now:  # testing hook: a hard crash mid-epoch, as an OOM kill or a lost node looks.
+            open(config["fail_marker"], "w").close()
+            time.sleep(5)  # Ray Train's controller polls reports every 2 s: let it see the last one
+            os._exit(1)
+    train_seconds = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "train_images_per_s": seen * world / max(train_seconds, 1e-9),
+        "data_wait_s": waited,
+    }
+
+
+def _report_epoch(metrics, history, model, optimizer, cfg: TrainConfig, spec, p, y, rank: int, label: str) -> None:
+    """Report the epoch to Ray Train: rank 0 prints its line and reports with a checkpoint (weights, optimiser
+    state, history, validation scores), the other ranks report the metrics alone."""
+    import ray.train
+    import torch
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    # The job's own progress: Ray forwards the workers' stdout to the driver's. Not print(): Train V2 patches it
+    # in its workers to write to its logger *and* the wrapped stdout (every line twice).
+    sys.stdout.write(epoch_line(metrics, cfg, label) + "\n")
+    sys.stdout.flush()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, HISTORY), "w") as f:
+            json.dump(history, f)
+        info = ModelInfo(cfg.backbone, spec, threshold=metrics["val_threshold"], tta=cfg.tta)
+        save_checkpoint(getattr(model, "module", model), info, d)
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(d, TRAIN_STATE))
+        np.save(os.path.join(d, "val_scores.npy"), np.stack([p, y.astype(np.float32)]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def epoch_line(metrics: dict, cfg: TrainConfig, label: str = "") -> str:
@@ -387,6 +415,17 @@ def prepare_split(cfg: TrainConfig, files, train_files, val_files, spec: Preproc
     )
 
 
+CRASH_AT_EPOCH_ENV = "CXR_TEST_CRASH_AT_EPOCH"
+
+
+def crash_at_epoch() -> int | None:
+    """The test-only crash hook, read here and only on the driver: with ``CXR_TEST_CRASH_AT_EPOCH=N`` set, the
+    first run (``train``: the main split's first model; ``tune``: the first trial to get there) kills its rank-0
+    worker once in epoch N, so that the tests see recovery from a worker failure. Never set in production."""
+    value = os.environ.get(CRASH_AT_EPOCH_ENV)
+    return int(value) if value else None
+
+
 def fit(
     cfg: TrainConfig,
     data: PreparedData,
@@ -396,11 +435,13 @@ def fit(
     storage_filesystem=None,
     callbacks: list | None = None,
     fail_marker: str | None = None,
+    crash_at_epoch: int | None = None,
 ):
     """Build and fit the ``TorchTrainer`` on ``data``; returns Ray Train's Result (raises its error).
 
     Called by :func:`train` and, unchanged, from inside a Ray Tune trial (with ``TuneReportCallback``). A run
-    whose ``run_name`` already has checkpoints under ``storage_path`` resumes from the latest one."""
+    whose ``run_name`` already has checkpoints under ``storage_path`` resumes from the latest one.
+    ``crash_at_epoch``: the test-only crash hook (see :func:`crash_at_epoch`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -416,6 +457,7 @@ def fit(
         "label": run_label(run_name, cfg),
         "train_rows": data.train_ds.count(),
         "progress_every_s": float(os.environ.get("CXR_PROGRESS_EVERY_S", PROGRESS_EVERY_S)),
+        "crash_at_epoch": crash_at_epoch,
         "fail_marker": fail_marker or os.path.join(tempfile.gettempdir(), f"cxr-fail-{os.getpid()}-{int(time.time())}"),
     }
     trainer = TorchTrainer(
@@ -568,7 +610,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     # The settings go in before Ray Train writes anything, so that an interrupted run is known by them
     # (after the data is read: a command that fails on its input leaves nothing behind to be refused).
     write_config(cfg, settings)
-    members = fit_members(cfg, data, storage_path, storage_fs, "_ray")
+    members = fit_members(cfg, data, storage_path, storage_fs, "_ray", crash_at_epoch=crash_at_epoch())
     import ray
 
     node_cpus = max((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
@@ -605,7 +647,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
             "undecodable": data.undecodable,
         },
         "training": {
-            **{k: v for k, v in asdict(cfg).items() if k not in ("groups", "fail_once_at_epoch")},
+            **{k: v for k, v in asdict(cfg).items() if k != "groups"},
             "covid_weight": covid_weight,
             "best_epoch": int(best_metrics["epoch"]),
             "seconds": round(seconds, 1),
@@ -667,9 +709,7 @@ def _best(result) -> tuple[object, dict]:
 def member_config(cfg: TrainConfig, i: int) -> TrainConfig:
     """Member ``i`` of a seed ensemble: the same recipe with model seed ``cfg.seed + i`` (initialisation, batch
     order, augmentation); the split and fold assignment stay those of ``cfg.seed`` (made before, on the driver)."""
-    return TrainConfig(
-        **{**asdict(cfg), "seed": cfg.seed + i, "fail_once_at_epoch": cfg.fail_once_at_epoch if i == 0 else None}
-    )
+    return TrainConfig(**{**asdict(cfg), "seed": cfg.seed + i})
 
 
 def member_data(data: PreparedData, cfg: TrainConfig, i: int) -> PreparedData:
@@ -683,10 +723,16 @@ def member_data(data: PreparedData, cfg: TrainConfig, i: int) -> PreparedData:
 
 
 def fit_members(
-    cfg: TrainConfig, data: PreparedData, storage_path: str, storage_fs, run_name: str
+    cfg: TrainConfig,
+    data: PreparedData,
+    storage_path: str,
+    storage_fs,
+    run_name: str,
+    crash_at_epoch: int | None = None,
 ) -> list[tuple[object, dict, list]]:
     """Fit ``cfg.seeds`` models on one split (runs ``run_name``, ``run_name_seed<i>``); per model its best
-    checkpoint, that checkpoint's metrics and the whole per-epoch history."""
+    checkpoint, that checkpoint's metrics and the whole per-epoch history. ``crash_at_epoch`` (the test-only
+    crash hook) applies to the first model only."""
     members = []
     for i in range(max(1, cfg.seeds)):
         if cfg.seeds > 1:
@@ -697,6 +743,7 @@ def fit_members(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             run_name=run_name if i == 0 else f"{run_name}_seed{i}",
+            crash_at_epoch=crash_at_epoch if i == 0 else None,
         )
         with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
             with open(os.path.join(d, HISTORY)) as f:
@@ -775,12 +822,11 @@ def cross_validate_threshold(
             class_counts(val_files),
         )
         fold_data = prepare_split(cfg, data.files, train_files, val_files, data.spec, settings)
-        fold_cfg = TrainConfig(**{**asdict(cfg), "fail_once_at_epoch": None})
         scores.append(
             (
                 k,
                 False,
-                split_scores(fit_members(fold_cfg, fold_data, storage_path, storage_fs, f"_ray_fold{k}"), fold_data),
+                split_scores(fit_members(cfg, fold_data, storage_path, storage_fs, f"_ray_fold{k}"), fold_data),
             )
         )
     t = transfer_threshold(

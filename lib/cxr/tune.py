@@ -44,7 +44,7 @@ from .configs import SearchConfig
 from .errors import CheckpointError
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
 from .models import fetch_imagenet, imagenet_available
-from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
+from .train import PreparedData, TrainConfig, crash_at_epoch, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,15 @@ def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
 
 
 def _trial(
-    config: dict, *, data: PreparedData, base: dict, weights: dict, runs_path: str, runs_fs, fail_marker: str
+    config: dict,
+    *,
+    data: PreparedData,
+    base: dict,
+    weights: dict,
+    runs_path: str,
+    runs_fs,
+    fail_marker: str,
+    crash_at_epoch: int | None = None,
 ) -> None:
     """One Tune trial: build and fit a TorchTrainer (Train V2), epochs reported to Tune by TuneReportCallback.
 
@@ -208,6 +216,7 @@ def _trial(
         run_name=f"train-{config['backbone'].replace('/', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
         callbacks=[TuneReportCallback()],
         fail_marker=fail_marker,
+        crash_at_epoch=crash_at_epoch,
     )
 
 
@@ -540,7 +549,11 @@ def _stored_config(output: str, settings) -> dict | None:
 
 
 def run_search(cfg: SearchConfig) -> SearchResult:
-    """Run (or resume) the search, then calibrate and export. Raises InputError for unusable data."""
+    """Run (or resume) the search, then calibrate and export. Raises InputError for unusable data.
+
+    Phases: check or resume the stored search (:func:`_open_search`); decode the data once and plan the trials;
+    run them with Ray Tune (:func:`_tuner`); collect the trials (:func:`_collect_trials`); calibrate and export
+    the best model per backbone and their ensemble; write the leaderboard and summary (:func:`_write_summary`)."""
     import ray
 
     from .runtime import ensure_ray
@@ -549,6 +562,93 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     started = time.perf_counter()
     settings = storage.s3_settings()
     cfg.check()
+    experiment, tune_path, tune_fs, resumed = _open_search(cfg, settings, tune)
+    base = _base_config(cfg)
+    weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
+    data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
+    ensure_ray()
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus, concurrent = plan_trials(
+        node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent
+    )
+    base.cpus_per_worker = cpus
+    base.threads_per_worker = max(1, math.ceil(cpus))
+    trials = len(cfg.backbones) * cfg.num_samples
+    log.info(
+        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
+        "%.2f CPU)",
+        len(cfg.backbones),
+        cfg.num_samples,
+        trials,
+        cfg.epochs,
+        concurrent,
+        cpus,
+        cfg.gpus_per_trial,
+        DRIVER_CPUS,
+    )
+
+    runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
+    fail_marker = os.path.join(
+        tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16]
+    )
+    crash = crash_at_epoch()  # the test-only crash hook, passed to the trials (they do not see this environment)
+    if crash is None and os.path.exists(fail_marker):
+        os.remove(fail_marker)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            data=data,
+            base=asdict(base),
+            weights=weights,
+            runs_path=runs_path,
+            runs_fs=runs_fs,
+            fail_marker=fail_marker,
+            crash_at_epoch=crash,
+        ),
+        {"CPU": DRIVER_CPUS},
+    )
+    tuner = _tuner(cfg, trainable, experiment, tune_path, tune_fs, resumed, concurrent)
+    results = tuner.fit()
+    _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
+    rows, errors, unfinished = _collect_trials(results, cfg, data, weights)
+    exported, models, val_probs = _export(cfg, data, rows, results, settings)
+    ensemble_uri, y = None, None
+    usable, no_ensemble = usable_members(models)
+    if exported:
+        if no_ensemble:
+            log.warning("no ensemble exported: %s", no_ensemble)
+        else:
+            images, y = validation_arrays(data)
+            ensemble_uri, ens_row = _export_ensemble(
+                cfg, data, exported, {b: val_probs[b] for b in usable}, y, settings
+            )
+            models.append(ens_row)
+            rows.append(ens_row)
+        plot_leaderboard(models, cfg.output)
+    write_leaderboard(rows, cfg.output)
+    seconds = time.perf_counter() - started
+    summary = _write_summary(
+        cfg, settings, rows, models, ensemble_uri, no_ensemble, errors, unfinished, seconds, resumed, concurrent, cpus
+    )
+    return SearchResult(
+        cfg.output,
+        rows,
+        exported,
+        ensemble_uri,
+        summary["trials"],
+        errors,
+        seconds,
+        resumed,
+        unfinished,
+        summary["models"],
+    )
+
+
+def _open_search(cfg: SearchConfig, settings, tune) -> tuple[str, str, object, bool]:
+    """Where the search lives, and whether an interrupted one is resumed there: a stored search with other
+    settings is refused (OutputError); a resumed one takes its stored settings; a new one checks its data and
+    ImageNet weights first (InputError, CheckpointError) and stores its settings. Returns (experiment path,
+    Tune storage path, its filesystem, resumed)."""
     tune_fs, tune_path = storage.filesystem(storage.join(cfg.output, "_tune"), settings)
     tune_path = tune_path if storage.is_s3(cfg.output) else os.path.abspath(tune_path)
     tune_fs = tune_fs if storage.is_s3(cfg.output) else None
@@ -583,7 +683,13 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings
         )
 
-    base = TrainConfig(
+    return experiment, tune_path, tune_fs, resumed
+
+
+def _base_config(cfg: SearchConfig) -> TrainConfig:
+    """The training configuration every trial starts from (each trial sets its backbone, weights, learning rate
+    and class weight)."""
+    return TrainConfig(
         data=cfg.data,
         output=cfg.output,
         weights=cfg.weights,
@@ -599,49 +705,12 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         gpu=cfg.gpus_per_trial > 0,
         seed=cfg.seed,
         max_failures=cfg.max_failures,
-        fail_once_at_epoch=cfg.fail_once_at_epoch,
-    )
-    weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
-    data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
-    ensure_ray()
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    cpus, concurrent = plan_trials(
-        node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent
-    )
-    base.cpus_per_worker = cpus
-    base.threads_per_worker = max(1, math.ceil(cpus))
-    trials = len(cfg.backbones) * cfg.num_samples
-    log.info(
-        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
-        "%.2f CPU)",
-        len(cfg.backbones),
-        cfg.num_samples,
-        trials,
-        cfg.epochs,
-        concurrent,
-        cpus,
-        cfg.gpus_per_trial,
-        DRIVER_CPUS,
     )
 
-    runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
-    fail_marker = os.path.join(
-        tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16]
-    )
-    if cfg.fail_once_at_epoch is None and os.path.exists(fail_marker):
-        os.remove(fail_marker)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _trial,
-            data=data,
-            base=asdict(base),
-            weights=weights,
-            runs_path=runs_path,
-            runs_fs=runs_fs,
-            fail_marker=fail_marker,
-        ),
-        {"CPU": DRIVER_CPUS},
-    )
+
+def _tuner(cfg: SearchConfig, trainable, experiment: str, tune_path: str, tune_fs, resumed: bool, concurrent: int):
+    """The Tuner: restored from ``experiment`` (unfinished and errored trials run again), or a new ASHA search."""
+    tune, ASHAScheduler = _tune_imports()
     if resumed:
         tuner = tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=tune_fs
@@ -677,8 +746,12 @@ def run_search(cfg: SearchConfig) -> SearchResult:
                 failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
             ),
         )
-    results = tuner.fit()
-    _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
+    return tuner
+
+
+def _collect_trials(results, cfg: SearchConfig, data, weights: dict) -> tuple[list[dict], int, int]:
+    """The leaderboard rows of the trials (with the class weight and ImageNet weights each used), and how many
+    failed and how many did not finish (each with a warning)."""
     rows = trial_rows(results, cfg.epochs)
     errors = sum(1 for r in rows if r["error"])
     unfinished = sum(1 for r in rows if r["status"] not in ("TERMINATED", "ERROR"))
@@ -697,22 +770,24 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
     for row in rows:
         row["weights"] = weights.get(row.get("backbone"), "")
-    exported, models, val_probs = _export(cfg, data, rows, results, settings)
-    ensemble_uri, y = None, None
-    usable, no_ensemble = usable_members(models)
-    if exported:
-        if no_ensemble:
-            log.warning("no ensemble exported: %s", no_ensemble)
-        else:
-            images, y = validation_arrays(data)
-            ensemble_uri, ens_row = _export_ensemble(
-                cfg, data, exported, {b: val_probs[b] for b in usable}, y, settings
-            )
-            models.append(ens_row)
-            rows.append(ens_row)
-        plot_leaderboard(models, cfg.output)
-    write_leaderboard(rows, cfg.output)
-    seconds = time.perf_counter() - started
+    return rows, errors, unfinished
+
+
+def _write_summary(
+    cfg: SearchConfig,
+    settings,
+    rows: list[dict],
+    models: list[dict],
+    ensemble_uri: str | None,
+    no_ensemble: str | None,
+    errors: int,
+    unfinished: int,
+    seconds: float,
+    resumed: bool,
+    concurrent: int,
+    cpus: float,
+) -> dict:
+    """summary.json in the output: the search's counts, resources, the exported models and the ensemble."""
     summary = {
         "trials": len(rows) - (1 if ensemble_uri else 0),
         "errors": errors,
@@ -748,18 +823,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     storage.write_bytes(
         storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings
     )
-    return SearchResult(
-        cfg.output,
-        rows,
-        exported,
-        ensemble_uri,
-        summary["trials"],
-        errors,
-        seconds,
-        resumed,
-        unfinished,
-        summary["models"],
-    )
+    return summary
 
 
 def _remove_leaked_train_groups(bundle: dict, grace_s: float = 5.0) -> int:

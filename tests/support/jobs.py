@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,3 +46,16 @@ def load_job_script(job: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def crash_hook(epoch: int):
+    """The training code's test-only crash hook (``cxr.train.crash_at_epoch``) armed for the ``with`` block: the
+    first training run kills its rank-0 worker once in ``epoch``."""
+    from cxr.train import CRASH_AT_EPOCH_ENV
+
+    os.environ[CRASH_AT_EPOCH_ENV] = str(epoch)
+    try:
+        yield
+    finally:
+        del os.environ[CRASH_AT_EPOCH_ENV]

@@ -238,6 +238,8 @@ def _baseline_line(meta: dict) -> str:
 
 
 def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], out: Path) -> str:
+    """The audit report's page, written top to bottom (cards, the per-set table, figures, heatmaps, baseline):
+    long, but flat; split, its pieces would only be called here, in this order."""
     from .pages import CSS, card, esc, img_tag
 
     v = report["verdict"]
@@ -348,7 +350,10 @@ def audit(
     external sets take every split. ``limit``: at most that many images per set and class, drawn at
     random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class. A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first (no stale heatmaps stay behind).
-    """
+
+    Long on purpose: the audit's steps in order (choose the images of each set, score and Grad-CAM them in one
+    pass, the metadata baseline, the figures per set, the report), each a call that shares the scored rows with
+    the next."""
     from .output import prepare_output
     from .validate import inspect_files, metadata_baseline
 

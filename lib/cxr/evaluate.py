@@ -132,7 +132,10 @@ def evaluate(
 
     ``group_by`` (see :func:`group_function`) adds the rates per subgroup to the report and a ``group``
     column to ``predictions.parquet``. A non-empty ``output_dir`` raises OutputError unless ``overwrite``,
-    which empties it first (no stale plots of an earlier run stay behind)."""
+    which empties it first (no stale plots of an earlier run stay behind).
+
+    Long on purpose: one pipeline in order (list and label the files, check the output, score on Ray Data, join
+    labels and groups, the metrics, the report), each step a call."""
     import ray
 
     settings = storage.s3_settings()

@@ -385,7 +385,9 @@ def binary_report(
 
     With only one class present (e.g. an external COVID-only set) the AUCs, curves,
     operating points and the absent class's rates are ``None``; nothing raises or warns.
-    """
+
+    Long on purpose: it assembles one flat dict, key by key, in the order documented above; each figure is a
+    call."""
     y, p = as_label_and_prob(y_true, prob)
     threshold = float(threshold)
     if not math.isfinite(threshold):

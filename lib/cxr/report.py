@@ -432,7 +432,8 @@ def write_report(
     Returns ``{name: path}`` with names ``roc``, ``pr``, ``histogram``,
     ``confusion_matrix``, ``subgroups``, ``report_json``, ``report_html`` (``roc``/``pr``/``subgroups``
     only when written).
-    """
+
+    Long on purpose: it writes the files listed above one after another, each a call."""
     y, p = as_label_and_prob(y_true, prob)
     if report.get("n") is not None and int(report["n"]) != y.size:
         raise ValueError(f"report was computed on {report['n']} examples, got {y.size}")

@@ -595,7 +595,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     """Fine-tune ``cfg.backbone`` on ``cfg.data`` and write the best checkpoint to ``cfg.output``.
 
     An output that holds a run of the same settings resumes it (Ray Train goes on from its last checkpoint);
-    one with other settings raises ``OutputError`` before any work, unless ``overwrite`` (see :func:`check_output`)."""
+    one with other settings raises ``OutputError`` before any work, unless ``overwrite`` (see :func:`check_output`).
+
+    Long on purpose: the job's phases in order (checks, data, the runs, the ensemble's and the folds' threshold,
+    provenance, the checkpoint), each a call; what stays inline is the provenance record."""
     from .models import check_backbone
 
     check_backbone(cfg.backbone)

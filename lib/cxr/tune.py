@@ -554,10 +554,6 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     Phases: check or resume the stored search (:func:`_open_search`); decode the data once and plan the trials;
     run them with Ray Tune (:func:`_tuner`); collect the trials (:func:`_collect_trials`); calibrate and export
     the best model per backbone and their ensemble; write the leaderboard and summary (:func:`_write_summary`)."""
-    import ray
-
-    from .runtime import ensure_ray
-
     tune, ASHAScheduler = _tune_imports()
     started = time.perf_counter()
     settings = storage.s3_settings()
@@ -566,26 +562,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     base = _base_config(cfg)
     weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
     data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
-    ensure_ray()
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    cpus, concurrent = plan_trials(
-        node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent
-    )
-    base.cpus_per_worker = cpus
-    base.threads_per_worker = max(1, math.ceil(cpus))
-    trials = len(cfg.backbones) * cfg.num_samples
-    log.info(
-        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
-        "%.2f CPU)",
-        len(cfg.backbones),
-        cfg.num_samples,
-        trials,
-        cfg.epochs,
-        concurrent,
-        cpus,
-        cfg.gpus_per_trial,
-        DRIVER_CPUS,
-    )
+    cpus, concurrent = _plan_search(cfg, base)
 
     runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
     fail_marker = os.path.join(
@@ -642,6 +619,36 @@ def run_search(cfg: SearchConfig) -> SearchResult:
         unfinished,
         summary["models"],
     )
+
+
+def _plan_search(cfg: SearchConfig, base: TrainConfig) -> tuple[float, int]:
+    """CPUs per trial and trials at a time for the cluster up now (:func:`plan_trials`), set into ``base``;
+    logged. Returns (CPUs per trial, concurrent trials)."""
+    import ray
+
+    from .runtime import ensure_ray
+
+    ensure_ray()
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus, concurrent = plan_trials(
+        node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent
+    )
+    base.cpus_per_worker = cpus
+    base.threads_per_worker = max(1, math.ceil(cpus))
+    trials = len(cfg.backbones) * cfg.num_samples
+    log.info(
+        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
+        "%.2f CPU)",
+        len(cfg.backbones),
+        cfg.num_samples,
+        trials,
+        cfg.epochs,
+        concurrent,
+        cpus,
+        cfg.gpus_per_trial,
+        DRIVER_CPUS,
+    )
+    return cpus, concurrent
 
 
 def _open_search(cfg: SearchConfig, settings, tune) -> tuple[str, str, object, bool]:
@@ -866,7 +873,11 @@ def _checkpoint_of(history: list[dict], best_epoch: int, fs) -> str | None:
 
 
 def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, settings):
-    """Per backbone: the best trial's best checkpoint, calibrated on validation, to ``models/<backbone>/``."""
+    """Per backbone: the best trial's best checkpoint, calibrated on validation, to ``models/<backbone>/``.
+
+    Long on purpose: one loop over the backbones whose body is the export of one model (best trial, its
+    checkpoint, calibration, the checkpoint written, its leaderboard row), sharing the validation arrays across
+    backbones."""
     import ray.train
 
     from .data import class_counts, fingerprint

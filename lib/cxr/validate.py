@@ -277,6 +277,8 @@ def _cls(label) -> str:
 
 
 def integrity_findings(rows: list[dict], min_side: int, max_pixels: int) -> list[Finding]:
+    """The integrity checks as one list of findings, one block per check (unreadable, tiny, huge, odd modes, ...):
+    long, but flat."""
     out = []
     bad = [r for r in rows if r["error"]]
     if bad:
@@ -366,6 +368,7 @@ def integrity_findings(rows: list[dict], min_side: int, max_pixels: int) -> list
 
 
 def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Finding], dict]:
+    """Exact and near duplicates within and across splits as findings, one block per kind: long, but flat."""
     out = []
     by_hash = defaultdict(list)
     for r in rows:
@@ -763,6 +766,7 @@ def dumps(obj) -> str:
 
 
 def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
+    """The validation report's figures, one block per figure: long, but flat."""
     from matplotlib.figure import Figure
 
     from .pages import COLOURS, save_figure
@@ -899,7 +903,9 @@ def _baseline_line(base: dict) -> str:
 
 
 def write_validation_report(summary: dict, findings: list[Finding], rows: list[dict], out: Path) -> dict[str, str]:
-    """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``."""
+    """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``.
+
+    Long on purpose: the page written top to bottom, one section after another."""
     from .pages import CSS, card, esc, img_tag
 
     out.mkdir(parents=True, exist_ok=True)

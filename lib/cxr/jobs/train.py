@@ -15,6 +15,7 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """One ``add_argument`` per option, in topic groups: long by nature, not deep."""
     from ..configs import TrainConfig, default_of
 
     def default(name):

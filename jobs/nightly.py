@@ -20,7 +20,7 @@ from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument(
         "--input",
         action="append",
@@ -35,12 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="URI",
         help="directory or s3:// prefix of the incremental table (created if missing)",
     )
-    p.add_argument(
-        "--model",
-        default="default",
-        metavar="URI",
-        help="checkpoint directory or s3:// prefix; 'default' = the shipped model",
-    )
+    cli.add_model_option(p)
     cli.add_scoring_resources(p)
     p.add_argument(
         "--rows-per-file",
@@ -65,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
         "'not a frontal view': the models read PA/AP chest X-rays",
     )
-    p.add_argument("--verbose", action="store_true")
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument(
         "--input",
         action="append",
@@ -25,16 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; "
         "repeatable",
     )
-    p.add_argument(
-        "--output", required=True, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)"
-    )
-    p.add_argument(
-        "--model",
-        default="default",
-        metavar="URI",
-        help="checkpoint directory or s3:// prefix; 'default' = the shipped model",
-    )
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
+    cli.add_output_options(p, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
+    cli.add_model_option(p)
     cli.add_scoring_resources(p)
     p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
     p.add_argument(
@@ -43,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
         "'not a frontal view': the models read PA/AP chest X-rays",
     )
-    p.add_argument("--verbose", action="store_true")
+    cli.add_general_options(p)
     # --- explain post-step (cxr.explain): Grad-CAM heatmaps for the images predicted positive ---
     p.add_argument(
         "--explain-positive",

@@ -154,7 +154,9 @@ def val_fraction(text: str) -> float:
 
 
 def add_scoring_resources(p: argparse.ArgumentParser) -> None:
-    """The predictor pool's options, shared by the jobs that score an archive (score, nightly)."""
+    """The predictor pool's options, shared by the jobs that score an archive (score, nightly), in a group
+    'predictor pool'."""
+    p = p.add_argument_group("predictor pool")
     p.add_argument("--batch-size", type=positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")
     p.add_argument(
         "--actors",

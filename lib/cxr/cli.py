@@ -1,4 +1,5 @@
-"""What every job in ``jobs/`` shares: logging set-up, exit codes, and one-line failure messages."""
+"""What every job shares: logging set-up, exit codes (``cxr.errors``), one-line failure messages, argparse types
+that check values, and the option groups several jobs have in common."""
 
 from __future__ import annotations
 

@@ -58,10 +58,10 @@ def main() -> None:
 
     import torch
 
-    from conftest import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
     from cxr.checkpoint import load_checkpoint
     from cxr.decode import decode
     from cxr.preprocess import preprocess
+    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
 
     torch.set_num_threads(1)
     height, width = (int(v) for v in args.size.lower().split("x"))
@@ -82,11 +82,29 @@ def main() -> None:
 
         seconds = per_image(work, args.repeat)
         base = base or seconds
-        rows.append({"transfer_syntax": name, "megabytes": round(len(data) / 1e6, 2), "ms_per_image": round(seconds * 1e3, 1),
-                     "images_per_s": round(1 / seconds, 2), "time_vs_uncompressed": round(seconds / base, 2),
-                     "time_vs_model": round(seconds / model_s, 2)})
-    print(json.dumps({"image": f"{height}x{width}, 12 bits", "threads": 1, "model": loaded.info.model_id,
-                      "model_input": spec.input_size, "model_ms_per_image": round(model_s * 1e3, 1), "rows": rows}, indent=2))
+        rows.append(
+            {
+                "transfer_syntax": name,
+                "megabytes": round(len(data) / 1e6, 2),
+                "ms_per_image": round(seconds * 1e3, 1),
+                "images_per_s": round(1 / seconds, 2),
+                "time_vs_uncompressed": round(seconds / base, 2),
+                "time_vs_model": round(seconds / model_s, 2),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "image": f"{height}x{width}, 12 bits",
+                "threads": 1,
+                "model": loaded.info.model_id,
+                "model_input": spec.input_size,
+                "model_ms_per_image": round(model_s * 1e3, 1),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
@@ -83,8 +83,11 @@ def build_archive(data: str, root: str, files: int, train_images: int, workers: 
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"r{i // len(jpegs):03d}_{os.path.splitext(names[j])[0]}.jpg"), "wb") as f:
             f.write(jpegs[j])
-    return {"source_images": len(jpegs), "jpeg_mib": sum(map(len, jpegs)) / len(jpegs) / 2**20 * files,
-            "png_mib": sum(map(len, pngs)) / len(pngs) / 2**20 * files}
+    return {
+        "source_images": len(jpegs),
+        "jpeg_mib": sum(map(len, jpegs)) / len(jpegs) / 2**20 * files,
+        "png_mib": sum(map(len, pngs)) / len(pngs) / 2**20 * files,
+    }
 
 
 # --------------------------------------------------------------------------- CPU decode figure
@@ -205,14 +208,18 @@ def model_rates(backbone: str, device: str, batch: int, size: int, seconds: floa
                     return n * batch / el
 
     def model_only():
-        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=loaded.amp_dtype or torch.float32,
-                                                    enabled=loaded.amp_dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                torch.device(device).type, dtype=loaded.amp_dtype or torch.float32, enabled=loaded.amp_dtype is not None
+            ),
+        ):
             loaded.model(x)
 
     host = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
     ceiling = timed(model_only)
     through = timed(lambda: loaded.predict_proba(host))
-    del loaded, x
+    loaded = x = None  # drop the model and the batch before emptying the CUDA cache
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return ceiling, through
@@ -221,8 +228,9 @@ def model_rates(backbone: str, device: str, batch: int, size: int, seconds: floa
 # --------------------------------------------------------------------------- score job
 
 
-def score_rate(folder: str, backbone: str, size: int, work: str, batch: int | None,
-               device_jpeg: bool | None = None) -> tuple[float, float, int]:
+def score_rate(
+    folder: str, backbone: str, size: int, work: str, batch: int | None, device_jpeg: bool | None = None
+) -> tuple[float, float, int]:
     from cxr.checkpoint import ModelInfo, save_checkpoint
     from cxr.models import create_model
     from cxr.preprocess import PreprocessSpec
@@ -296,8 +304,19 @@ def train_job_rates(root: str, backbone: str, gpu: bool, epochs: int, batch: int
     out = os.path.join(work, f"train-{backbone}")
     shutil.rmtree(out, ignore_errors=True)
     # val_fraction 0.1: the job holds out validation images (patient-grouped); it trains on ~90% of what the loop does.
-    cfg = TrainConfig(data=root, output=out, backbone=backbone, weights="none", epochs=epochs, batch_size=batch,
-                      image_size=size, oversample=1, val_fraction=0.1, gpu=gpu, workers=1)
+    cfg = TrainConfig(
+        data=root,
+        output=out,
+        backbone=backbone,
+        weights="none",
+        epochs=epochs,
+        batch_size=batch,
+        image_size=size,
+        oversample=1,
+        val_fraction=0.1,
+        gpu=gpu,
+        workers=1,
+    )
     train(cfg)
     with open(os.path.join(out, "metrics.csv")) as f:
         return [float(r["train_images_per_s"]) for r in csv.DictReader(f)]
@@ -325,8 +344,11 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--model-seconds", type=float, default=3.0, help="timing window per model-only figure")
     p.add_argument("--skip-score", action="store_true")
-    p.add_argument("--cpu-jpeg-backbones", default="mobilenet_v2",
-                   help="also score the JPEG archive with CPU decoding (device_jpeg=False) for these; '' for none")
+    p.add_argument(
+        "--cpu-jpeg-backbones",
+        default="mobilenet_v2",
+        help="also score the JPEG archive with CPU decoding (device_jpeg=False) for these; '' for none",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, to prove the script runs end to end")
     p.add_argument("--workdir", help="where the archive goes (default: a fresh temporary folder, removed at the end)")
     p.add_argument("--out", help="write every figure here as JSON")
@@ -352,12 +374,18 @@ def main() -> int:
         return 2
     cpus = os.cpu_count() or 1
     results: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or platform.machine()})",
-        "cpus": cpus, "torch": torch.__version__, "python": platform.python_version(), "args": vars(args),
-        "bf16": bool(gpu and torch.cuda.is_bf16_supported()), "backbones": {}, "train": {},
+        "cpus": cpus,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "args": vars(args),
+        "bf16": bool(gpu and torch.cuda.is_bf16_supported()),
+        "backbones": {},
+        "train": {},
     }
     log(f"{results['device']}, {cpus} CPUs, torch {torch.__version__}; backbones {backbones}; train {train_backbones}")
+
     def save() -> None:  # after every phase: a run stopped at its time limit still leaves its figures so far
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -368,13 +396,17 @@ def main() -> int:
     started = time.perf_counter()
     try:
         results["archive"] = build_archive(args.data, work, args.files, args.train_images, cpus)
-        log(f"archive: {args.files} JPEG ({results['archive']['jpeg_mib']:.0f} MiB) + {args.files} PNG "
+        log(
+            f"archive: {args.files} JPEG ({results['archive']['jpeg_mib']:.0f} MiB) + {args.files} PNG "
             f"({results['archive']['png_mib']:.0f} MiB) from {results['archive']['source_images']} real X-rays, "
-            f"{args.train_images} training images; {work}")
+            f"{args.train_images} training images; {work}"
+        )
         decode = {k: cpu_decode_rate(os.path.join(work, k), cpus, args.image_size) for k in ("jpeg", "png")}
         results["cpu_decode"] = decode
         log(f"CPU decode+preprocess, {cpus} processes: JPEG {decode['jpeg']:,.0f}/s, PNG {decode['png']:,.0f}/s")
-        results["device_decode"] = device_decode_rate(args.data, device, args.batch_size, args.image_size, args.model_seconds)
+        results["device_decode"] = device_decode_rate(
+            args.data, device, args.batch_size, args.image_size, args.model_seconds
+        )
         log(f"device JPEG decode+preprocess (cxr.device_decode, {device}): {results['device_decode']:,.0f}/s")
         results["checks"] = device_checks(args.data, device)
         log(f"checks on {device}: {results['checks']}")
@@ -390,7 +422,9 @@ def main() -> int:
 
             # The jobs' own ensure_ray() then finds Ray up; workers' logs stay out of the table.
             ray.init(logging_level=logging.WARNING, runtime_env=code_runtime_env(), log_to_driver=False)
-            os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # Ray Train's helpers find this one
+            os.environ.setdefault(
+                "RAY_ADDRESS", ray.get_runtime_context().gcs_address
+            )  # Ray Train's helpers find this one
             ray.data.DataContext.get_current().enable_progress_bars = False
         for b in backbones:
             ceiling, through = model_rates(b, device, args.batch_size, args.image_size, args.model_seconds)
@@ -399,17 +433,33 @@ def main() -> int:
             if not args.skip_score:
                 for kind in ("jpeg", "png"):
                     # JPEG: the device route (the default on GPU actors; forced so that a CPU smoke run takes it too)
-                    rate, secs, errors = score_rate(os.path.join(work, kind), b, args.image_size, work,
-                                                    args.batch_size if args.quick else None, device_jpeg=kind == "jpeg" or None)
+                    rate, secs, errors = score_rate(
+                        os.path.join(work, kind),
+                        b,
+                        args.image_size,
+                        work,
+                        args.batch_size if args.quick else None,
+                        device_jpeg=kind == "jpeg" or None,
+                    )
                     bound = min(ceiling, decode[kind])
                     row[f"score_{kind}"] = rate
                     row[f"score_{kind}_ratio_to_bound"] = rate / bound
-                    row[f"score_{kind}_ratio_to_target_base"] = rate / (results["device_decode"] if kind == "jpeg" else decode[kind])
-                    log(f"{b}: score job {kind.upper()} {rate:,.0f}/s ({secs:.1f} s, {errors} errors) = "
-                        f"{rate / bound:.2f} of min(model {ceiling:,.0f}, CPU decode {decode[kind]:,.0f})")
+                    row[f"score_{kind}_ratio_to_target_base"] = rate / (
+                        results["device_decode"] if kind == "jpeg" else decode[kind]
+                    )
+                    log(
+                        f"{b}: score job {kind.upper()} {rate:,.0f}/s ({secs:.1f} s, {errors} errors) = "
+                        f"{rate / bound:.2f} of min(model {ceiling:,.0f}, CPU decode {decode[kind]:,.0f})"
+                    )
                 if b in cpu_jpeg_backbones:  # the same JPEG archive with the decode tasks decoding on the CPU
-                    rate, secs, errors = score_rate(os.path.join(work, "jpeg"), b, args.image_size, work,
-                                                    args.batch_size if args.quick else None, device_jpeg=False)
+                    rate, secs, errors = score_rate(
+                        os.path.join(work, "jpeg"),
+                        b,
+                        args.image_size,
+                        work,
+                        args.batch_size if args.quick else None,
+                        device_jpeg=False,
+                    )
                     row["score_jpeg_cpu_decode"] = rate
                     log(f"{b}: score job JPEG with CPU decoding {rate:,.0f}/s ({secs:.1f} s, {errors} errors)")
             results["backbones"][b] = row
@@ -431,24 +481,40 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - started
 
-    print(f"\n{results['device']}, {cpus} CPUs, {results['date']} (batch {args.batch_size}, {args.image_size} px, "
-          f"{'bf16' if results['bf16'] else 'fp16' if gpu else 'fp32'}, channels-last)")
-    print(f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} images/s; "
-          f"device JPEG decode+preprocess {results['device_decode']:,.0f} images/s")
+    print(
+        f"\n{results['device']}, {cpus} CPUs, {results['date']} (batch {args.batch_size}, {args.image_size} px, "
+        f"{'bf16' if results['bf16'] else 'fp16' if gpu else 'fp32'}, channels-last)"
+    )
+    print(
+        f"CPU decode+preprocess ({cpus} processes): JPEG {decode['jpeg']:,.0f} images/s, PNG {decode['png']:,.0f} "
+        "images/s; "
+        f"device JPEG decode+preprocess {results['device_decode']:,.0f} images/s"
+    )
     print(f"checks: {results['checks']}")
-    print(f"{'backbone':20s} {'model only':>11s} {'from host':>10s} {'score JPEG':>11s} {'ratio':>6s} {'score PNG':>10s} {'ratio':>6s}")
+    print(
+        f"{'backbone':20s} {'model only':>11s} {'from host':>10s} {'score JPEG':>11s} {'ratio':>6s} "
+        f"{'score PNG':>10s} {'ratio':>6s}"
+    )
     for b, r in results["backbones"].items():
-        print(f"{b:20s} {r['model_only']:11,.0f} {r['predict_proba_from_host']:10,.0f} "
-              f"{r.get('score_jpeg', float('nan')):11,.0f} {r.get('score_jpeg_ratio_to_bound', float('nan')):6.2f} "
-              f"{r.get('score_png', float('nan')):10,.0f} {r.get('score_png_ratio_to_bound', float('nan')):6.2f}")
+        print(
+            f"{b:20s} {r['model_only']:11,.0f} {r['predict_proba_from_host']:10,.0f} "
+            f"{r.get('score_jpeg', float('nan')):11,.0f} {r.get('score_jpeg_ratio_to_bound', float('nan')):6.2f} "
+            f"{r.get('score_png', float('nan')):10,.0f} {r.get('score_png_ratio_to_bound', float('nan')):6.2f}"
+        )
     print("(ratio: score job / min(model only, CPU decode); images/s)")
     for b, r in results["backbones"].items():
         if "score_jpeg" in r:
-            print(f"targets {b}: score JPEG / device JPEG decode {r['score_jpeg_ratio_to_target_base']:.2f} (target >= 0.6 "
-                  f"for mobilenet_v2); score PNG / CPU PNG decode {r['score_png_ratio_to_target_base']:.2f} (target >= 0.8)")
+            print(
+                f"targets {b}: score JPEG / device JPEG decode {r['score_jpeg_ratio_to_target_base']:.2f} (target >= "
+                "0.6 "
+                f"for mobilenet_v2); score PNG / CPU PNG decode {r['score_png_ratio_to_target_base']:.2f} (target >= "
+                "0.8)"
+            )
     for b, r in results["train"].items():
-        print(f"train {b}: plain AMP loop {steady(r['plain_loop']):,.1f}, train job {steady(r['train_job']):,.1f} "
-              f"images/s (epochs after the first) -> ratio {r['ratio']:.2f}")
+        print(
+            f"train {b}: plain AMP loop {steady(r['plain_loop']):,.1f}, train job {steady(r['train_job']):,.1f} "
+            f"images/s (epochs after the first) -> ratio {r['ratio']:.2f}"
+        )
     print(f"total {results['seconds']:.0f} s")
     save()
     return 0

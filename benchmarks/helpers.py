@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def bootstrap(resamples: int) -> dict:
@@ -45,9 +45,15 @@ def bootstrap(resamples: int) -> dict:
         roc.append(roc_auc_score(y[idx], p[idx]))
         ap.append(average_precision_score(y[idx], p[idx]))
     loop = (time.perf_counter() - t) * resamples / loop_n
-    return {"resamples": resamples, "n": int(y.size), "seconds": round(fast, 3), "sklearn_loop_seconds": round(loop, 2),
-            "speedup": round(loop / fast, 1), "roc_ci": [round(v, 4) for v in ours["roc_auc"]],
-            "loop_roc_ci": [round(float(v), 4) for v in np.percentile(roc, [2.5, 97.5])]}
+    return {
+        "resamples": resamples,
+        "n": int(y.size),
+        "seconds": round(fast, 3),
+        "sklearn_loop_seconds": round(loop, 2),
+        "speedup": round(loop / fast, 1),
+        "roc_ci": [round(v, 4) for v in ours["roc_auc"]],
+        "loop_roc_ci": [round(float(v), 4) for v in np.percentile(roc, [2.5, 97.5])],
+    }
 
 
 def augmentation(image_size: int, batch_size: int = 32, steps: int = 5) -> dict:
@@ -58,7 +64,9 @@ def augmentation(image_size: int, batch_size: int = 32, steps: int = 5) -> dict:
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-    img = np.clip(0.3 + 0.3 * np.sin(3 * xx) * np.cos(2 * yy) + 0.05 * rng.standard_normal(yy.shape), 0, 1).astype(np.float32)
+    img = np.clip(0.3 + 0.3 * np.sin(3 * xx) * np.cos(2 * yy) + 0.05 * rng.standard_normal(yy.shape), 0, 1).astype(
+        np.float32
+    )
     config = AugmentConfig()
     for _ in range(5):
         augment(img, rng, config)
@@ -84,8 +92,12 @@ def augmentation(image_size: int, batch_size: int = 32, steps: int = 5) -> dict:
     for _ in range(steps):
         step()
     per_image_step = (time.perf_counter() - t) / (steps * batch_size)
-    return {"image_size": image_size, "augment_ms_per_image": round(per_image_aug * 1e3, 2),
-            "train_step_ms_per_image": round(per_image_step * 1e3, 2), "augment_share_of_step": round(per_image_aug / per_image_step, 3)}
+    return {
+        "image_size": image_size,
+        "augment_ms_per_image": round(per_image_aug * 1e3, 2),
+        "train_step_ms_per_image": round(per_image_step * 1e3, 2),
+        "augment_share_of_step": round(per_image_aug / per_image_step, 3),
+    }
 
 
 def main() -> None:
@@ -94,11 +106,16 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     args = ap.parse_args()
     b = bootstrap(args.resamples)
-    print(f"bootstrap AUC intervals, {b['resamples']} resamples of {b['n']}: {b['seconds']} s, scikit-learn loop "
-          f"{b['sklearn_loop_seconds']} s -> {b['speedup']}x faster (ROC AUC interval {b['roc_ci']} vs loop {b['loop_roc_ci']})")
+    print(
+        f"bootstrap AUC intervals, {b['resamples']} resamples of {b['n']}: {b['seconds']} s, scikit-learn loop "
+        f"{b['sklearn_loop_seconds']} s -> {b['speedup']}x faster (ROC AUC interval {b['roc_ci']} vs loop "
+        f"{b['loop_roc_ci']})"
+    )
     a = augmentation(args.image_size)
-    print(f"augmentation {a['augment_ms_per_image']} ms per {a['image_size']} px image vs training step "
-          f"{a['train_step_ms_per_image']} ms per image -> {a['augment_share_of_step']:.1%} of the step")
+    print(
+        f"augmentation {a['augment_ms_per_image']} ms per {a['image_size']} px image vs training step "
+        f"{a['train_step_ms_per_image']} ms per image -> {a['augment_share_of_step']:.1%} of the step"
+    )
     print(json.dumps({"bootstrap": b, "augmentation": a}))
 
 

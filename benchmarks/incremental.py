@@ -62,7 +62,10 @@ def main() -> None:
         if not os.path.isdir(images) or not os.listdir(images):
             t = time.perf_counter()
             make_images(images, args.images, args.size)
-            print(f"generated {args.images} PNGs of {args.size}x{args.size} px in {time.perf_counter() - t:.1f}s", flush=True)
+            print(
+                f"generated {args.images} PNGs of {args.size}x{args.size} px in {time.perf_counter() - t:.1f}s",
+                flush=True,
+            )
         table = os.path.join(tmp, "table")
         ensure_ray()
         t = time.perf_counter()
@@ -74,7 +77,9 @@ def main() -> None:
         again_s = time.perf_counter() - t
         print(again.line(), flush=True)
         assert full.scored == full.inputs and again.scored == 0 and again.skipped == full.inputs
-    print(f"full run:               {full_s:8.1f} s  ({full.scored} images scored, {full.scored / full_s:.1f} images/s)")
+    print(
+        f"full run:               {full_s:8.1f} s  ({full.scored} images scored, {full.scored / full_s:.1f} images/s)"
+    )
     print(f"re-run, nothing changed:{again_s:8.1f} s  ({again.skipped} images skipped)")
     print(f"ratio re-run / full: {again_s / full_s:.4f}")
 

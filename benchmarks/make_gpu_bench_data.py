@@ -58,7 +58,10 @@ def main() -> int:
     non = non_all[::step][: args.non]
     chosen = covid + non
     if len(covid) < 2 or len(non) < 2:
-        print(f"error: need at least 2 images of each class in {args.data}, found {len(covid)} covid, {len(non)} non", file=sys.stderr)
+        print(
+            f"error: need at least 2 images of each class in {args.data}, found {len(covid)} covid, {len(non)} non",
+            file=sys.stderr,
+        )
         return 2
     names, labels, blobs = [], [], []
     for i, f in enumerate(chosen, 1):
@@ -74,8 +77,10 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     table = pa.table({"name": names, "label": labels, "jpeg": pa.array(blobs, pa.binary())})
     pq.write_table(table, args.output, compression="none")  # JPEG does not compress further
-    print(f"wrote {args.output}: {len(chosen)} images ({len(covid)} covid, {len(non)} non), "
-          f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
+    print(
+        f"wrote {args.output}: {len(chosen)} images ({len(covid)} covid, {len(non)} non), "
+        f"{os.path.getsize(args.output) / 2**20:.1f} MiB"
+    )
     travel = _travel_mib(os.path.join(here, ".."))
     if travel is not None:
         print(f"a device run would carry about {travel:.1f} MiB (tracked files + .device + benchmarks/data; limit 64)")
@@ -88,10 +93,16 @@ def _travel_mib(top: str) -> float | None:
     import subprocess
 
     try:
-        tracked = subprocess.run(["git", "-C", top, "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+        tracked = subprocess.run(["git", "-C", top, "ls-files", "-z"], capture_output=True, check=True).stdout.split(
+            b"\0"
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
-    total = sum(os.path.getsize(os.path.join(top, f.decode())) for f in tracked if f and os.path.isfile(os.path.join(top, f.decode())))
+    total = sum(
+        os.path.getsize(os.path.join(top, f.decode()))
+        for f in tracked
+        if f and os.path.isfile(os.path.join(top, f.decode()))
+    )
     for extra in (".device", os.path.join("benchmarks", "data")):
         for d, _, names in os.walk(os.path.join(top, extra)):
             total += sum(os.path.getsize(os.path.join(d, n)) for n in names)

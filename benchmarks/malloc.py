@@ -75,20 +75,41 @@ def main() -> None:
     from cxr.runtime import TORCH_WORKER_MALLOC_ENV
 
     default_env = {k: v for k, v in os.environ.items() if k not in TORCH_WORKER_MALLOC_ENV and k != "GLIBC_TUNABLES"}
-    print(f"mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, {args.steps} steps, {os.cpu_count()} CPUs; "
-          f"settings: {' '.join(f'{k}={v}' for k, v in TORCH_WORKER_MALLOC_ENV.items())}")
+    print(
+        f"mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, {args.steps} steps, {os.cpu_count()} CPUs; "
+        f"settings: {' '.join(f'{k}={v}' for k, v in TORCH_WORKER_MALLOC_ENV.items())}"
+    )
     print(f"{'':24} {'images/s':>9} {'faults/step':>12} {'peak MiB':>9} {'ratio':>6}")
     for mode in ("train", "eval"):
         for where in ("main", "thread"):
             base = None
             for label, env in (("default", default_env), ("settings", {**default_env, **TORCH_WORKER_MALLOC_ENV})):
-                run = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", mode, where, "--steps", str(args.steps),
-                                      "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)],
-                                     env=env, check=True, capture_output=True, text=True)
+                run = subprocess.run(
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--one",
+                        mode,
+                        where,
+                        "--steps",
+                        str(args.steps),
+                        "--image-size",
+                        str(args.image_size),
+                        "--batch-size",
+                        str(args.batch_size),
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
                 r = json.loads(run.stdout.strip().splitlines()[-1])
                 base = base or r["images_per_s"]
-                print(f"{mode:5} {where:6} {label:11} {r['images_per_s']:9.1f} {r['faults_per_step']:12.0f} {r['peak_mib']:9.0f} "
-                      f"{r['images_per_s'] / base:6.2f}")
+                print(
+                    f"{mode:5} {where:6} {label:11} {r['images_per_s']:9.1f} {r['faults_per_step']:12.0f} "
+                    f"{r['peak_mib']:9.0f} "
+                    f"{r['images_per_s'] / base:6.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def plain_loop(paths: list[str], model_uri: str, batch_size: int, optimized: boo
         with torch.inference_mode():
             probs += torch.softmax(model(x), 1)[:, 1].tolist()
     with tempfile.TemporaryDirectory() as d:
-        pq.write_table(pa.table({"path": paths, "prob_covid": pa.array(probs, pa.float32())}), os.path.join(d, "out.parquet"))
+        pq.write_table(
+            pa.table({"path": paths, "prob_covid": pa.array(probs, pa.float32())}), os.path.join(d, "out.parquet")
+        )
     return time.perf_counter() - start
 
 
@@ -66,7 +68,9 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data", "covid-xray-5k", "train"))
-    p.add_argument("--model", help="checkpoint (default: a fresh mobilenet_v2 at 224 px; speed does not depend on weights)")
+    p.add_argument(
+        "--model", help="checkpoint (default: a fresh mobilenet_v2 at 224 px; speed does not depend on weights)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--loop-only", nargs=2, metavar=("PATHS_FILE", "MODEL"), help=argparse.SUPPRESS)  # internal
@@ -101,8 +105,21 @@ def main() -> None:
     paths_file = os.path.join(tmp, "paths.txt")
     with open(paths_file, "w") as f:
         f.write("\n".join(paths))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--loop-only", paths_file, model_uri, "--batch-size", str(args.batch_size)],
-                         env={**os.environ, **TORCH_WORKER_MALLOC_ENV}, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--loop-only",
+            paths_file,
+            model_uri,
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        env={**os.environ, **TORCH_WORKER_MALLOC_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     all_s = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"loop, same opts+malloc: {len(paths) / all_s:7.1f} images/s ({all_s:.1f} s)")
 
@@ -113,9 +130,17 @@ def main() -> None:
     manifest = os.path.join(tmp, "inputs.csv")
     with open(manifest, "w") as f:
         f.write("path\n" + "\n".join(paths) + "\n")
-    summary = score([manifest] if args.limit else [os.path.abspath(args.data)], os.path.join(tmp, "scores"), model_uri, batch_size=args.batch_size)
+    summary = score(
+        [manifest] if args.limit else [os.path.abspath(args.data)],
+        os.path.join(tmp, "scores"),
+        model_uri,
+        batch_size=args.batch_size,
+    )
     assert summary.files == len(paths), summary
-    print(f"score job             : {summary.images_per_s:7.1f} images/s ({summary.seconds:.1f} s, {summary.errors} errors)")
+    print(
+        f"score job             : {summary.images_per_s:7.1f} images/s ({summary.seconds:.1f} s, {summary.errors} "
+        "errors)"
+    )
     print(f"ratio score job / plain loop           : {summary.images_per_s / (len(paths) / loop_s):.2f}")
     print(f"ratio score job / loop with same opts  : {summary.images_per_s / (len(paths) / opt_s):.2f}")
     print(f"ratio score job / loop, opts + malloc  : {summary.images_per_s / (len(paths) / all_s):.2f}")

@@ -29,12 +29,8 @@ sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests"), os.path.
 
 
 def dicom_archive(folder: str, n: int) -> str:
-    saved = dict(os.environ)
-    from conftest import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
     from decode import radiograph
-
-    os.environ.clear()  # importing conftest sets the tests' environment (Ray token auth, fake S3): not ours
-    os.environ.update(saved)
+    from support.images import compress_dicom, dicom_bytes  # the tests' DICOM writer and GDCM encoder
 
     data = compress_dicom(dicom_bytes(radiograph(3000, 2500)), "1.2.840.10008.1.2.4.70")
     os.makedirs(folder)
@@ -78,7 +74,9 @@ def main() -> None:
             runs: dict[str, list[float]] = {"fixed": [], "measured": []}
             plans = {}
             for _ in range(args.repeat):
-                for mode in ("fixed", "measured") if len(runs["fixed"]) % 2 == 0 else ("measured", "fixed"):  # alternate who goes first
+                for mode in (
+                    ("fixed", "measured") if len(runs["fixed"]) % 2 == 0 else ("measured", "fixed")
+                ):  # alternate who goes first
                     out = os.path.join(tmp, "out")
                     start = time.perf_counter()
                     summary = score(inputs, out, args.model, measure=mode == "measured", overwrite=True)
@@ -88,8 +86,15 @@ def main() -> None:
                     plans[mode] = summary.plan
                     shutil.rmtree(out)
             best = {mode: max(v) for mode, v in runs.items()}
-            rows.append({"archive": name, "files": summary.files, "images_per_s": {m: round(v, 2) for m, v in best.items()},
-                         "ratio_measured_vs_fixed": round(best["measured"] / best["fixed"], 2), "plans": plans})
+            rows.append(
+                {
+                    "archive": name,
+                    "files": summary.files,
+                    "images_per_s": {m: round(v, 2) for m, v in best.items()},
+                    "ratio_measured_vs_fixed": round(best["measured"] / best["fixed"], 2),
+                    "plans": plans,
+                }
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -99,17 +99,38 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="cxr-bench-train-")
     root = subset(os.path.abspath(args.data), args.limit, os.path.join(tmp, "data"))
-    print(f"{args.limit} images, {args.epochs} epochs, mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs")
+    print(
+        f"{args.limit} images, {args.epochs} epochs, mobilenet_v2 at {args.image_size} px, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs"
+    )
 
     loop_rate, loop_s = plain_loop_rate(root, args.epochs, args.batch_size, args.image_size)
     print(f"plain loop : {loop_rate:6.1f} images/s per epoch after the first; {loop_s:.0f} s end to end")
     from cxr.runtime import TORCH_WORKER_MALLOC_ENV
 
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--plain-only", root, "--epochs", str(args.epochs),
-                          "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)],
-                         env={**os.environ, **TORCH_WORKER_MALLOC_ENV}, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--plain-only",
+            root,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--image-size",
+            str(args.image_size),
+        ],
+        env={**os.environ, **TORCH_WORKER_MALLOC_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     tuned_rate, tuned_s = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"plain loop, the job's malloc settings: {tuned_rate:6.1f} images/s per epoch after the first; {tuned_s:.0f} s end to end")
+    print(
+        f"plain loop, the job's malloc settings: {tuned_rate:6.1f} images/s per epoch after the first; {tuned_s:.0f} "
+        "s end to end"
+    )
 
     ray.init(logging_level="ERROR", include_dashboard=False)
     from ray.data import DataContext
@@ -117,14 +138,24 @@ def main() -> None:
     DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     # val_fraction: the train job holds out validation images; train on as many as the loop does.
-    cfg = TrainConfig(data=root, output=os.path.join(tmp, "run"), epochs=args.epochs, batch_size=args.batch_size,
-                      image_size=args.image_size, oversample=1, val_fraction=0.1)
+    cfg = TrainConfig(
+        data=root,
+        output=os.path.join(tmp, "run"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        oversample=1,
+        val_fraction=0.1,
+    )
     train(cfg)
     job_s = time.perf_counter() - start
     rows = list(csv.DictReader(open(os.path.join(tmp, "run", "metrics.csv"))))
     rates = [float(r["train_images_per_s"]) for r in rows]
     job_rate = sum(rates[1:]) / max(1, len(rates) - 1) if len(rates) > 1 else rates[0]
-    print(f"train job  : {job_rate:6.1f} images/s per epoch after the first; {job_s:.0f} s end to end (incl. validation each epoch)")
+    print(
+        f"train job  : {job_rate:6.1f} images/s per epoch after the first; {job_s:.0f} s end to end (incl. validation "
+        "each epoch)"
+    )
     print(f"ratio train job / plain loop (images/s): {job_rate / loop_rate:.2f}")
     print(f"ratio train job / plain loop with the job's malloc settings (images/s): {job_rate / tuned_rate:.2f}")
     ray.shutdown()

@@ -1,58 +1,15 @@
-"""Shortcut audit of a model: sensitivity and false-positive rate on the internal set versus external
-sets (same threshold), the metadata-only baseline, and Grad-CAM focus per set and class, in one report
-with a plain-language verdict.
-
-    python jobs/audit.py --model default --internal DATA --external EXT1 --external EXT2 --output reports/audit
-
-Each set is a labelled folder or s3:// prefix ({train,test}/{covid,non}/, {covid,non}/, or a folder
-named covid or non). Writes report.html, report.json, rates.png, focus.png, predictions.parquet and
-heatmaps/ (a few overlays per set and class).
+"""``python jobs/audit.py``: the job ``cxr.jobs.audit`` (installed as the command ``cxr-audit``) run from a
+checkout, also under ``ray job submit --working-dir .``. Options: ``python jobs/audit.py --help``.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr.jobs.audit import main, parse_args, run
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
-    p.add_argument("--internal", required=True, metavar="URI", help="labelled data like the model's training data")
-    p.add_argument("--external", action="append", default=[], metavar="URI", help="labelled data from elsewhere; repeatable")
-    p.add_argument("--output", required=True, metavar="DIR", help="local directory for the report")
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing (default: refuse a non-empty output, exit 5)")
-    p.add_argument("--internal-split", default="test", help="split folder of the internal set: train | test | all (default test)")
-    p.add_argument("--limit", type=cli.positive_int, help="at most N images per set and class, drawn at random (fixed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heatmaps-per-class", type=cli.non_negative_int, default=2, help="overlay PNGs kept per set and class (default 2)")
-    p.add_argument("--bootstrap", type=cli.non_negative_int, default=500, help="bootstrap resamples for the AUC intervals")
-    p.add_argument("--layer", help="module Grad-CAM hooks (default: the backbone's last convolutional block)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16)
-    p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-def main() -> int:
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    from cxr.audit import audit
-
-    result = audit(args.model, args.internal, args.external, args.output,
-                   internal_split=None if args.internal_split == "all" else args.internal_split, limit=args.limit, seed=args.seed,
-                   heatmaps_per_class=args.heatmaps_per_class, n_bootstrap=args.bootstrap, batch_size=args.batch_size,
-                   actors=args.actors, layer=args.layer, overwrite=args.overwrite)
-    print(result.line())
-    for problem in result.report["verdict"]["problems"]:
-        print(f"- {problem}")
-    return cli.OK
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -1,52 +1,15 @@
-"""Grad-CAM heatmaps for chest X-rays, with a focus score per image (is the model looking at the lungs?).
-
-    python jobs/explain.py --input images/ --model default --output out/explain
-
-Writes heatmaps/*.png (overlays on the image the model saw), explanations.parquet (the score columns
-plus focus, corner_share, outside_lungs, heatmap) and gallery.html. Focus = share of the Grad-CAM
-mass inside the central lung box (x 15-85%, y 10-85% of the image); uniform = 0.525, < 0.5 flagged.
+"""``python jobs/explain.py``: the job ``cxr.jobs.explain`` (installed as the command ``cxr-explain``) run from a
+checkout, also under ``ray job submit --working-dir .``. Options: ``python jobs/explain.py --help``.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr.jobs.explain import main, parse_args, run
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, metavar="URI",
-                   help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest; repeatable")
-    p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix (must be empty)")
-    p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
-    p.add_argument("--limit", type=cli.positive_int, help="explain a random subset of this many images (fixed --seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layer", help="module name Grad-CAM hooks (default: the backbone's last convolutional block; "
-                   "an ensemble: each member's own, and its maps averaged)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16)
-    p.add_argument("--actors", type=cli.positive_int)
-    p.add_argument("--all-views", action="store_true",
-                   help="also explain lateral and oblique DICOM views (by default error rows 'not a frontal view', as in score.py)")
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-def main() -> int:
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    from cxr.explain import explain
-
-    summary = explain(args.input, args.model, args.output, limit=args.limit, seed=args.seed, overwrite=args.overwrite,
-                      layer=args.layer, batch_size=args.batch_size, actors=args.actors, all_views=args.all_views)
-    print(summary.line())
-    return cli.OK
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

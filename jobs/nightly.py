@@ -16,24 +16,51 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, metavar="URI",
-                   help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable")
-    p.add_argument("--table", required=True, metavar="URI", help="directory or s3:// prefix of the incremental table (created if missing)")
-    p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; "
+        "repeatable",
+    )
+    p.add_argument(
+        "--table",
+        required=True,
+        metavar="URI",
+        help="directory or s3:// prefix of the incremental table (created if missing)",
+    )
+    cli.add_model_option(p)
     cli.add_scoring_resources(p)
-    p.add_argument("--rows-per-file", type=cli.positive_int, help="rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)")
-    p.add_argument("--drift-threshold", type=cli.fraction, default=0.1,
-                   help="flag a change of the share predicted positive of at least this much (absolute; also tested for significance)")
-    p.add_argument("--fail-on-drift", action="store_true", help="exit with code 7 when the drift flag is raised (the run is committed)")
-    p.add_argument("--all-views", action="store_true",
-                   help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
-                        "'not a frontal view': the models read PA/AP chest X-rays")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--rows-per-file",
+        type=cli.positive_int,
+        help="rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)",
+    )
+    p.add_argument(
+        "--drift-threshold",
+        type=cli.fraction,
+        default=0.1,
+        help="flag a change of the share predicted positive of at least this much (absolute; also tested for "
+        "significance)",
+    )
+    p.add_argument(
+        "--fail-on-drift",
+        action="store_true",
+        help="exit with code 7 when the drift flag is raised (the run is committed)",
+    )
+    p.add_argument(
+        "--all-views",
+        action="store_true",
+        help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
+        "'not a frontal view': the models read PA/AP chest X-rays",
+    )
+    cli.add_general_options(p)
     return p.parse_args(argv)
 
 
@@ -43,10 +70,17 @@ def main() -> int:
     from cxr.incremental import run_incremental
 
     report = run_incremental(
-        args.input, args.table, args.model,
-        batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
-        rows_per_file=args.rows_per_file, drift_threshold=args.drift_threshold, all_views=args.all_views,
+        args.input,
+        args.table,
+        args.model,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        threads_per_actor=args.threads_per_actor,
+        rows_per_file=args.rows_per_file,
+        drift_threshold=args.drift_threshold,
+        all_views=args.all_views,
     )
     print(report.line())
     print(json.dumps({"report": report.__dict__}))

@@ -1,113 +1,15 @@
-"""Fine-tune a CNN backbone on labelled chest X-rays with Ray Train.
-
-    python jobs/train.py --data DATA --backbone mobilenet_v2 --output runs/mnv2
-
-DATA is a folder or s3:// prefix laid out as {train,test}/{covid,non}/ (only train/ is used) or
-{covid,non}/. OUTPUT becomes a checkpoint directory that the score and evaluate jobs take as --model.
+"""``python jobs/train.py``: the job ``cxr.jobs.train`` (installed as the command ``cxr-train``) run from a
+checkout, also under ``ray job submit --working-dir .``. Options: ``python jobs/train.py --help``.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr.jobs.train import main, parse_args, run
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from cxr.preprocess import TTA_CHOICES
-
-    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--data", required=True, metavar="URI",
-                   help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or {covid,non}/")
-    p.add_argument("--output", required=True, metavar="URI",
-                   help="checkpoint directory or s3:// prefix to write. The same command again resumes an interrupted run; "
-                        "an output holding a run with other settings is refused (exit 5) unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds (an earlier run) before training")
-    p.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2, mobilenet_v3_large, resnet50, efficientnet_b0, densenet121, or timm/<name>")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a .safetensors/.pth state dict")
-    p.add_argument("--epochs", type=cli.positive_int, default=8, help="passes over the training images; the checkpoint is the best epoch's")
-    p.add_argument("--lr", type=cli.positive_float, default=3e-4, help="AdamW learning rate, decayed to 0 by a cosine schedule over the epochs")
-    p.add_argument("--covid-weight", type=cli.positive_float, help="loss weight of the covid class (default: balanced after oversampling)")
-    p.add_argument("--oversample", type=cli.positive_int, default=5, help="repeat each COVID training image this often, augmented differently")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per training step of each worker")
-    p.add_argument("--image-size", type=cli.positive_int, default=224, help="the model's input, in pixels (square)")
-    p.add_argument("--crop", default="none", metavar="lung|none|T,B,L,R",
-                   help="keep only this box of each image (fractions top,bottom,left,right) before resizing; 'lung' = "
-                        "0.10,0.85,0.15,0.85, which cuts away the borders where side markers and text identify the source. "
-                        "Recorded in the checkpoint: scoring crops alike")
-    p.add_argument("--equalize", action="store_true", help="histogram-equalise each image instead of the percentile contrast stretch "
-                   "(erases each source's exposure and tone curve; recorded in the checkpoint)")
-    p.add_argument("--tta", choices=TTA_CHOICES, default="none",
-                   help="test-time augmentation: 'hflip' scores each image and its mirror image and averages the logits "
-                        "(twice the model's work). Used for validation, the threshold and every later scoring (recorded in the checkpoint)")
-    p.add_argument("--val-fraction", type=cli.val_fraction, default=0.2, help="share of the images (patient-grouped) held out for validation")
-    p.add_argument("--threshold-folds", type=cli.positive_int, default=1, metavar="K",
-                   help="K > 1: also train on the other folds of a K-fold split and choose the threshold on the pooled "
-                        "out-of-fold scores (all training images, not one small validation split); K times the training time. "
-                        "With K = 1/--val-fraction (5 for 0.2) the shipped model is one of the K")
-    p.add_argument("--seeds", type=cli.positive_int, default=1, metavar="N",
-                   help="N > 1: train N models per split that differ only in their seed and write an ensemble checkpoint "
-                        "(the mean of their probabilities; its threshold chosen on the ensemble's own validation scores, "
-                        "with --threshold-folds on every fold's ensemble); N times the training and scoring time")
-    p.add_argument("--target-sensitivity", type=cli.fraction, default=0.98, help="the threshold keeps validation sensitivity at this")
-    p.add_argument("--workers", type=cli.positive_int, default=1, help="data-parallel Ray Train workers")
-    p.add_argument("--cpus-per-worker", type=cli.positive_float, default=1.0, help="logical CPUs each training worker reserves")
-    p.add_argument("--threads-per-worker", type=cli.positive_int, help="torch threads per worker (default: the node's CPUs // workers)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 mixed precision")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation, the batch order and the augmentation")
-    p.add_argument("--groups", metavar="CSV", help="CSV or TSV (local or s3://) with columns file,group: images of one group (a case, a patient) stay on one "
-                        "side of the split")
-    p.add_argument("--max-failures", type=cli.non_negative_int, default=2, help="worker failures survived by resuming from the last checkpoint")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
-
-
-def main() -> int:
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    from cxr.models import check_backbone
-    from cxr.data import read_group_table
-    from cxr.train import TrainConfig, train
-
-    try:
-        check_backbone(args.backbone)
-        from cxr.preprocess import PreprocessSpec, parse_crop
-
-        crop = parse_crop(args.crop)
-        PreprocessSpec(input_size=args.image_size, crop=crop, equalize=args.equalize)  # validates
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return cli.USAGE
-    groups = read_group_table(args.groups, "--groups") if args.groups else None
-    cfg = TrainConfig(
-        data=args.data, output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs, lr=args.lr,
-        covid_weight=args.covid_weight, oversample=args.oversample, batch_size=args.batch_size, image_size=args.image_size,
-        crop=crop, equalize=args.equalize, tta=args.tta, threshold_folds=args.threshold_folds, seeds=args.seeds,
-        val_fraction=args.val_fraction, target_sensitivity=args.target_sensitivity, workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, gpu=args.gpu, seed=args.seed,
-        groups=groups, max_failures=args.max_failures,
-    )
-    result = train(cfg, overwrite=args.overwrite)
-    m = result.metrics
-    print(f"trained {result.model_id} in {result.seconds:.0f}s: best epoch {result.best_epoch}, validation AUC {m['val_auc']:.3f}, "
-          f"specificity {m['val_spec_at_target']:.3f} at sensitivity >= {cfg.target_sensitivity} (threshold {result.threshold:.4f}) -> {result.output}")
-    if result.cross_validation:
-        cv = result.cross_validation
-        ps, sv = cv["pooled_sensitivity"], cv["shipped_validation"]["specificity"]
-        print(f"threshold {cv['threshold']:.4f} from {cv['folds']} folds: operating specificity {cv['operating_specificity']:.3f} keeps "
-              f"{ps['k']}/{ps['n']} out-of-fold COVID images (sensitivity 95% CI {ps['ci95'][0]:.3f}-{ps['ci95'][1]:.3f}); "
-              f"shipped model's validation specificity {sv['value']:.3f} ({sv['k']}/{sv['n']}); per-fold AUC "
-              + ", ".join(f"{f['auc']:.3f}" for f in cv["per_fold"]))
-    print(json.dumps({"train": {"model": result.model_id, "output": result.output, "threshold": result.threshold,
-                                "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
-                                "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}}))
-    return cli.OK
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -1,54 +1,15 @@
-"""Validate a labelled chest X-ray dataset: integrity, duplicates and leakage, class balance, and a
-metadata-only baseline (can file properties alone predict the label?).
-
-    python jobs/validate.py --data DATA --output reports/validation [--strict]
-
-DATA: a folder or s3:// prefix laid out as {train,test}/{covid,non}/ or {covid,non}/ (every split
-present is checked). Writes validation.json, report.html, plots and files.parquet (one row per file).
---strict: exit 6 when corrupt files, leakage (duplicates or patients across splits) or label
-conflicts are found (a CI gate on data).
+"""``python jobs/validate.py``: the job ``cxr.jobs.validate`` (installed as the command ``cxr-validate``) run from a
+checkout, also under ``ray job submit --working-dir .``. Options: ``python jobs/validate.py --help``.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli  # noqa: E402
+from cxr.jobs.validate import main, parse_args, run
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, metavar="URI", help="labelled folder or s3:// prefix")
-    p.add_argument("--output", required=True, metavar="DIR", help="local directory for validation.json, report.html, plots")
-    p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing (default: refuse a non-empty output, exit 5)")
-    p.add_argument("--strict", action="store_true", help="exit 6 when error findings (corrupt files, leakage, label conflicts) exist")
-    p.add_argument("--near-distance", type=cli.int_in(0, 32), default=4, help="hash bits (of 64, perceptual and difference hash) within which two images are near duplicates (default 4)")
-    p.add_argument("--min-side", type=cli.positive_int, default=128, help="images with a shorter side are flagged as tiny (default 128)")
-    p.add_argument("--max-pixels", type=cli.positive_int, default=40_000_000, help="images with more pixels are flagged as huge")
-    p.add_argument("--seed", type=int, default=0, help="seed of the metadata baseline's cross-validation")
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-def main() -> int:
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    from cxr.validate import validate
-
-    result = validate(args.data, args.output, near_distance=args.near_distance, min_side=args.min_side,
-                      max_pixels=args.max_pixels, seed=args.seed, overwrite=args.overwrite)
-    print(result.line())
-    for f in result.findings:
-        print(f"{f.severity}: {f.check}: {f.message}")
-    if args.strict and result.errors:
-        print(f"error: --strict: {len(result.errors)} error finding(s)", file=sys.stderr)
-        return cli.CHECK_FAILED
-    return cli.OK
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -12,12 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr.checkpoint import default_model_path  # noqa: E402
-from cxr.data import apply_groups, class_counts, labelled_files, split_train_val  # noqa: E402
+from cxr.checkpoint import default_model_path
+from cxr.data import apply_groups, class_counts, labelled_files, split_train_val
 
 data, out = sys.argv[1:]
 training = json.load(open(os.path.join(default_model_path(), "model.json")))["provenance"]["training"]
-rows = csv.DictReader(open(os.path.join(data, "SOURCE", "covid_images_ieee8023_metadata.tsv"), newline=""), delimiter="\t")
+rows = csv.DictReader(
+    open(os.path.join(data, "SOURCE", "covid_images_ieee8023_metadata.tsv"), newline=""), delimiter="\t"
+)
 files = apply_groups(labelled_files(data, "train"), {r["filename"]: r["url"] or r["filename"] for r in rows})
 _, val = split_train_val(files, training["val_fraction"], training["seed"])
 for f in val:

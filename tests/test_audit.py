@@ -9,13 +9,14 @@ from html import escape
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import dicom_bytes, run_job, xray_like
-from planted import marker_tree, train_tiny
 
 from cxr.audit import audit
 from cxr.explain import versus_threshold
+from support.images import dicom_bytes, xray_like
+from support.jobs import run_job
+from support.planted import marker_tree, train_tiny
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,15 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     out = tmp_path / "audit"
     (out / "heatmaps").mkdir(parents=True)
     (out / "heatmaps" / "stale.png").write_bytes(b"from an earlier run")  # overwrite: emptied first, no stale heatmaps
-    result = audit(corner_model, str(internal), [str(same_source), str(elsewhere)], str(out), n_bootstrap=50, heatmaps_per_class=1,
-                   overwrite=True)
+    result = audit(
+        corner_model,
+        str(internal),
+        [str(same_source), str(elsewhere)],
+        str(out),
+        n_bootstrap=50,
+        heatmaps_per_class=1,
+        overwrite=True,
+    )
     r = json.loads((out / "report.json").read_text())
     sets = r["sets"]
     assert list(sets) == ["hospital-a", "hospital-a-2025", "hospital-b"] and r["internal"] == "hospital-a"
@@ -43,7 +51,10 @@ def test_audit_flags_a_model_that_learned_a_corner_marker(ray_driver, corner_mod
     assert any(p.startswith("On hospital-b it finds COVID-19 far less often") for p in problems)
     assert not any("hospital-a-2025" in p for p in problems)  # same source: no false alarm
     # the flat bright square also makes the files compress better: file size alone gives the marker away
-    assert r["metadata_baseline"]["auc"] > 0.9 and r["metadata_baseline"]["top_features"][0][0] in ("log_size_bytes", "bytes_per_pixel")
+    assert r["metadata_baseline"]["auc"] > 0.9 and r["metadata_baseline"]["top_features"][0][0] in (
+        "log_size_bytes",
+        "bytes_per_pixel",
+    )
     assert any(p.startswith("The internal data has a shortcut: file properties alone") for p in problems)
     pred = pq.read_table(out / "predictions.parquet").to_pandas()
     assert len(pred) == 48 and pred["focus"].dropna().between(0, 1).all()
@@ -62,22 +73,53 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     views = tmp_path / "views"
     views.mkdir()
     (views / "lateral.dcm").write_bytes(dicom_bytes(xray_like(128, 128, seed=6).astype(np.uint16) * 16, view="LL"))
-    proc = run_job("explain.py", "--input", str(data), "--input", str(views), "--model", corner_model, "--output", str(out), env=env)
+    proc = run_job(
+        "explain.py",
+        "--input",
+        str(data),
+        "--input",
+        str(views),
+        "--model",
+        corner_model,
+        "--output",
+        str(out),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "explained 8 of 9 images (0 unreadable, 1 not frontal views)" in proc.stdout
     table = pq.read_table(out / "explanations.parquet").to_pandas()
     assert len(table) == 9 and table["heatmap"].notna().sum() == 8 and len(list((out / "heatmaps").glob("*.png"))) == 8
     assert table.loc[table["path"].str.endswith("lateral.dcm"), "error"].iloc[0].startswith("not a frontal view")
-    assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {"prob_covid", "focus", "corner_share", "outside_lungs"}
+    assert (table["prediction"] == "covid").sum() == 4 and set(table.columns) >= {
+        "prob_covid",
+        "focus",
+        "corner_share",
+        "outside_lungs",
+    }
     gallery = (out / "gallery.html").read_text()
     ok = table[table["error"].isna()]
-    captions = [escape(versus_threshold(p, t, pred)) for p, t, pred in zip(ok["prob_covid"], ok["threshold"], ok["prediction"])]
-    assert len(captions) == 8 and all(c in gallery for c in captions)  # the probability against the threshold, and the prediction
+    captions = [
+        escape(versus_threshold(p, t, pred)) for p, t, pred in zip(ok["prob_covid"], ok["threshold"], ok["prediction"])
+    ]
+    assert len(captions) == 8 and all(
+        c in gallery for c in captions
+    )  # the probability against the threshold, and the prediction
     assert sum("&gt;=" in c for c in captions) == (ok["prediction"] == "covid").sum() == 4
 
     scores = tmp_path / "scores"
-    proc = run_job("score.py", "--input", str(data), "--output", str(scores), "--model", corner_model, "--explain-positive",
-                   "--explain-limit", "3", env=env)
+    proc = run_job(
+        "score.py",
+        "--input",
+        str(data),
+        "--output",
+        str(scores),
+        "--model",
+        corner_model,
+        "--explain-positive",
+        "--explain-limit",
+        "3",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "explained 3 of 4 files (--explain-limit 3; 0 unreadable)" in proc.stdout  # the limit cut 4 positives to 3
     scored = pq.read_table(scores).to_pandas()
@@ -86,7 +128,9 @@ def test_explain_job_and_the_score_jobs_positive_heatmaps(ray_driver, corner_mod
     positive = scored[scored["prediction"] == "covid"].set_index("path")["prob_covid"]
     assert set(positive.index) == {str(p) for p in (data / "covid").glob("*.png")}
     chosen = positive[positive.index.isin(explained["path"])]
-    assert len(explained) == len(chosen) == 3 and chosen.min() >= positive.drop(chosen.index).max()  # the 3 most probable
+    assert (
+        len(explained) == len(chosen) == 3 and chosen.min() >= positive.drop(chosen.index).max()
+    )  # the 3 most probable
     assert "Explained 3 of 4 files (--explain-limit 3)." in (scores / "_heatmaps" / "gallery.html").read_text()
 
 
@@ -96,13 +140,21 @@ def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, 
 
     data = marker_tree(tmp_path / "in", 2, 128, seed=6, cue="marker")
     ensemble = str(tmp_path / "ensemble")
-    save_ensemble({"a": corner_model, "b": corner_model}, ensemble, threshold=0.5)  # two equal members: the member's maps
+    save_ensemble(
+        {"a": corner_model, "b": corner_model}, ensemble, threshold=0.5
+    )  # two equal members: the member's maps
     env = {"RAY_ADDRESS": ray_driver.address}
     out = tmp_path / "explain"
     proc = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "explained 4 of 4 images (0 unreadable)" in proc.stdout and "2 with no positive evidence (focus n/a)" in proc.stdout
-    assert "4 images, median focus" in (out / "gallery.html").read_text() and "2 with no positive evidence" in (out / "gallery.html").read_text()
+    assert (
+        "explained 4 of 4 images (0 unreadable)" in proc.stdout
+        and "2 with no positive evidence (focus n/a)" in proc.stdout
+    )
+    assert (
+        "4 images, median focus" in (out / "gallery.html").read_text()
+        and "2 with no positive evidence" in (out / "gallery.html").read_text()
+    )
     table = pq.read_table(out / "explanations.parquet").to_pandas().sort_values("path")
     assert table["heatmap"].notna().all() and (table["prediction"] == "covid").sum() == 2
     assert table["model"].str.startswith("ensemble@").all()
@@ -114,10 +166,32 @@ def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, 
     single = Explainer(corner_model, "r", 1, storage.s3_settings())
     paths = table["path"].tolist()
     images = np.stack([preprocess(decode(open(p, "rb").read(), p).image, single.info.preprocess) for p in paths])
-    own = single({"path": np.array(paths), "image": images, "width": np.full(4, 128), "height": np.full(4, 128),
-                  "error": np.array([None] * 4, object)}).to_pandas()
+    own = single(
+        {
+            "path": np.array(paths),
+            "image": images,
+            "width": np.full(4, 128),
+            "height": np.full(4, 128),
+            "error": np.array([None] * 4, object),
+        }
+    ).to_pandas()
     assert table["focus"].notna().sum() == 2 and np.allclose(table["focus"], own["focus"], atol=1e-4, equal_nan=True)
 
-    bad = run_job("explain.py", "--input", str(data), "--model", ensemble, "--output", str(tmp_path / "bad"), "--layer", "features.99", env=env)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --layer features.99: model mobilenet_v2 has no layer 'features.99'"
+    bad = run_job(
+        "explain.py",
+        "--input",
+        str(data),
+        "--model",
+        ensemble,
+        "--output",
+        str(tmp_path / "bad"),
+        "--layer",
+        "features.99",
+        env=env,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip().splitlines()[-1]
+        == "error: --layer features.99: model mobilenet_v2 has no layer 'features.99'"
+    )
     assert not (tmp_path / "bad").exists()  # refused before anything was written

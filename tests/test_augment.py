@@ -22,7 +22,7 @@ def _image(seed: int = 0, size: int = S) -> np.ndarray:
 
 def _marker(row: int, col: int) -> np.ndarray:
     img = np.full((S, S), 0.2, np.float32)
-    img[row - 1:row + 2, col - 1:col + 2] = 1.0
+    img[row - 1 : row + 2, col - 1 : col + 2] = 1.0
     return img
 
 
@@ -60,8 +60,19 @@ def test_deterministic_per_seed():
 def test_identity_config_returns_input():
     img = _image()
     assert np.allclose(augment(img, np.random.default_rng(0), ZERO), img, atol=1e-6)
-    zero_magnitudes = AugmentConfig(0, 0, (1, 1), 0, 0, 0, degrade_p=1, downscale=(1, 1), blur_sigma=(0, 0),
-                                    noise_std=(0, 0), jpeg_quality=(100, 100))
+    zero_magnitudes = AugmentConfig(
+        0,
+        0,
+        (1, 1),
+        0,
+        0,
+        0,
+        degrade_p=1,
+        downscale=(1, 1),
+        blur_sigma=(0, 0),
+        noise_std=(0, 0),
+        jpeg_quality=(100, 100),
+    )
     # with degrade_p=1 only the JPEG 8-bit round trip (quality 100) remains
     assert np.allclose(augment(img, np.random.default_rng(0), zero_magnitudes), img, atol=0.02)
 
@@ -108,11 +119,14 @@ def test_intensity_changes_mean_and_spread():
     assert np.isclose(contrast.mean(), img.mean(), atol=0.02)  # around the mean
 
 
-@pytest.mark.parametrize("name, override", [
-    ("jpeg", dict(jpeg_quality=(30, 50))),
-    ("downscale", dict(downscale=(0.25, 0.75))),
-    ("blur", dict(blur_sigma=(1.0, 1.5))),
-])
+@pytest.mark.parametrize(
+    "name, override",
+    [
+        ("jpeg", dict(jpeg_quality=(30, 50))),
+        ("downscale", dict(downscale=(0.25, 0.75))),
+        ("blur", dict(blur_sigma=(1.0, 1.5))),
+    ],
+)
 def test_degradations_remove_high_frequencies(name, override):
     # Fine low-contrast texture (a random +-0.04 pixel checkerboard) on a smooth film: the kind of detail
     # that carries a source's resolution / compression signature. (JPEG keeps a strong regular
@@ -140,7 +154,12 @@ def test_config_roundtrip_and_validation():
     config = AugmentConfig(rotate_deg=5, jpeg_quality=(50, 90))
     d = config.to_dict()
     assert d["jpeg_quality"] == [50, 90] and AugmentConfig.from_dict({**d, "unknown": 1}) == config
-    for bad in (dict(hflip_p=1.5), dict(scale=(1.1, 0.9)), dict(jpeg_quality=(0, 50)), dict(downscale=(0.5, 2)),
-                dict(contrast=-0.1)):
+    for bad in (
+        dict(hflip_p=1.5),
+        dict(scale=(1.1, 0.9)),
+        dict(jpeg_quality=(0, 50)),
+        dict(downscale=(0.5, 2)),
+        dict(contrast=-0.1),
+    ):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)

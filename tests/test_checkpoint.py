@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PicklePayload
 import torch
 from torch import nn
 
@@ -31,6 +30,7 @@ from cxr.checkpoint import (
 )
 from cxr.models import create_model
 from cxr.preprocess import PreprocessSpec, to_model_input
+from support.payloads import PicklePayload
 
 SIZE = 64
 
@@ -255,8 +255,6 @@ def test_any_other_failure_is_a_checkpoint_error_naming_the_model(saved, monkeyp
         load_checkpoint(saved[2])
 
 
-
-
 @pytest.mark.parametrize("hash_matches", [True, False])
 def test_pickle_disguised_as_safetensors_never_unpickled(saved, tmp_path, hash_matches):
     copy = _copy_checkpoint(saved[2], tmp_path / "m")
@@ -375,11 +373,17 @@ def test_tta_hflip_averages_the_logits_of_the_image_and_its_mirror(saved, tmp_pa
         logits = (model.eval()(x) + model(x.flip(-1))) / 2
     np.testing.assert_allclose(loaded.predict_proba(images), torch.softmax(logits, 1)[:, 1].numpy(), atol=1e-5)
     mirrored = np.ascontiguousarray(images[:, :, ::-1])
-    np.testing.assert_allclose(loaded.predict_proba(mirrored), loaded.predict_proba(images), atol=1e-5)  # mirror-invariant
-    assert np.abs(plain.predict_proba(mirrored) - plain.predict_proba(images)).max() > 1e-4  # which the model alone is not
+    np.testing.assert_allclose(
+        loaded.predict_proba(mirrored), loaded.predict_proba(images), atol=1e-5
+    )  # mirror-invariant
+    assert (
+        np.abs(plain.predict_proba(mirrored) - plain.predict_proba(images)).max() > 1e-4
+    )  # which the model alone is not
     # Saved again, the checkpoint says it needs a reader that knows TTA (format 2): older code refuses it
     # rather than scoring without the augmentation its threshold was chosen with.
-    again = save_checkpoint(model, ModelInfo("mobilenet_v2", PreprocessSpec(input_size=SIZE), tta="hflip"), str(tmp_path / "again"))
+    again = save_checkpoint(
+        model, ModelInfo("mobilenet_v2", PreprocessSpec(input_size=SIZE), tta="hflip"), str(tmp_path / "again")
+    )
     d = json.loads((tmp_path / "again" / META_FILE).read_text())
     assert (d["tta"], d["format_version"], again.tta) == ("hflip", 2, "hflip")
 

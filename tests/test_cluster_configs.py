@@ -131,8 +131,13 @@ def _command_not_a_string(c):
 
 @pytest.mark.parametrize(
     "breakage",
-    [_unknown_top_level_key, _max_workers_wrong_type, _gpu_resources_wrong_type, _node_type_without_resources,
-     _command_not_a_string],
+    [
+        _unknown_top_level_key,
+        _max_workers_wrong_type,
+        _gpu_resources_wrong_type,
+        _node_type_without_resources,
+        _command_not_a_string,
+    ],
 )
 def test_broken_aws_yaml_is_rejected(aws, breakage):
     broken = copy.deepcopy(aws)
@@ -212,6 +217,35 @@ def test_aws_installs_the_project_from_its_pyproject(aws):
     assert "ray-wheels" not in AWS_YAML.read_text()
 
 
+def test_every_installer_uses_the_constraints_file(aws):
+    """scripts/setup.sh, cluster/Dockerfile and aws.yaml install from constraints.txt, which pins every dependency
+    of pyproject.toml (and the offline-weights group) at a version its range allows."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    project = pyproject()
+    wanted = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"]]
+    wanted += project["dependency-groups"]["offline"]
+    for text in wanted:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (text, pins[name])
+    assert "cxr" not in pins  # the project itself is not a constraint
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt -e '.[test]'" in setup
+    assert "--no-deps -c constraints.txt --group offline" in setup
+    assert re.search(r"^RUN pip install .*-c constraints\.txt \.", DOCKERFILE.read_text(), re.M)
+    assert "constraints.txt" in re.search(r"^COPY .*constraints\.txt", DOCKERFILE.read_text(), re.M).group(0)
+    assert aws["file_mounts"]["~/cxr/constraints.txt"] == "constraints.txt"
+    assert "cd ~/cxr && ~/cxr-venv/bin/pip install -e . -c constraints.txt" in aws["setup_commands"]
+
+
 # =========================================================================== KubeRay manifests
 
 
@@ -238,8 +272,12 @@ def test_every_manifest_parses_with_the_right_api_version_and_kind():
     expected = {
         RAYCLUSTER_YAML: [("ray.io/v1", "RayCluster")],
         RAYJOB_YAML: [("ray.io/v1", "RayJob")],
-        CRONJOB_YAML: [("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
-                       ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("batch/v1", "CronJob")],
+        CRONJOB_YAML: [
+            ("v1", "ServiceAccount"),
+            ("rbac.authorization.k8s.io/v1", "Role"),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+            ("batch/v1", "CronJob"),
+        ],
         PREREQ_YAML: [("v1", "Namespace"), ("v1", "ServiceAccount")],
     }
     assert set(KUBERAY.glob("*.yaml")) == set(expected), "new manifest: add it to this test"
@@ -383,8 +421,11 @@ def test_cronjob_creates_the_rayjob_with_minimal_rights(cron_docs):
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
     sa = one(cron_docs, "ServiceAccount")["metadata"]["name"]
     binding = one(cron_docs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
 
     cron = one(cron_docs, "CronJob")
@@ -402,8 +443,10 @@ def test_cronjob_creates_the_rayjob_with_minimal_rights(cron_docs):
     configmap = volume["configMap"]["name"]
 
     # The ConfigMap is generated from the RayJob file by the documented command: same name and key.
-    create_cm = (f"kubectl -n {NAMESPACE} create configmap {configmap} "
-                 f"--from-file={manifest.name}={RAYJOB_YAML.relative_to(ROOT).as_posix()}")
+    create_cm = (
+        f"kubectl -n {NAMESPACE} create configmap {configmap} "
+        f"--from-file={manifest.name}={RAYJOB_YAML.relative_to(ROOT).as_posix()}"
+    )
     assert create_cm in CRONJOB_YAML.read_text()
     assert create_cm in README.read_text()
 
@@ -475,7 +518,7 @@ def test_documented_job_commands_are_accepted():
     commands = documented_commands()
     files = {f for f, _, _ in commands}
     assert {"aws.yaml", "README.md"} <= files  # the examples users copy
-    for where, script, args in commands:
+    for _where, script, args in commands:
         accept(script, shell_words(args))
 
 

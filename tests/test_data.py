@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import upload_tree
 from cxr.data import (
+    CLASS_NAMES,
+    LabelledFile,
     apply_groups,
+    class_counts,
+    cv_folds,
+    fingerprint,
+    labelled_files,
+    patient_id,
     read_group_table,
-    CLASS_NAMES, LabelledFile, class_counts, cv_folds, fingerprint, labelled_files, patient_id, split_train_val,
+    split_train_val,
 )
 from cxr.sources import InputError
+from support.s3 import upload_tree
 
 
 def _png(seed: int) -> bytes:
@@ -44,10 +51,20 @@ def test_class_names_match_checkpoint():
 
 
 def test_split_layout(tmp_path):
-    root = _tree(tmp_path / "ds", [
-        "train/covid/c1.png", "train/covid/sub/c2.jpg", "train/non/patient00001-study1-view1_frontal.png",
-        "train/non/n2.png", "train/non/notes.txt", "test/covid/tc.png", "test/non/tn.png", "SOURCE/x.png", "loose.png",
-    ])
+    root = _tree(
+        tmp_path / "ds",
+        [
+            "train/covid/c1.png",
+            "train/covid/sub/c2.jpg",
+            "train/non/patient00001-study1-view1_frontal.png",
+            "train/non/n2.png",
+            "train/non/notes.txt",
+            "test/covid/tc.png",
+            "test/non/tn.png",
+            "SOURCE/x.png",
+            "loose.png",
+        ],
+    )
     train = labelled_files(str(root))
     assert _labels(train) == {"c1.png": 1, "c2.jpg": 1, "patient00001-study1-view1_frontal.png": 0, "n2.png": 0}
     assert [f.path for f in train] == sorted(f.path for f in train)
@@ -70,7 +87,9 @@ def test_plain_layout_uppercase_and_split_ignored(tmp_path):
 
 
 def test_single_class_folders(tmp_path):
-    _tree(tmp_path, ["hannover/covid/a.png", "hannover/covid/b.png", "normals/train/non/x.png", "normals/test/non/y.png"])
+    _tree(
+        tmp_path, ["hannover/covid/a.png", "hannover/covid/b.png", "normals/train/non/x.png", "normals/test/non/y.png"]
+    )
     assert _labels(labelled_files(str(tmp_path / "hannover" / "covid"))) == {"a.png": 1, "b.png": 1}
     assert _labels(labelled_files(str(tmp_path / "hannover"))) == {"a.png": 1, "b.png": 1}
     assert _labels(labelled_files(str(tmp_path / "normals"), split=None)) == {"x.png": 0, "y.png": 0}
@@ -89,31 +108,44 @@ def test_missing_classes_raise(tmp_path):
 
 def test_s3_layout(s3_bucket, tmp_path):
     bucket, client = s3_bucket
-    upload_tree(client, bucket, _tree(tmp_path / "ds", ["train/covid/a.png", "train/Non/b.png", "test/non/c.png"]), "cxr5k")
+    upload_tree(
+        client, bucket, _tree(tmp_path / "ds", ["train/covid/a.png", "train/Non/b.png", "test/non/c.png"]), "cxr5k"
+    )
     files = labelled_files(f"s3://{bucket}/cxr5k")
-    assert [(f.path, f.label) for f in files] == [(f"s3://{bucket}/cxr5k/train/Non/b.png", 0),
-                                                  (f"s3://{bucket}/cxr5k/train/covid/a.png", 1)]
+    assert [(f.path, f.label) for f in files] == [
+        (f"s3://{bucket}/cxr5k/train/Non/b.png", 0),
+        (f"s3://{bucket}/cxr5k/train/covid/a.png", 1),
+    ]
     local = labelled_files(str(tmp_path / "ds"))
     assert fingerprint(files) == fingerprint(local)  # relative paths: the copy keeps its fingerprint
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("/d/non/patient00042_study1_view1_frontal.jpg", "patient00042"),
-    ("/d/non/Atelectasis-patient03614-study5-view1_frontal.jpg", "patient03614"),
-    ("s3://b/x/No Finding-PATIENT00007-study1-view1_frontal.jpg", "patient00007"),
-    ("/chexpert/train/patient00042/study1/view1_frontal.jpg", "patient00042"),
-    ("/d/covid/covid-19-pneumonia-22-day1-pa.png", None),
-    ("/d/covid/outpatient12.png", None),
-    ("/patient00001-data/covid/a.png", None),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/d/non/patient00042_study1_view1_frontal.jpg", "patient00042"),
+        ("/d/non/Atelectasis-patient03614-study5-view1_frontal.jpg", "patient03614"),
+        ("s3://b/x/No Finding-PATIENT00007-study1-view1_frontal.jpg", "patient00007"),
+        ("/chexpert/train/patient00042/study1/view1_frontal.jpg", "patient00042"),
+        ("/d/covid/covid-19-pneumonia-22-day1-pa.png", None),
+        ("/d/covid/outpatient12.png", None),
+        ("/patient00001-data/covid/a.png", None),
+    ],
+)
 def test_patient_id(path, expected):
     assert patient_id(path) == expected
 
 
 def _synthetic(n_pos=30, n_neg=270, per_patient=3) -> list[LabelledFile]:
     """Negatives: CheXpert-style, ``per_patient`` images per patient; positives: one group per file."""
-    neg = [LabelledFile(f"/d/non/patient{i // per_patient:05d}_study{i % per_patient}_view1.jpg", 0,
-                        f"patient{i // per_patient:05d}") for i in range(n_neg)]
+    neg = [
+        LabelledFile(
+            f"/d/non/patient{i // per_patient:05d}_study{i % per_patient}_view1.jpg",
+            0,
+            f"patient{i // per_patient:05d}",
+        )
+        for i in range(n_neg)
+    ]
     pos = [LabelledFile(f"/d/covid/c{i:03d}.png", 1, f"/d/covid/c{i:03d}.png") for i in range(n_pos)]
     return pos + neg
 
@@ -184,7 +216,12 @@ def test_group_tables_map_file_names_to_groups_csv_or_tsv(tmp_path):
         read_group_table(str(tmp_path / "bad.csv"), "--groups")
     with pytest.raises(InputError, match="cannot read it"):
         read_group_table(str(tmp_path / "missing.csv"))
-    files = [LabelledFile("/d/covid/a.png", 1, "/d/covid/a.png"), LabelledFile("s3://b/non/patient7-x.png", 0, "patient7")]
+    files = [
+        LabelledFile("/d/covid/a.png", 1, "/d/covid/a.png"),
+        LabelledFile("s3://b/non/patient7-x.png", 0, "patient7"),
+    ]
     grouped = apply_groups(files, {**read_group_table(str(tmp_path / "g.csv")), "patient7-x.png": "case-9"})
-    assert [f.group for f in grouped] == ["g:case-1", "g:case-9"] and [f.path for f in grouped] == [f.path for f in files]
+    assert [f.group for f in grouped] == ["g:case-1", "g:case-9"] and [f.path for f in grouped] == [
+        f.path for f in files
+    ]
     assert apply_groups(files, {"other.png": "x"}) == files and apply_groups(files, None) is files

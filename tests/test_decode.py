@@ -14,19 +14,19 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    JPEG2000Lossless,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGExtended12Bit,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
-from conftest import compress_dicom, dicom_bytes, xray_like
 from cxr.decode import IMAGE_EXTENSIONS, MAX_PIXELS, Decoded, decode, is_dicom, is_non_frontal, sniff_kind
-
+from support.images import compress_dicom, dicom_bytes, xray_like
 
 # ------------------------------------------------------------------ helpers
+
 
 def _check_image(d: Decoded, shape: tuple[int, int]) -> np.ndarray:
     assert d.ok, d.error
@@ -62,8 +62,15 @@ def _png_with_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", *, frames: int = 1,
-           ts=ExplicitVRLittleEndian, file_meta: bool = True, **attrs) -> bytes:
+def _dicom(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    *,
+    frames: int = 1,
+    ts=ExplicitVRLittleEndian,
+    file_meta: bool = True,
+    **attrs,
+) -> bytes:
     """A DICOM file (uint16 grayscale, or uint8 RGB when pixels is HxWx3) written by pydicom."""
     ds = Dataset()
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -104,6 +111,7 @@ GRAY4 = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
 
 # ------------------------------------------------------------------ interface / sniffing
 
+
 def test_constants_and_decoded_ok():
     assert MAX_PIXELS == 64_000_000
     assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".dcm")
@@ -140,6 +148,7 @@ def test_dicom_without_preamble_sniffed_by_extension_and_decoded():
 
 
 # ------------------------------------------------------------------ PNG modes
+
 
 def test_png_8bit_gray_exact_values():
     a = np.array([[0, 128, 255], [1, 2, 3]], dtype=np.uint8)
@@ -210,6 +219,7 @@ def test_png_16bit_full_precision():
 
 # ------------------------------------------------------------------ JPEG
 
+
 def test_jpeg_gray_and_rgb():
     gray = Image.new("L", (16, 8), 128)
     img = _check_image(decode(_pil_bytes(gray, "JPEG", quality=95), "g.jpg"), (8, 16))
@@ -260,6 +270,7 @@ def test_extension_lies_dispatch_by_magic():
 
 
 # ------------------------------------------------------------------ DICOM
+
 
 def test_dicom_monochrome2_uint16():
     d = decode(_dicom(GRAY4), "a.dcm")
@@ -320,13 +331,16 @@ def test_dicom_multiframe_rejected():
     assert "3 frames" in err
 
 
-@pytest.mark.parametrize("ts", [
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14 SV1: the usual PACS storage of CR/DX
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.5",     # RLE Lossless
-])
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14 SV1: the usual PACS storage of CR/DX
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+    ],
+)
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_losslessly_compressed_dicom_decodes_to_the_same_image(ts, photometric):
     """A 12-bit X-ray, compressed the way PACS archives store it, decodes exactly like its uncompressed file."""
@@ -409,6 +423,7 @@ def test_dicom_truncated_pixel_data():
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_empty_random_and_text():
     _check_error(decode(b"", "x.png"), "empty file")

@@ -34,8 +34,14 @@ def test_default_model_scores_the_bundled_samples():
     assert prob.shape == (6,) and np.all((prob >= 0) & (prob <= 1))
     # The table README.md shows (demo.sh): scoring reproduces it, so the preprocessing recorded in the
     # checkpoint (lung crop, 128 px) is what runs. (Right on these six; poor on the whole external sets, as documented.)
-    documented = {"006f3a8a.png": 0.063773, "00870a9c.png": 0.989777, "00d96e05.png": 0.689066,
-                  "IM-0001-0001.jpeg": 0.000140, "IM-0003-0001.jpeg": 0.001134, "IM-0005-0001.jpeg": 0.000468}
+    documented = {
+        "006f3a8a.png": 0.063773,
+        "00870a9c.png": 0.989777,
+        "00d96e05.png": 0.689066,
+        "IM-0001-0001.jpeg": 0.000140,
+        "IM-0003-0001.jpeg": 0.001134,
+        "IM-0005-0001.jpeg": 0.000468,
+    }
     got = {p.name: float(pr) for p, pr in zip(files, prob)}
     assert got == {k: pytest.approx(v, abs=2e-4) for k, v in documented.items()}
     assert loaded.info.threshold == pytest.approx(0.020230, abs=1e-6)

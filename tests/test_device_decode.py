@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes, xray_like
 from PIL import Image
 
 from cxr.checkpoint import default_model_path
 from cxr.decode import decode
 from cxr.device_decode import decode_preprocess_jpegs, preprocess_tensor
 from cxr.preprocess import PreprocessSpec, preprocess
+from support.images import jpeg_bytes, xray_like
 
 SAMPLES = Path(default_model_path()).parents[1] / "samples"
 
@@ -30,13 +30,24 @@ def _rgb_jpeg() -> bytes:
 def jpegs() -> list[bytes]:
     real = [p.read_bytes() for p in sorted(SAMPLES.rglob("*.jpeg"))]  # real X-rays, stored as RGB JPEG
     assert len(real) == 3
-    generated = [jpeg_bytes(xray_like(90, 120, seed=3)), jpeg_bytes(xray_like(300, 260, seed=4)), jpeg_bytes(xray_like(40, 30, seed=5))]
+    generated = [
+        jpeg_bytes(xray_like(90, 120, seed=3)),
+        jpeg_bytes(xray_like(300, 260, seed=4)),
+        jpeg_bytes(xray_like(40, 30, seed=5)),
+    ]
     return real + generated + [_rgb_jpeg()]
 
 
-@pytest.mark.parametrize("spec", [PreprocessSpec(input_size=64), PreprocessSpec(input_size=224), PreprocessSpec(input_size=64, autocontrast=None),
-                                  PreprocessSpec(input_size=64, crop=(0.1, 0.85, 0.15, 0.85), equalize=True)],
-                         ids=["64px", "224px", "no-autocontrast", "crop-equalize"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PreprocessSpec(input_size=64),
+        PreprocessSpec(input_size=224),
+        PreprocessSpec(input_size=64, autocontrast=None),
+        PreprocessSpec(input_size=64, crop=(0.1, 0.85, 0.15, 0.85), equalize=True),
+    ],
+    ids=["64px", "224px", "no-autocontrast", "crop-equalize"],
+)
 def test_matches_the_numpy_path(jpegs, spec):
     images, errors = decode_preprocess_jpegs(jpegs, spec, device="cpu")
     assert errors == [None] * len(jpegs)
@@ -65,6 +76,10 @@ def test_preprocess_tensor_matches_preprocess_on_float_images():
     spec = PreprocessSpec(input_size=48)
     for shape in [(100, 70), (48, 48), (20, 30)]:
         image = rng.random(shape, dtype=np.float32) ** 2
-        np.testing.assert_allclose(preprocess_tensor(torch.from_numpy(image), spec).numpy(), preprocess(image, spec), atol=1e-5)
+        np.testing.assert_allclose(
+            preprocess_tensor(torch.from_numpy(image), spec).numpy(), preprocess(image, spec), atol=1e-5
+        )
     flat = np.full((50, 50), 0.3, np.float32)  # a constant image: no stretch (no division by zero)
-    np.testing.assert_allclose(preprocess_tensor(torch.from_numpy(flat), spec).numpy(), preprocess(flat, spec), atol=1e-6)
+    np.testing.assert_allclose(
+        preprocess_tensor(torch.from_numpy(flat), spec).numpy(), preprocess(flat, spec), atol=1e-6
+    )

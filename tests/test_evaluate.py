@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import dicom_bytes, make_labelled_tree, run_job, xray_like
 
 from cxr.evaluate import data_name, evaluate
+from support.images import dicom_bytes, make_labelled_tree, xray_like
+from support.jobs import run_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.timeout(300)
 def test_report_numbers_match_the_predictions(ray_driver, trained_model, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=15, seed=3, layout="test")
     (data / "test" / "non" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (data / "test" / "covid" / "lateral.dcm").write_bytes(dicom_bytes(xray_like(64, 64, seed=5).astype(np.uint16) * 16, view="LL"))
+    (data / "test" / "covid" / "lateral.dcm").write_bytes(
+        dicom_bytes(xray_like(64, 64, seed=5).astype(np.uint16) * 16, view="LL")
+    )
     out = tmp_path / "report"
     result = evaluate([str(data)], trained_model.output, str(out), n_bootstrap=200)
     pred = pq.read_table(out / "predictions.parquet").to_pandas()
@@ -36,7 +39,9 @@ def test_report_numbers_match_the_predictions(ray_driver, trained_model, tmp_pat
     assert lo <= r["sensitivity"]["value"] <= hi
     assert r["classification_report"]["covid"]["support"] == 15 and r["classification_report"]["non"]["support"] == 15
     assert r["extra"]["unreadable_files"] == 1 and "corrupt.png" in r["extra"]["unreadable_examples"]
-    assert r["extra"]["not_frontal_views"] == 1 and "lateral.dcm: not a frontal view" in r["extra"]["unreadable_examples"]
+    assert (
+        r["extra"]["not_frontal_views"] == 1 and "lateral.dcm: not a frontal view" in r["extra"]["unreadable_examples"]
+    )
     for name in ("report.html", "roc.png", "pr.png", "histogram.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 1000, name
     html = (out / "report.html").read_text()
@@ -46,8 +51,18 @@ def test_report_numbers_match_the_predictions(ray_driver, trained_model, tmp_pat
 def test_single_class_external_folder_gives_sensitivity_only(ray_driver, trained_model, tmp_path):
     data = make_labelled_tree(tmp_path / "ext", n=10, seed=5, layout="")
     out = tmp_path / "report"
-    proc = run_job("evaluate.py", "--data", str(data / "covid"), "--model", trained_model.output, "--output", str(out),
-                   "--bootstrap", "50", env={"RAY_ADDRESS": ray_driver.address})
+    proc = run_job(
+        "evaluate.py",
+        "--data",
+        str(data / "covid"),
+        "--model",
+        trained_model.output,
+        "--output",
+        str(out),
+        "--bootstrap",
+        "50",
+        env={"RAY_ADDRESS": ray_driver.address},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"<h1>[\w/]+ on ext</h1>", (out / "report.html").read_text())  # the set's name, not "covid"
     assert "evaluated 10 images (10 covid, 0 non" in proc.stdout
@@ -76,8 +91,22 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
             f.rename(f.with_name(f"{prefix}-{f.name}"))
     (b / "non" / "Bx-extra.png").write_bytes((b / "non" / "B-non8-0.png").read_bytes())
     out = tmp_path / "by-name"
-    proc = run_job("evaluate.py", "--data", str(a), "--data", str(b), "--model", trained_model.output, "--output", str(out),
-                   "--bootstrap", "20", "--group-by", r"^([A-Z]+x?)-", env={"RAY_ADDRESS": ray_driver.address})
+    proc = run_job(
+        "evaluate.py",
+        "--data",
+        str(a),
+        "--data",
+        str(b),
+        "--model",
+        trained_model.output,
+        "--output",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--group-by",
+        r"^([A-Z]+x?)-",
+        env={"RAY_ADDRESS": ray_driver.address},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pred = pq.read_table(out / "predictions.parquet").to_pandas()
     assert sorted(pred["group"].unique()) == ["A", "B", "Bx"]
@@ -97,19 +126,27 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
     assert (out / "subgroups.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "<h2>Subgroups</h2>" in html and "<td>Bx</td>" in html
-    assert any(line.strip().startswith("Bx") and "sensitivity n/a" in line for line in proc.stdout.splitlines()), proc.stdout
+    assert any(line.strip().startswith("Bx") and "sensitivity n/a" in line for line in proc.stdout.splitlines()), (
+        proc.stdout
+    )
 
     # by source, into the same folder (overwrite: emptied first): groups are the --data URIs
     (out / "stale.txt").write_text("from an earlier run")
-    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source", overwrite=True)
+    result = evaluate(
+        [str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by="source", overwrite=True
+    )
     assert not (out / "stale.txt").exists()
     assert [g["group"] for g in result.subgroups["groups"]] == sorted([str(a), str(b)])
     assert [g["n"] for g in result.subgroups["groups"]] == [12, 9]
     # by a metadata table (file,group; TSV), as exported from a PACS: unlisted files are a group of their own
     views = tmp_path / "views.tsv"
     listed = sorted(pred["path"])[:15]
-    views.write_text("file\tgroup\tother\n" + "".join(f"{p}\t{'AP' if i % 3 else 'PA'}\tx\n" for i, p in enumerate(listed)))
-    result = evaluate([str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by=str(views), overwrite=True)
+    views.write_text(
+        "file\tgroup\tother\n" + "".join(f"{p}\t{'AP' if i % 3 else 'PA'}\tx\n" for i, p in enumerate(listed))
+    )
+    result = evaluate(
+        [str(a), str(b)], trained_model.output, str(out), n_bootstrap=20, group_by=str(views), overwrite=True
+    )
     got = {g["group"]: g["n"] for g in result.subgroups["groups"]}
     assert got == {"AP": 10, "PA": 5, "(not listed)": 6}
     by_path = pq.read_table(out / "predictions.parquet").to_pandas().set_index("path")["group"]
@@ -119,16 +156,39 @@ def test_subgroups_by_file_name_and_by_source(ray_driver, trained_model, tmp_pat
     assert not (out / "subgroups.png").exists() and "subgroups" not in json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_a_bad_group_pattern_is_a_bad_input_before_any_scoring(tiny_model, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=2, layout="")
-    proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"),
-                   "--group-by", "([unclosed")
+    proc = run_job(
+        "evaluate.py",
+        "--data",
+        str(data),
+        "--model",
+        tiny_model,
+        "--output",
+        str(tmp_path / "r"),
+        "--group-by",
+        "([unclosed",
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "--group-by '([unclosed'" in proc.stderr and "not a valid regular expression" in proc.stderr
     assert not (tmp_path / "r").exists()
     (tmp_path / "bad.csv").write_text("name,site\na.png,x\n")
-    for table, says in ((tmp_path / "missing.csv", "cannot read it"), (tmp_path / "bad.csv", "needs the columns 'file' and 'group'")):
-        proc = run_job("evaluate.py", "--data", str(data), "--model", tiny_model, "--output", str(tmp_path / "r"), "--group-by", str(table))
+    for table, says in (
+        (tmp_path / "missing.csv", "cannot read it"),
+        (tmp_path / "bad.csv", "needs the columns 'file' and 'group'"),
+    ):
+        proc = run_job(
+            "evaluate.py",
+            "--data",
+            str(data),
+            "--model",
+            tiny_model,
+            "--output",
+            str(tmp_path / "r"),
+            "--group-by",
+            str(table),
+        )
         assert proc.returncode == 3 and says in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
         assert not (tmp_path / "r").exists()
 

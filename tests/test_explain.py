@@ -9,8 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.explain import (EnsembleCam, ExplainSummary, GradCam, LayerError, LUNG_BOX, cam_for, corner_mask, focus_scores, gallery_html,
-                         heatmap_name, lung_box_in_input, lung_mask, overlay_caption, overlay_png, target_layer, versus_threshold)
+from cxr.explain import (
+    LUNG_BOX,
+    EnsembleCam,
+    ExplainSummary,
+    GradCam,
+    LayerError,
+    cam_for,
+    corner_mask,
+    focus_scores,
+    gallery_html,
+    heatmap_name,
+    lung_box_in_input,
+    lung_mask,
+    overlay_caption,
+    overlay_png,
+    target_layer,
+    versus_threshold,
+)
 from cxr.preprocess import LUNG_BOX as PREPROCESS_LUNG_BOX
 
 
@@ -108,7 +124,9 @@ def test_a_mirror_averaged_models_map_is_the_mean_of_the_image_and_its_mirror():
     # half in the corner it looks at, half in the opposite one (where the mirror image put it), as its logits
     assert np.allclose(both, (plain(x) + plain(x.flip(-1))[..., ::-1]) / 2, atol=1e-6)
     assert both[:, :10, 54:].sum() == pytest.approx(both[:, :10, :10].sum(), rel=0.2) and both[:, :10, :10].sum() > 0
-    assert np.allclose(MirrorCam(plain)(x.flip(-1)), both[..., ::-1], atol=1e-6)  # the mirror image's map is this one mirrored
+    assert np.allclose(
+        MirrorCam(plain)(x.flip(-1)), both[..., ::-1], atol=1e-6
+    )  # the mirror image's map is this one mirrored
 
 
 def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model, tmp_path):
@@ -117,8 +135,11 @@ def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model,
     from cxr.preprocess import PreprocessSpec
 
     torch.manual_seed(1)
-    other = save_checkpoint(create_model("efficientnet_b0"), ModelInfo("efficientnet_b0", PreprocessSpec(input_size=64), threshold=0.5),
-                            str(tmp_path / "effnet"))
+    other = save_checkpoint(
+        create_model("efficientnet_b0"),
+        ModelInfo("efficientnet_b0", PreprocessSpec(input_size=64), threshold=0.5),
+        str(tmp_path / "effnet"),
+    )
     assert other.backbone == "efficientnet_b0"
     ens = str(tmp_path / "ensemble")
     save_ensemble({"mnv2": tiny_model, "effnet": str(tmp_path / "effnet")}, ens, threshold=0.5)
@@ -130,7 +151,11 @@ def test_cam_for_an_ensemble_checkpoint_hooks_each_members_own_layer(tiny_model,
     assert hooked[1] is loaded.members[1].model.get_submodule("features.8")
     x = torch.rand(3, 3, 64, 64)
     maps = cam(x)
-    assert maps.shape == (3, 64, 64) and np.isfinite(maps).all() and np.allclose(maps, (cam.cams[0](x) + cam.cams[1](x)) / 2, atol=1e-6)
+    assert (
+        maps.shape == (3, 64, 64)
+        and np.isfinite(maps).all()
+        and np.allclose(maps, (cam.cams[0](x) + cam.cams[1](x)) / 2, atol=1e-6)
+    )
     # a layer one member lacks: a clear error naming it (the jobs exit 2 before any work)
     with pytest.raises(LayerError, match="efficientnet_b0 has no layer 'features.18'"):
         cam_for(load_checkpoint(ens, optimize=False), "features.18")
@@ -156,7 +181,9 @@ def test_overlay_is_a_png_with_caption_strip_and_names_are_safe():
     im = Image.open(io.BytesIO(png))
     assert im.format == "PNG" and im.size == (128, 150) and im.mode == "RGB"
     name = heatmap_name("s3://bucket/a dir/x ray (1).dcm")
-    assert name.endswith("_x_ray_1_.png") and "/" not in name and name != heatmap_name("s3://bucket/other/x ray (1).dcm")
+    assert (
+        name.endswith("_x_ray_1_.png") and "/" not in name and name != heatmap_name("s3://bucket/other/x ray (1).dcm")
+    )
 
 
 class LooksAwayFrom(LooksAt):
@@ -173,17 +200,38 @@ def test_a_map_without_positive_evidence_is_zero_and_has_no_focus():
 
 def test_summaries_count_the_images_without_focus_and_the_limit():
     line = ExplainSummary("out", 6, 6, 0, 0, 0.53, 6, 1.0, no_focus=4, available=15).line()
-    assert line.startswith("explained 6 of 15 files (--limit 6; 0 unreadable): median focus 0.53 of 2, "
-                           "4 with no positive evidence (focus n/a), 0 with focus < 0.5; 6 heatmaps")
-    assert ExplainSummary("out", 6, 6, 0, 1, 0.4, 6, 1.0, available=6).line().startswith(
-        "explained 6 of 6 images (0 unreadable): median focus 0.40, 1 with focus < 0.5;")
-    rows = [{"path": f"/d/{i}.png", "prob_covid": p, "prediction": "covid" if p >= 0.5401 else "non", "threshold": 0.5401,
-             "focus": f, "outside_lungs": None if f is None else f < 0.5, "heatmap": f"heatmaps/{i}.png", "error": None}
-            for i, (p, f) in enumerate([(0.9, 0.6), (0.7, 0.46), (0.5399, None), (0.2, None), (0.1, None), (0.05, None)])]
+    assert line.startswith(
+        "explained 6 of 15 files (--limit 6; 0 unreadable): median focus 0.53 of 2, "
+        "4 with no positive evidence (focus n/a), 0 with focus < 0.5; 6 heatmaps"
+    )
+    assert (
+        ExplainSummary("out", 6, 6, 0, 1, 0.4, 6, 1.0, available=6)
+        .line()
+        .startswith("explained 6 of 6 images (0 unreadable): median focus 0.40, 1 with focus < 0.5;")
+    )
+    rows = [
+        {
+            "path": f"/d/{i}.png",
+            "prob_covid": p,
+            "prediction": "covid" if p >= 0.5401 else "non",
+            "threshold": 0.5401,
+            "focus": f,
+            "outside_lungs": None if f is None else f < 0.5,
+            "heatmap": f"heatmaps/{i}.png",
+            "error": None,
+        }
+        for i, (p, f) in enumerate([(0.9, 0.6), (0.7, 0.46), (0.5399, None), (0.2, None), (0.1, None), (0.05, None)])
+    ]
     html = gallery_html(rows, "t", "Explained 6 of 15 files (--limit 6).")
-    assert "6 images, median focus 0.53 of 2, 1 of 2 with focus &lt; 0.5, 4 with no positive evidence (focus n/a). Explained 6 of 15" in html
+    assert (
+        "6 images, median focus 0.53 of 2, 1 of 2 with focus &lt; 0.5, 4 with no positive evidence (focus n/a). "
+        "Explained 6 of 15" in html
+    )
     assert "<b>focus n/a (no positive evidence)</b>, 4 of these images" in html
-    assert "p=0.5399 &lt; 0.5401: non · focus n/a (no positive evidence)" in html and "p=0.9000 &gt;= 0.5401: covid · focus 0.60" in html
+    assert (
+        "p=0.5399 &lt; 0.5401: non · focus n/a (no positive evidence)" in html
+        and "p=0.9000 &gt;= 0.5401: covid · focus 0.60" in html
+    )
 
 
 def test_captions_put_the_probability_against_the_threshold():

@@ -18,13 +18,15 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, ROOT, LocalCluster, png_bytes, run_job, xray_like
-from s3_proxy import FaultyS3Proxy
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import read_table, run_incremental
+from support.cluster import LocalCluster
+from support.images import png_bytes, xray_like
+from support.jobs import PYTHON, ROOT, run_job
+from support.s3_proxy import FaultyS3Proxy
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 N = 48  # three input blocks of 16 (sources.rows_per_block); the GETs of the last block are held
 HELD = range(32, N)
@@ -74,12 +76,30 @@ def assert_exactly_once(table: str, uris: list[str], model_id: str) -> None:
         assert pads.dataset(table, format="parquet", partitioning="hive").count_rows() == len(uris)
 
 
-def start_job(ray_cluster, proxy, uris_prefix: str, table: Path, model: str, log: Path, *extra: str) -> subprocess.Popen:
+def start_job(
+    ray_cluster, proxy, uris_prefix: str, table: Path, model: str, log: Path, *extra: str
+) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": proxy.url}
     return subprocess.Popen(
-        [PYTHON, str(ROOT / "jobs" / "nightly.py"), "--input", uris_prefix, "--table", str(table), "--model", model,
-         "--batch-size", "4", "--rows-per-file", "4", *extra],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+        [
+            PYTHON,
+            str(ROOT / "jobs" / "nightly.py"),
+            "--input",
+            uris_prefix,
+            "--table",
+            str(table),
+            "--model",
+            model,
+            "--batch-size",
+            "4",
+            "--rows-per-file",
+            "4",
+            *extra,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(ROOT),
     )
 
 
@@ -98,7 +118,9 @@ def test_killed_driver_run_is_resumed_exactly_once(ray_cluster, s3_bucket, tiny_
     try:
         job = start_job(ray_cluster, proxy, f"s3://{bucket}/incoming", table, tiny_model, tmp_path / "job1.log")
         try:
-            wait_for(lambda: proxy.held > 0 and staged_rows(table) >= 8, "rows staged while the last block is held", proc=job)
+            wait_for(
+                lambda: proxy.held > 0 and staged_rows(table) >= 8, "rows staged while the last block is held", proc=job
+            )
         finally:
             job.send_signal(signal.SIGKILL)  # the driver dies, mid-run
             job.wait(30)
@@ -108,8 +130,19 @@ def test_killed_driver_run_is_resumed_exactly_once(ray_cluster, s3_bucket, tiny_
         proxy.release()
 
         env = {"RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": proxy.url}
-        rerun = run_job("nightly.py", "--input", f"s3://{bucket}/incoming", "--table", str(table), "--model", tiny_model,
-                        "--batch-size", "4", env=env, timeout=300)
+        rerun = run_job(
+            "nightly.py",
+            "--input",
+            f"s3://{bucket}/incoming",
+            "--table",
+            str(table),
+            "--model",
+            tiny_model,
+            "--batch-size",
+            "4",
+            env=env,
+            timeout=300,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     finally:
         proxy.close()
@@ -159,7 +192,9 @@ class ExtraNode:
         before = set(_processes(cluster.temp_dir))
         cluster.add_worker(cpus)
         self.pids = {p: c for p, c in _processes(cluster.temp_dir).items() if p not in before}
-        self.raylet = next(p for p, c in self.pids.items() if "/raylet/raylet " in c or c.split()[0].endswith("/raylet"))
+        self.raylet = next(
+            p for p, c in self.pids.items() if "/raylet/raylet " in c or c.split()[0].endswith("/raylet")
+        )
 
     def kill_raylet(self) -> None:
         os.kill(self.raylet, signal.SIGKILL)
@@ -175,8 +210,10 @@ class ExtraNode:
 def wait_for_alive_nodes(cluster: LocalCluster, n: int, timeout: float = 120) -> None:
     """Until the cluster counts exactly ``n`` live nodes: the GCS notices a killed node only after its
     health checks fail, and a job planned before that would size its actors for the dead node."""
-    script = (f"import ray; ray.init(address='{cluster.address}', logging_level='ERROR'); "
-              "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))")  # Ray may print warnings to stdout too
+    script = (
+        f"import ray; ray.init(address='{cluster.address}', logging_level='ERROR'); "
+        "print('ALIVE', sum(1 for n in ray.nodes() if n['Alive']))"
+    )  # Ray may print warnings to stdout too
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
@@ -198,9 +235,20 @@ def test_worker_node_killed_mid_run_job_completes_exactly_once(ray_cluster, s3_b
     table = tmp_path / "table"
     try:
         ray_cluster.wait_for_nodes(3)
-        job = start_job(ray_cluster, proxy, f"s3://{bucket}/archive", table, tiny_model, tmp_path / "job.log", "--cpus-per-actor", "2.5")
+        job = start_job(
+            ray_cluster,
+            proxy,
+            f"s3://{bucket}/archive",
+            table,
+            tiny_model,
+            tmp_path / "job.log",
+            "--cpus-per-actor",
+            "2.5",
+        )
         try:
-            wait_for(lambda: proxy.held > 0 and staged_rows(table) >= 4, "rows staged while the last block is held", proc=job)
+            wait_for(
+                lambda: proxy.held > 0 and staged_rows(table) >= 4, "rows staged while the last block is held", proc=job
+            )
             nodes[0].kill_raylet()
             nodes.append(ExtraNode(ray_cluster, 3))
             proxy.release()
@@ -223,7 +271,9 @@ def test_worker_node_killed_mid_run_job_completes_exactly_once(ray_cluster, s3_b
 # --------------------------------------------------------------------------- S3 failing requests
 
 
-def test_failing_s3_requests_are_retried_and_final_failures_become_error_rows(ray_driver, s3_bucket, tiny_model, monkeypatch):
+def test_failing_s3_requests_are_retried_and_final_failures_become_error_rows(
+    ray_driver, s3_bucket, tiny_model, monkeypatch
+):
     bucket, client = s3_bucket
     uris = upload_images(client, bucket, "in", 20)
     poison = f"/{bucket}/in/007.png"
@@ -234,7 +284,11 @@ def test_failing_s3_requests_are_retried_and_final_failures_become_error_rows(ra
     model_id = load_checkpoint(tiny_model).info.model_id
     try:
         first = run_incremental([f"s3://{bucket}/in"], table, tiny_model, batch_size=4, rows_per_file=4)
-        assert proxy.injected["GET"] > 20 and proxy.injected["PUT"] + proxy.injected["POST"] > 0 and proxy.injected["HEAD"] > 0
+        assert (
+            proxy.injected["GET"] > 20
+            and proxy.injected["PUT"] + proxy.injected["POST"] > 0
+            and proxy.injected["HEAD"] > 0
+        )
         assert (first.scored, first.errors) == (20, 1)
         rows = {r["path"]: r for r in read_table(table).to_pylist()}
         assert set(rows) == set(uris) and len(read_table(table, all_versions=True)) == 20

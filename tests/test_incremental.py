@@ -13,10 +13,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray.data
-from conftest import dicom_bytes, png_bytes, run_job, xray_like
 
 from cxr.checkpoint import load_checkpoint
 from cxr.incremental import COMMIT_FILE, TABLE_SCHEMA, drift_check, read_table, run_incremental
+from support.images import dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -59,9 +60,18 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     manifest = tmp_path / "extra.csv"
     manifest.write_text(f"path\n{images}/day2/a.png\n{images}/gone.png\n")
     second = run_incremental([str(images), str(manifest)], table, tiny_model, batch_size=4, rows_per_file=4)
-    assert (second.inputs, second.new, second.changed, second.skipped, second.scored, second.errors) == (14, 3, 2, 9, 5, 1)
+    assert (second.inputs, second.new, second.changed, second.skipped, second.scored, second.errors) == (
+        14,
+        3,
+        2,
+        9,
+        5,
+        1,
+    )
     assert second.previous_positive_share == pytest.approx(first.positive_share)
-    assert 0 < second.plan["decode_share"] < 1 and second.plan["batch_size"] == 4  # sized by the costs of tonight's images
+    assert (
+        0 < second.plan["decode_share"] < 1 and second.plan["batch_size"] == 4
+    )  # sized by the costs of tonight's images
     current = check_exactly_once(table, {str(p) for p in images.rglob("*.png")} | {f"{images}/gone.png"}, model_id)
     by_path = {r["path"]: r for r in current.to_pylist()}
     assert by_path[str(images / "day1/03.png")]["run_id"] == second.run_id
@@ -77,7 +87,9 @@ def test_runs_score_only_new_and_changed_images(ray_driver, tiny_model, tmp_path
     plain = pads.dataset(table, format="parquet", partitioning="hive").to_table()
     assert plain.num_rows == history.num_rows
     assert {(r["run_date"], r["run_id"]) for r in plain.select(["run_date", "run_id"]).to_pylist()} == {
-        (first.run_date, first.run_id), (second.run_date, second.run_id)}
+        (first.run_date, first.run_id),
+        (second.run_date, second.run_id),
+    }
     assert not any(Path(table, "_staging").iterdir())
     # staged files (here a stray copy of a committed one) stay invisible to plain readers, Ray Data's too
     stray = Path(table, "_staging", "stray")
@@ -101,13 +113,21 @@ def test_lateral_views_are_left_out_each_night_until_all_views_scores_them(ray_d
     (images / "pa.dcm").write_bytes(dicom_bytes(px, view="PA"))
     (images / "lat.dcm").write_bytes(dicom_bytes(px, view="LL"))
     first = run_incremental([str(images)], table, tiny_model, batch_size=4)
-    assert (first.scored, first.errors, first.not_frontal) == (2, 1, 1) and "(1 of them not frontal views)" in first.line()
+    assert (first.scored, first.errors, first.not_frontal) == (
+        2,
+        1,
+        1,
+    ) and "(1 of them not frontal views)" in first.line()
     again = run_incremental([str(images)], table, tiny_model, batch_size=4)
     assert (again.retried, again.skipped, again.scored) == (0, 2, 0)  # a left-out view is final, not retried nightly
     every = run_incremental([str(images)], table, tiny_model, batch_size=4, all_views=True)
     assert (every.retried, every.skipped, every.scored, every.errors, every.not_frontal) == (1, 1, 1, 0, 0)
     rows = {Path(r["path"]).name: r for r in read_table(table).to_pylist()}
-    assert rows["lat.dcm"]["error"] is None and rows["lat.dcm"]["view"] == "LL" and rows["lat.dcm"]["run_id"] == every.run_id
+    assert (
+        rows["lat.dcm"]["error"] is None
+        and rows["lat.dcm"]["view"] == "LL"
+        and rows["lat.dcm"]["run_id"] == every.run_id
+    )
     assert rows["lat.dcm"]["prob_covid"] == pytest.approx(rows["pa.dcm"]["prob_covid"])  # the same pixels
     assert rows["pa.dcm"]["view"] == "PA" and rows["pa.dcm"]["run_id"] == first.run_id
 
@@ -125,9 +145,18 @@ def test_read_table_ignores_uncommitted_partitions(tmp_path):
     one = one.set_column(0, "path", pa.array(["/img/a.png"])).set_column(4, "model", pa.array(["m@1"]))
     pq.write_table(one.drop_columns(["view"]), good / "y.parquet")  # as written before the column existed
     assert read_table(str(table)).num_rows == 0  # no manifest yet
-    (good / COMMIT_FILE).write_text(json.dumps({"run_id": "ok", "run_date": "2026-11-27", "model": "m@1",
-                                                "committed_at": "2026-11-27T02:00:00+00:00", "files": ["run_date=2026-11-27/run_id=ok/y.parquet"],
-                                                "counts": {"rows": 1, "ok": 0, "errors": 0, "predicted_positive": 0}}))
+    (good / COMMIT_FILE).write_text(
+        json.dumps(
+            {
+                "run_id": "ok",
+                "run_date": "2026-11-27",
+                "model": "m@1",
+                "committed_at": "2026-11-27T02:00:00+00:00",
+                "files": ["run_date=2026-11-27/run_id=ok/y.parquet"],
+                "counts": {"rows": 1, "ok": 0, "errors": 0, "predicted_positive": 0},
+            }
+        )
+    )
     got = read_table(str(table))
     assert got["path"].to_pylist() == ["/img/a.png"] and got["run_id"].to_pylist() == ["ok"]
     assert got["view"].to_pylist() == [None] and got.schema.field("view").type == pa.string()
@@ -140,13 +169,26 @@ def test_drift_flag_needs_a_large_and_significant_shift():
     assert not drift_check(5, 10, 0, 0, 0.1)[0]  # no history
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_nightly_job_exit_codes(tiny_model, tmp_path):
     write_images(tmp_path / "in", ["a.png"])
-    missing = run_job("nightly.py", "--input", str(tmp_path / "nope"), "--table", str(tmp_path / "t"), "--model", tiny_model)
+    missing = run_job(
+        "nightly.py", "--input", str(tmp_path / "nope"), "--table", str(tmp_path / "t"), "--model", tiny_model
+    )
     assert missing.returncode == 3 and "input not found" in missing.stderr
-    bad_model = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", str(tmp_path / "t"), "--model", str(tmp_path / "nomodel"))
+    bad_model = run_job(
+        "nightly.py",
+        "--input",
+        str(tmp_path / "in"),
+        "--table",
+        str(tmp_path / "t"),
+        "--model",
+        str(tmp_path / "nomodel"),
+    )
     assert bad_model.returncode == 4, bad_model.stderr[-2000:]
     (tmp_path / "afile").write_text("x")
-    bad_table = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", str(tmp_path / "afile"), "--model", tiny_model)
+    bad_table = run_job(
+        "nightly.py", "--input", str(tmp_path / "in"), "--table", str(tmp_path / "afile"), "--model", tiny_model
+    )
     assert bad_table.returncode == 5 and "is a file" in bad_table.stderr
     assert run_job("nightly.py", "--table", str(tmp_path / "t")).returncode == 2

@@ -9,7 +9,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, RAY, ROOT
+
+from support.jobs import PYTHON, RAY, ROOT
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,7 +25,10 @@ def submit_and_wait(ray_cluster, *job_args: str) -> tuple[str, str]:
         submit = subprocess.run(
             # PYTHON: the cluster's interpreter (this test cluster runs from the project's virtualenv)
             [RAY, "job", "submit", "--no-wait", "--working-dir", str(ROOT), "--", PYTHON, *job_args],
-            capture_output=True, text=True, timeout=120, env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
         )
         if "No available agent" not in submit.stderr:
             break
@@ -46,7 +50,9 @@ def submit_and_wait(ray_cluster, *job_args: str) -> tuple[str, str]:
 def test_score_job_via_ray_job_submit(ray_cluster, mixed_folder, tiny_model, tmp_path):
     folder, files = mixed_folder
     out = tmp_path / "scores"
-    status, logs = submit_and_wait(ray_cluster, "jobs/score.py", "--input", str(folder), "--output", str(out), "--model", tiny_model)
+    status, logs = submit_and_wait(
+        ray_cluster, "jobs/score.py", "--input", str(folder), "--output", str(out), "--model", tiny_model
+    )
     assert "succeeded" in status, status + logs[-3000:]
     summary = json.loads(next(line for line in logs.splitlines() if line.startswith('{"summary"')))["summary"]
     assert summary["files"] == len(files) and summary["errors"] == sum(1 for _, e, _ in files.values() if e)

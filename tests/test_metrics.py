@@ -149,8 +149,9 @@ def test_binary_report_hand_example():
 
 
 def test_binary_report_class_names_and_targets():
-    r = binary_report(Y_HAND, P_HAND, 0.4, n_bootstrap=0, sensitivity_targets=(0.5,),
-                      class_names=("negative", "positive"))
+    r = binary_report(
+        Y_HAND, P_HAND, 0.4, n_bootstrap=0, sensitivity_targets=(0.5,), class_names=("negative", "positive")
+    )
     assert set(r["classification_report"]) >= {"negative", "positive"}
     assert r["confusion_matrix_labels"]["order"] == ["negative", "positive"]
     assert r["specificity_at_sensitivity"]["0.5"]["threshold"] == 0.8
@@ -233,8 +234,7 @@ def test_bootstrap_ci_contains_point_and_shrinks_with_more_data():
         for key in ("roc_auc", "pr_auc"):
             lo, hi = r[key]["ci95"]
             assert lo <= r[key]["value"] <= hi
-    width = {k: [r[k]["ci95"][1] - r[k]["ci95"][0] for r in (r_small, r_big)]
-             for k in ("roc_auc", "pr_auc")}
+    width = {k: [r[k]["ci95"][1] - r[k]["ci95"][0] for r in (r_small, r_big)] for k in ("roc_auc", "pr_auc")}
     assert width["roc_auc"][1] < width["roc_auc"][0]
     assert width["pr_auc"][1] < width["pr_auc"][0]
 

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import PicklePayload
 import torch
 from torch import nn
 
@@ -26,6 +25,7 @@ from cxr.models import (
     load_weights_file,
     read_state_dict,
 )
+from support.payloads import PicklePayload
 
 FIVE = ["mobilenet_v2", "mobilenet_v3_large", "resnet50", "efficientnet_b0", "densenet121"]
 OFFLINE_FILE = "mobilenet_v2-b0353104.pth"
@@ -207,8 +207,6 @@ def test_pth_that_is_not_a_state_dict_rejected(tmp_path):
         read_state_dict(path)
 
 
-
-
 def test_pickle_payload_never_runs(tmp_path):
     # Control: the payload is real (plain unpickling runs it).
     control = tmp_path / "control-ran"
@@ -228,13 +226,16 @@ def test_pickle_payload_never_runs(tmp_path):
 def test_densenet_old_style_keys_remapped(tmp_path):
     t = torch.arange(3.0)
     path = tmp_path / "s.pth"
-    torch.save({
-        "features.denseblock1.denselayer1.norm.1.weight": t,
-        "features.denseblock1.denselayer1.norm.1.running_var": t,
-        "features.denseblock2.denselayer12.conv.2.weight": t,
-        "features.norm5.weight": t,
-        "classifier.weight": t,
-    }, path)
+    torch.save(
+        {
+            "features.denseblock1.denselayer1.norm.1.weight": t,
+            "features.denseblock1.denselayer1.norm.1.running_var": t,
+            "features.denseblock2.denselayer12.conv.2.weight": t,
+            "features.norm5.weight": t,
+            "classifier.weight": t,
+        },
+        path,
+    )
     state = read_state_dict(path)
     assert set(state) == {
         "features.denseblock1.denselayer1.norm1.weight",
@@ -383,7 +384,11 @@ def test_lite0_offline_weights_classify_a_photograph(hf_cache):
     import numpy as np
     from PIL import Image
 
-    img = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB").resize((224, 224))
+    img = (
+        Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+        .convert("RGB")
+        .resize((224, 224))
+    )
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     model = create_model(LITE0, "imagenet", num_classes=1000).eval()
     with torch.no_grad():

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, xray_like
 
 from cxr.decode import decode
 from cxr.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, crop_box, equalize, preprocess, to_model_input
+from support.images import png_bytes, xray_like
 
 
 def _check(out: np.ndarray, size: int) -> None:
@@ -190,17 +190,19 @@ def test_to_model_input_accepts_tensor_and_single_channel():
 
 def test_to_model_input_takes_read_only_arrays_without_a_warning():
     # Ray Data hands out read-only arrays; torch warns once per process on them (hence a fresh process here).
-    code = ("import warnings, numpy as np\n"
-            "from cxr.preprocess import PreprocessSpec, to_model_input\n"
-            "a = np.linspace(0, 1, 2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16)\n"
-            "a.flags.writeable = False\n"
-            "warnings.simplefilter('error')\n"
-            "x = to_model_input(a, PreprocessSpec(input_size=16))\n"
-            "assert x.shape == (2, 3, 16, 16) and abs(float(x[1, 0, 15, 15]) - (1 - 0.485) / 0.229) < 1e-5\n"
-            "from cxr.checkpoint import load_checkpoint\n"  # and the model's own entry point (scoring, explain)
-            "b = np.zeros((1, 128, 128), np.float32)\n"
-            "b.flags.writeable = False\n"
-            "assert load_checkpoint('default').predict_proba(b).shape == (1,)\n")
+    code = (
+        "import warnings, numpy as np\n"
+        "from cxr.preprocess import PreprocessSpec, to_model_input\n"
+        "a = np.linspace(0, 1, 2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16)\n"
+        "a.flags.writeable = False\n"
+        "warnings.simplefilter('error')\n"
+        "x = to_model_input(a, PreprocessSpec(input_size=16))\n"
+        "assert x.shape == (2, 3, 16, 16) and abs(float(x[1, 0, 15, 15]) - (1 - 0.485) / 0.229) < 1e-5\n"
+        "from cxr.checkpoint import load_checkpoint\n"  # and the model's own entry point (scoring, explain)
+        "b = np.zeros((1, 128, 128), np.float32)\n"
+        "b.flags.writeable = False\n"
+        "assert load_checkpoint('default').predict_proba(b).shape == (1,)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "lib")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -253,7 +255,12 @@ def test_equalize_spreads_grey_levels_uniformly_and_ignores_the_tone_curve():
     np.testing.assert_allclose(preprocess(np.sqrt(img), spec), out, atol=2e-3)
     np.testing.assert_allclose(preprocess(0.2 + 0.5 * img, spec), out, atol=2e-3)
     # with the percentile stretch instead, the tone curve shows through
-    assert np.abs(preprocess(np.sqrt(img), PreprocessSpec(input_size=64)) - preprocess(img, PreprocessSpec(input_size=64))).max() > 0.2
+    assert (
+        np.abs(
+            preprocess(np.sqrt(img), PreprocessSpec(input_size=64)) - preprocess(img, PreprocessSpec(input_size=64))
+        ).max()
+        > 0.2
+    )
 
 
 def test_equalize_gives_equal_values_equal_outputs():

@@ -53,11 +53,15 @@ def _check_png(path: str, min_side: int = 250) -> bytes:
 
 def test_files_written(written):
     _, _, paths, out = written
-    assert set(paths) == {"roc", "pr", "histogram", "confusion_matrix",
-                          "report_json", "report_html"}
-    names = {"roc": "roc.png", "pr": "pr.png", "histogram": "histogram.png",
-             "confusion_matrix": "confusion_matrix.png", "report_json": "report.json",
-             "report_html": "report.html"}
+    assert set(paths) == {"roc", "pr", "histogram", "confusion_matrix", "report_json", "report_html"}
+    names = {
+        "roc": "roc.png",
+        "pr": "pr.png",
+        "histogram": "histogram.png",
+        "confusion_matrix": "confusion_matrix.png",
+        "report_json": "report.json",
+        "report_html": "report.html",
+    }
     for key, name in names.items():
         assert paths[key] == str(out / name)
         assert (out / name).is_file() and (out / name).stat().st_size > 0
@@ -117,7 +121,7 @@ def test_html_key_numbers_images_and_escaping(written):
     embedded = {base64.b64decode(u) for u in uris}
     for key in ("roc", "pr", "histogram", "confusion_matrix"):
         assert Path(paths[key]).read_bytes() in embedded
-    assert "src=\"roc.png\"" not in page and "file:" not in page
+    assert 'src="roc.png"' not in page and "file:" not in page
 
     # extra shown as a key/value table, everything escaped
     assert "<script" not in page.lower()

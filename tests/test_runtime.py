@@ -10,8 +10,10 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
+from cxr.output import new_run_id
+from cxr.resources import cluster_plan
 from cxr.runtime import TORCH_WORKER_MALLOC_ENV, torch_actor_remote_args, torch_worker_runtime_env
-from cxr.score import Predictor, cluster_plan, new_run_id, score_dataset
+from cxr.score import Predictor, score_dataset
 from cxr.sources import table_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,24 +38,35 @@ class EnvPredictor(Predictor):
 
     def __call__(self, batch: dict) -> pa.Table:
         table = super().__call__(batch)
-        return table.append_column("mmap_max", pa.array([os.environ.get("MALLOC_MMAP_MAX_")] * table.num_rows, pa.string()))
+        return table.append_column(
+            "mmap_max", pa.array([os.environ.get("MALLOC_MMAP_MAX_")] * table.num_rows, pa.string())
+        )
 
 
 def _actor_env(folder, files, model) -> set:
-    from cxr.checkpoint import load_info
     from cxr import storage
+    from cxr.checkpoint import load_info
 
     settings = storage.s3_settings()
     good = [str(folder / name) for name, (_, error, _) in sorted(files.items()) if error is None][:4]
     paths = table_dataset(pa.table({"path": good}))
-    ds = score_dataset(paths, model, load_info(model, settings).preprocess, cluster_plan(batch_size=4), new_run_id(), settings,
-                       predictor_cls=EnvPredictor)
+    ds = score_dataset(
+        paths,
+        model,
+        load_info(model, settings).preprocess,
+        cluster_plan(batch_size=4),
+        new_run_id(),
+        settings,
+        predictor_cls=EnvPredictor,
+    )
     rows = ds.take_all()
     assert len(rows) == 4 and all(r["error"] is None for r in rows)
     return {r["mmap_max"] for r in rows}
 
 
-def test_scoring_actors_start_with_the_settings_unless_the_user_set_their_own(ray_driver, mixed_folder, tiny_model, monkeypatch):
+def test_scoring_actors_start_with_the_settings_unless_the_user_set_their_own(
+    ray_driver, mixed_folder, tiny_model, monkeypatch
+):
     folder, files = mixed_folder
     for name in [*TORCH_WORKER_MALLOC_ENV, "GLIBC_TUNABLES"]:
         monkeypatch.delenv(name, raising=False)
@@ -81,8 +94,12 @@ def test_training_workers_get_the_settings(ray_driver, monkeypatch, tmp_path):
         raise Captured
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
-    data = SimpleNamespace(spec=PreprocessSpec(input_size=32), train_ds=SimpleNamespace(count=lambda: 10), val_ds=None,
-                           balanced_covid_weight=1.0)  # stands in for PreparedData (the data sets are never read)
+    data = SimpleNamespace(
+        spec=PreprocessSpec(input_size=32),
+        train_ds=SimpleNamespace(count=lambda: 10),
+        val_ds=None,
+        balanced_covid_weight=1.0,
+    )  # stands in for PreparedData (the data sets are never read)
     with pytest.raises(Captured):
         fit(TrainConfig(data="unused", output=str(tmp_path)), data, storage_path=str(tmp_path))
     assert seen["run_config"].worker_runtime_env == {"env_vars": TORCH_WORKER_MALLOC_ENV}
@@ -104,8 +121,10 @@ def test_ray_datas_no_free_cpu_warning_is_dropped_only_when_a_cpu_is_free_again(
     def record(msg: str) -> logging.LogRecord:
         return logger.makeRecord(logger.name, logging.WARNING, "dataset.py", 1, msg, None, None)
 
-    warning = record("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will "
-                     "hang unless more CPUs are freed up.")
+    warning = record(
+        "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will "
+        "hang unless more CPUs are freed up."
+    )
     assert check.filter(record("Warning: something else"))
     assert not check.filter(warning)  # CPUs free (or free within a second): a false alarm, dropped
     with monkeypatch.context() as m:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -12,13 +12,16 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, compress_dicom, dicom_bytes, png_bytes, run_job, upload_tree, xray_like
 
 from cxr import storage
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
 from cxr.preprocess import preprocess
-from cxr.score import OUTPUT_SCHEMA, measure_costs, plan_resources, score
+from cxr.resources import plan_resources
+from cxr.score import OUTPUT_SCHEMA, measure_costs, score
+from support.images import IGNORED, compress_dicom, dicom_bytes, png_bytes, xray_like
+from support.jobs import run_job
+from support.s3 import upload_tree
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +61,7 @@ def check_table(table: pa.Table, files: dict, prefix: str, model_uri: str) -> No
             assert row["width"] is None and row["height"] is None
         assert row["view"] == decode(data, name).view, (name, row["view"])  # DICOM ViewPosition, else null
     assert len({r["run_id"] for r in rows.values()}) == 1
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert all(now - timedelta(minutes=10) < r["scored_at"] <= now for r in rows.values())
 
 
@@ -74,8 +77,17 @@ def _some_node_keeps_task_cpus(nodes, plan) -> bool:
 
 
 @pytest.mark.parametrize("nodes", [[2], [2, 1], [16], [16, 16, 16, 16], [4, 2, 1], [8, 0.5]])
-@pytest.mark.parametrize("ask", [{}, {"cpus_per_actor": 1}, {"cpus_per_actor": 2}, {"cpus_per_actor": 64},
-                                 {"decode_share": 0.99}, {"decode_share": 0.5}])
+@pytest.mark.parametrize(
+    "ask",
+    [
+        {},
+        {"cpus_per_actor": 1},
+        {"cpus_per_actor": 2},
+        {"cpus_per_actor": 64},
+        {"decode_share": 0.99},
+        {"decode_share": 0.5},
+    ],
+)
 def test_default_pool_never_lets_actors_starve_the_tasks(nodes, ask):
     plan = plan_resources(nodes, **ask)
     assert plan.actors >= 1 and plan.threads_per_actor >= 1 and plan.gpus_per_actor == 0
@@ -96,7 +108,11 @@ def test_plan_defaults():
     plan = plan_resources([2])  # this machine: one actor using both cores, half a CPU kept for tasks
     assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor, plan.task_cpus) == (1, 1.5, 2, 0.5)
     greedy = plan_resources([2, 1], cpus_per_actor=2)
-    assert (greedy.actors, greedy.cpus_per_actor, greedy.threads_per_actor) == (1, 1.5, 2)  # threads as asked, reservation shrinks
+    assert (greedy.actors, greedy.cpus_per_actor, greedy.threads_per_actor) == (
+        1,
+        1.5,
+        2,
+    )  # threads as asked, reservation shrinks
     big = plan_resources([16, 16])  # two 8-thread actors per 16-core node
     assert (big.actors, big.threads_per_actor) == (4, 8)
     gpu = plan_resources([16, 16], total_gpus=4)
@@ -141,7 +157,9 @@ def test_measure_costs_samples_across_the_inputs_and_restores_threads(tmp_path, 
     real = cxr.score._load_one
     monkeypatch.setattr(cxr.score, "_load_one", lambda path, *a, **k: seen.append(path) or real(path, *a, **k))
     mixed = measure_costs(pa.array(paths), loaded, settings, max_seconds=60)
-    assert seen == [paths[i] for i in (0, 0, 3, 5, 8, 11, 14, 16, 19)]  # an untimed first call, then 8 files spread evenly
+    assert seen == [
+        paths[i] for i in (0, 0, 3, 5, 8, 11, 14, 16, 19)
+    ]  # an untimed first call, then 8 files spread evenly
     assert mixed.files == 8 and torch.get_num_threads() == threads
     assert mixed.model_s > 0 and 0 < mixed.decode_share < 1
     seen.clear()
@@ -174,7 +192,9 @@ def test_measure_costs_does_not_wait_for_a_read_that_hangs(tmp_path, tiny_model,
     try:
         costs = measure_costs(paths, loaded, settings, max_seconds=0.5)  # returns while the 4th read still hangs
         assert costs is not None and costs.files == 3  # what was done by then
-        assert measure_costs(paths[3:], loaded, settings, max_seconds=0.5) is None  # nothing done: the caller keeps the fixed plan
+        assert (
+            measure_costs(paths[3:], loaded, settings, max_seconds=0.5) is None
+        )  # nothing done: the caller keeps the fixed plan
     finally:
         stuck.set()
 
@@ -197,18 +217,36 @@ def test_lateral_and_oblique_dicom_views_are_error_rows_unless_all_views(ray_dri
     px = xray_like(64, 64, seed=4).astype(np.uint16) * 16
     folder = tmp_path / "views"
     folder.mkdir()
-    for name, view in (("pa", "PA"), ("ap", "AP"), ("lateral", "LL"), ("oblique", "RAO"), ("decubitus", "LLD"), ("none", None)):
+    for name, view in (
+        ("pa", "PA"),
+        ("ap", "AP"),
+        ("lateral", "LL"),
+        ("oblique", "RAO"),
+        ("decubitus", "LLD"),
+        ("none", None),
+    ):
         (folder / f"{name}.dcm").write_bytes(dicom_bytes(px, view=view))
     summary = score([str(folder)], str(tmp_path / "frontal"), tiny_model)
     assert (summary.errors, summary.not_frontal) == (3, 3) and "(3 of them not frontal views)" in summary.line()
     rows = {r["path"].rsplit("/", 1)[1]: r for r in read_table(str(tmp_path / "frontal")).to_pylist()}
-    assert {n: r["view"] for n, r in rows.items()} == {"pa.dcm": "PA", "ap.dcm": "AP", "lateral.dcm": "LL", "oblique.dcm": "RAO",
-                                                       "decubitus.dcm": "LLD", "none.dcm": None}
+    assert {n: r["view"] for n, r in rows.items()} == {
+        "pa.dcm": "PA",
+        "ap.dcm": "AP",
+        "lateral.dcm": "LL",
+        "oblique.dcm": "RAO",
+        "decubitus.dcm": "LLD",
+        "none.dcm": None,
+    }
     for name in ("lateral.dcm", "oblique.dcm", "decubitus.dcm"):
-        assert rows[name]["error"].startswith(f"not a frontal view: DICOM ViewPosition {rows[name]['view']} "), rows[name]
+        assert rows[name]["error"].startswith(f"not a frontal view: DICOM ViewPosition {rows[name]['view']} "), rows[
+            name
+        ]
         assert rows[name]["prob_covid"] is None
     same = rows["pa.dcm"]["prob_covid"]  # every file holds the same pixels
-    assert all(rows[n]["error"] is None and rows[n]["prob_covid"] == pytest.approx(same) for n in ("pa.dcm", "ap.dcm", "none.dcm"))
+    assert all(
+        rows[n]["error"] is None and rows[n]["prob_covid"] == pytest.approx(same)
+        for n in ("pa.dcm", "ap.dcm", "none.dcm")
+    )
 
     summary = score([str(folder)], str(tmp_path / "all"), tiny_model, all_views=True)
     assert (summary.files, summary.errors, summary.not_frontal) == (6, 0, 0)
@@ -223,9 +261,9 @@ def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_fol
     import io
 
     from PIL import Image
-    from conftest import jpeg_bytes, xray_like
 
     from cxr.score import device_jpeg_size
+    from support.images import jpeg_bytes, xray_like
 
     folder, files = mixed_folder
     good = jpeg_bytes(xray_like(50, 40, seed=7))
@@ -234,14 +272,20 @@ def test_jpegs_decoded_by_the_predictor_give_the_same_rows(ray_driver, mixed_fol
     exif[0x0112] = 6  # rotate 90: the CUDA decoder would not, so it must stay on the CPU path
     buf = io.BytesIO()
     im.save(buf, "JPEG", exif=exif.tobytes())
-    extra = {"jpegs/rotated.jpg": (buf.getvalue(), None, (50, 40)), "jpegs/truncated.jpg": (good[: len(good) // 2], "truncated", None),
-             "jpegs/big.jpg": (jpeg_bytes(xray_like(300, 260, seed=8)), None, (260, 300))}
+    extra = {
+        "jpegs/rotated.jpg": (buf.getvalue(), None, (50, 40)),
+        "jpegs/truncated.jpg": (good[: len(good) // 2], "truncated", None),
+        "jpegs/big.jpg": (jpeg_bytes(xray_like(300, 260, seed=8)), None, (260, 300)),
+    }
     for name, (data, _, _) in extra.items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_bytes(data)
     files = {**files, **extra}
     assert device_jpeg_size(extra["jpegs/big.jpg"][0]) == (260, 300)
-    assert device_jpeg_size(extra["jpegs/rotated.jpg"][0]) is None and device_jpeg_size(extra["jpegs/truncated.jpg"][0]) is None
+    assert (
+        device_jpeg_size(extra["jpegs/rotated.jpg"][0]) is None
+        and device_jpeg_size(extra["jpegs/truncated.jpg"][0]) is None
+    )
     assert device_jpeg_size(files["good/a.png"][0]) is None
     summary = score([str(folder)], str(tmp_path / "scores"), tiny_model, device_jpeg=True, batch_size=4)
     check_table(read_table(str(tmp_path / "scores")), files, str(folder), tiny_model)
@@ -268,7 +312,9 @@ def test_device_jpeg_route_in_the_stages(mixed_folder, tiny_model):
     predictor = Predictor(tiny_model, "run", 1, False, settings)
     want, got = predictor(cpu).to_pydict(), predictor(dev).to_pydict()
     assert got["error"] == want["error"] and got["prediction"] == want["prediction"]
-    np.testing.assert_allclose(np.array(got["prob_covid"], dtype=float), np.array(want["prob_covid"], dtype=float), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(got["prob_covid"], dtype=float), np.array(want["prob_covid"], dtype=float), atol=1e-5
+    )
 
 
 def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, tiny_model, tmp_path):
@@ -281,7 +327,9 @@ def test_actors_asking_for_every_cpu_do_not_deadlock(ray_driver, mixed_folder, t
     # kept (an autoscaling cluster could grow into it); Ray Data adds actors only within its budget.
     names = sorted(files) + [f"more/{i:03d}.png" for i in range(150)]
     pacsv.write_csv(pa.table({"path": names}), folder / "all.csv")
-    summary = score([str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=64, cpus_per_actor=0.5, batch_size=2)
+    summary = score(
+        [str(folder / "all.csv")], str(tmp_path / "scores"), tiny_model, actors=64, cpus_per_actor=0.5, batch_size=2
+    )
     assert summary.files == len(names) and summary.scored == len(names) - sum(1 for _, e, _ in files.values() if e)
     assert summary.plan["decode_share"] is None and summary.plan["actors"] == 64  # CPUs asked for: not measured
 
@@ -311,7 +359,9 @@ def test_manifest_csv_and_parquet(ray_driver, mixed_folder, tiny_model, tmp_path
     assert set(rows) == {f"{folder}/{n}" for n in names + ["good/missing.png"]}
     assert rows[f"{folder}/good/missing.png"]["error"].startswith("read failed")
 
-    pq.write_table(pa.table({"uri": [str(folder / n) for n in names], "site": ["a"] * len(names)}), tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"uri": [str(folder / n) for n in names], "site": ["a"] * len(names)}), tmp_path / "m.parquet"
+    )
     out2 = str(tmp_path / "from_parquet")
     score([str(tmp_path / "m.parquet")], out2, tiny_model)
     assert sorted(read_table(out2)["path"].to_pylist()) == sorted(f"{folder}/{n}" for n in names)
@@ -331,11 +381,22 @@ def test_score_job_cli_exit_codes_and_no_secrets(ray_cluster, mixed_folder, tiny
 
     again = run_job("score.py", "--input", str(folder), "--output", str(out), "--model", tiny_model, env=env)
     assert again.returncode == 5 and "not empty" in again.stderr
-    missing = run_job("score.py", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--model", tiny_model, env=env)
+    missing = run_job(
+        "score.py", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--model", tiny_model, env=env
+    )
     assert missing.returncode == 3 and "input not found" in missing.stderr
     (tmp_path / "badmodel").mkdir()
     (tmp_path / "badmodel" / "model.json").write_text("{not json")
-    bad = run_job("score.py", "--input", str(folder), "--output", str(tmp_path / "o3"), "--model", str(tmp_path / "badmodel"), env=env)
+    bad = run_job(
+        "score.py",
+        "--input",
+        str(folder),
+        "--output",
+        str(tmp_path / "o3"),
+        "--model",
+        str(tmp_path / "badmodel"),
+        env=env,
+    )
     assert bad.returncode == 4 and "not valid JSON" in bad.stderr
     usage = run_job("score.py", "--output", str(tmp_path / "o4"), env=env)
     assert usage.returncode == 2

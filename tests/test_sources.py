@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import IGNORED, mixed_files, upload_tree, write_files
 
 from cxr.sources import InputError, input_paths, list_images, read_manifest, rows_per_block
+from support.images import IGNORED, mixed_files, write_files
+from support.s3 import upload_tree
 
 
 @pytest.fixture
@@ -121,10 +122,12 @@ def test_read_manifest_csv_uri_column_numeric_names(tmp_path):
 
 
 def test_read_manifest_parquet(tmp_path):
-    table = pa.table({
-        "uri": ["x/a.png", None, "/abs/b.png", "file:///abs/c.png", "s3://b/k/d.png", ""],
-        "label": [1, 0, 1, 0, 1, 0],
-    })
+    table = pa.table(
+        {
+            "uri": ["x/a.png", None, "/abs/b.png", "file:///abs/c.png", "s3://b/k/d.png", ""],
+            "label": [1, 0, 1, 0, 1, 0],
+        }
+    )
     path = tmp_path / "m" / "batch.parquet"
     path.parent.mkdir()
     pq.write_table(table, path)
@@ -221,12 +224,20 @@ def test_rows_per_block_bounds():
 def test_io_errors_are_described_in_one_line_without_credentials():
     from cxr.storage import describe_error
 
-    assert describe_error(OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation:")) == \
-        "OSError: AWS Error SERVICE_UNAVAILABLE during GetObject operation"
-    assert describe_error(OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce\n  your request rate.")) == \
-        "OSError: AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate."
-    leaky = OSError("AWS Error ACCESS_DENIED during HeadObject operation: The AWS Access Key Id you provided AKIAEXAMPLE")
+    assert (
+        describe_error(OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation:"))
+        == "OSError: AWS Error SERVICE_UNAVAILABLE during GetObject operation"
+    )
+    assert (
+        describe_error(OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce\n  your request rate."))
+        == "OSError: AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate."
+    )
+    leaky = OSError(
+        "AWS Error ACCESS_DENIED during HeadObject operation: The AWS Access Key Id you provided AKIAEXAMPLE"
+    )
     assert describe_error(leaky) == "OSError: AWS Error ACCESS_DENIED during HeadObject operation: The [redacted]"
     signed = FileNotFoundError("https://b.s3/x?X-Amz-Credential=AKIAEXAMPLE%2F2026&X-Amz-Signature=abc")
-    assert "AKIA" not in describe_error(signed) and describe_error(signed).startswith("FileNotFoundError: https://b.s3/x?")
+    assert "AKIA" not in describe_error(signed) and describe_error(signed).startswith(
+        "FileNotFoundError: https://b.s3/x?"
+    )
     assert len(describe_error(OSError("x" * 1000))) == len("OSError: ") + 300

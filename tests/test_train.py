@@ -11,14 +11,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_labelled_tree, png_bytes, xray_like
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
 from cxr.decode import decode
-from cxr.metrics import choose_threshold
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.train import TrainConfig, _val_scores, epoch_batches, member_data, prepare_data, train, transfer_threshold, validation_metrics
+from cxr.train import (
+    CRASH_AT_EPOCH_ENV,
+    TrainConfig,
+    _val_scores,
+    epoch_batches,
+    member_data,
+    prepare_data,
+    train,
+    transfer_threshold,
+    validation_metrics,
+)
+from support.images import make_labelled_tree, png_bytes, xray_like
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,7 +71,7 @@ class _Shard:
 
     def iter_batches(self, batch_size, batch_format):
         for i in range(0, len(self.images), batch_size):
-            yield {"image": self.images[i:i + batch_size], "label": self.labels[i:i + batch_size]}
+            yield {"image": self.images[i : i + batch_size], "label": self.labels[i : i + batch_size]}
 
 
 def test_validation_scores_use_the_checkpoints_tta():
@@ -74,8 +83,11 @@ def test_validation_scores_use_the_checkpoints_tta():
     from cxr.preprocess import PreprocessSpec
 
     torch.manual_seed(0)  # ImageNet features (a random-weight net scores every image alike) and a random head
-    loaded = LoadedModel(create_model("mobilenet_v2", weights="imagenet"), ModelInfo("mobilenet_v2", PreprocessSpec(input_size=64)),
-                         optimize=False)
+    loaded = LoadedModel(
+        create_model("mobilenet_v2", weights="imagenet"),
+        ModelInfo("mobilenet_v2", PreprocessSpec(input_size=64)),
+        optimize=False,
+    )
     rng = np.random.default_rng(0)
     images, labels = rng.random((6, 64, 64), dtype=np.float32), np.array([0, 1, 0, 1, 0, 1])
     shard = _Shard(images, labels)
@@ -100,8 +112,9 @@ def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, t
     assert info["preprocess"]["input_size"] == 64
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    # It learned, in the record too: the training loss falls well below a guess's (ln 2 = 0.69). Not "the last epoch
-    # below the first": on a few dozen images the batches' order (Ray Data's) moves the epoch means (0.27, then 0.42 once).
+    # It learned, in the record too: the training loss falls well below a guess's (ln 2 = 0.69). Not "the last
+    # epoch below the first": on a few dozen images the batches' order (Ray Data's) moves the epoch means (0.27,
+    # then 0.42 once).
     losses = [float(r["train_loss"]) for r in rows]
     assert all(0 < v < 5 for v in losses) and min(losses) < 0.5, losses
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
@@ -117,10 +130,19 @@ def test_training_learns_a_separable_task_and_leaves_its_record(trained_model, t
     assert roc_auc_score(y, loaded.predict_proba(np.stack(images))) >= 0.9
 
 
-def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path):
+def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_AT_EPOCH_ENV, "1")  # the test-only hook: rank 0 dies once in epoch 1
     data = make_labelled_tree(tmp_path / "data", n=12)
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", epochs=3, image_size=32, batch_size=8,
-                      oversample=1, val_fraction=0.25, fail_once_at_epoch=1)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        weights="none",
+        epochs=3,
+        image_size=32,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.25,
+    )
     result = train(cfg)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # every epoch once: none lost, none repeated
@@ -130,9 +152,21 @@ def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_driver, tmp_path)
 
 def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded(ray_driver, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=12)
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", epochs=1, image_size=32, batch_size=8,
-                      oversample=1, val_fraction=0.25, threshold_folds=4, target_sensitivity=0.9,
-                      crop=LUNG_BOX, equalize=True, tta="hflip")
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        weights="none",
+        epochs=1,
+        image_size=32,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.25,
+        threshold_folds=4,
+        target_sensitivity=0.9,
+        crop=LUNG_BOX,
+        equalize=True,
+        tta="hflip",
+    )
     result = train(cfg)
     cv = result.cross_validation
     assert (cv["folds"], cv["n"], cv["positives"]) == (4, 24, 12)  # every image scored once, out of fold
@@ -149,7 +183,10 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
     assert cv["pooled_sensitivity"]["n"] == 12 and cv["pooled_sensitivity"]["k"] >= 11
     info = json.loads((tmp_path / "run" / "model.json").read_text())
     assert info["threshold"] == pytest.approx(cv["threshold"]) == pytest.approx(result.threshold)
-    assert "pooled by operating point" in info["provenance"]["threshold_rule"] and info["provenance"]["cross_validation"]["n"] == 24
+    assert (
+        "pooled by operating point" in info["provenance"]["threshold_rule"]
+        and info["provenance"]["cross_validation"]["n"] == 24
+    )
     assert info["preprocess"]["crop"] == list(LUNG_BOX) and info["preprocess"]["equalize"] is True
     loaded = load_checkpoint(result.output)
     assert loaded.info.preprocess.crop == LUNG_BOX  # scoring preprocesses as training did
@@ -159,7 +196,9 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
     from cxr.data import labelled_files, split_train_val
 
     _, val = split_train_val(labelled_files(str(data), "train"), 0.25, 0)
-    images = np.stack([preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val])
+    images = np.stack(
+        [preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val]
+    )
     scores = np.load(tmp_path / "run" / "val_scores.npy")
     assert np.allclose(np.sort(scores[0]), np.sort(loaded.predict_proba(images)), atol=1e-5)  # (that TTA changes a
     # model's scores at all: test_validation_scores_use_the_checkpoints_tta; this one-epoch model is nearly constant)
@@ -173,19 +212,35 @@ def test_a_timm_backbone_trains_from_its_offline_imagenet_weights_with_its_own_n
     from cxr.models import TIMM_OFFLINE, offline_copy, read_state_dict
 
     data = make_labelled_tree(tmp_path / "data", n=8)
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), backbone="timm/tf_efficientnet_lite0", weights="imagenet",
-                      epochs=1, lr=1e-12, image_size=32, batch_size=8, oversample=1, val_fraction=0.25)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        backbone="timm/tf_efficientnet_lite0",
+        weights="imagenet",
+        epochs=1,
+        lr=1e-12,
+        image_size=32,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.25,
+    )
     result = train(cfg)
     info = json.loads((tmp_path / "run" / "model.json").read_text())
     assert info["backbone"] == "timm/tf_efficientnet_lite0"
     assert info["preprocess"]["mean"] == [0.5, 0.5, 0.5] and info["preprocess"]["std"] == [0.5, 0.5, 0.5]
     stem = read_state_dict(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))["_conv_stem.weight"]
-    assert np.allclose(read_state_dict(tmp_path / "run" / "model.safetensors")["conv_stem.weight"].float().numpy(), stem.numpy(), atol=1e-6)
+    assert np.allclose(
+        read_state_dict(tmp_path / "run" / "model.safetensors")["conv_stem.weight"].float().numpy(),
+        stem.numpy(),
+        atol=1e-6,
+    )
     loaded = load_checkpoint(result.output)
     from cxr.data import labelled_files, split_train_val
 
     _, val = split_train_val(labelled_files(str(data), "train"), 0.25, 0)
-    images = np.stack([preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val])
+    images = np.stack(
+        [preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val]
+    )
     scores = np.load(tmp_path / "run" / "val_scores.npy")
     assert np.allclose(np.sort(scores[0]), np.sort(loaded.predict_proba(images)), atol=1e-5)
 
@@ -193,8 +248,19 @@ def test_a_timm_backbone_trains_from_its_offline_imagenet_weights_with_its_own_n
 def test_a_seed_ensemble_scores_every_split_with_the_mean_of_its_members(ray_driver, tmp_path):
     data = make_labelled_tree(tmp_path / "data", n=12)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(data), output=str(out), weights="none", epochs=1, image_size=32, batch_size=8,
-                      oversample=1, val_fraction=0.5, threshold_folds=2, target_sensitivity=0.9, seeds=2)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(out),
+        weights="none",
+        epochs=1,
+        image_size=32,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.5,
+        threshold_folds=2,
+        target_sensitivity=0.9,
+        seeds=2,
+    )
     result = train(cfg)
     info = json.loads((out / "model.json").read_text())
     assert info["kind"] == "ensemble" and info["members"] == ["members/seed0", "members/seed1"]
@@ -206,7 +272,8 @@ def test_a_seed_ensemble_scores_every_split_with_the_mean_of_its_members(ray_dri
     # two runs per split: the shipped split's and the other fold's, each with a second seed
     shipped = next(f["fold"] for f in result.cross_validation["per_fold"] if f["shipped"])
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("_ray")) == sorted(
-        ["_ray", "_ray_seed1", f"_ray_fold{1 - shipped}", f"_ray_fold{1 - shipped}_seed1"])
+        ["_ray", "_ray_seed1", f"_ray_fold{1 - shipped}", f"_ray_fold{1 - shipped}_seed1"]
+    )
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [(r["member"], r["epoch"]) for r in rows] == [("seed0", "0"), ("seed1", "0")]
 
@@ -239,8 +306,15 @@ def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
         f.unlink()  # 10 non for 12 covid would be balanced: add more non below
     for i in range(98):
         (data / "train" / "non" / f"extra{i}.png").write_bytes((data / "train" / "non" / "non1-5.png").read_bytes())
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", image_size=32, batch_size=8,
-                      oversample=4, val_fraction=0.2)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        weights="none",
+        image_size=32,
+        batch_size=8,
+        oversample=4,
+        val_fraction=0.2,
+    )
     prepared = prepare_data(cfg)
     labels = prepared.train_ds.to_pandas()["label"].to_numpy()
     n_covid = int(labels.sum())
@@ -260,16 +334,25 @@ def test_every_part_of_an_epoch_sees_both_classes(ray_driver, tmp_path):
     other = member_data(prepared, cfg, 1).train_ds.to_pandas()
     assert len(other) == labels.size and int(other["label"].sum()) == n_covid
     assert not np.array_equal(other["label"].to_numpy(), labels)
-    assert np.array_equal(np.sort(other["image"].map(lambda a: a.tobytes()).to_numpy()),
-                          np.sort(prepared.train_ds.to_pandas()["image"].map(lambda a: a.tobytes()).to_numpy()))
+    assert np.array_equal(
+        np.sort(other["image"].map(lambda a: a.tobytes()).to_numpy()),
+        np.sort(prepared.train_ds.to_pandas()["image"].map(lambda a: a.tobytes()).to_numpy()),
+    )
 
 
 def test_undecodable_training_files_are_left_out_named_and_counted(ray_driver, tmp_path, caplog):
     data = make_labelled_tree(tmp_path / "data", n=6, size=32, seed=2)
     (data / "train" / "covid" / "zz-cut.png").write_bytes(png_bytes(xray_like(32, 32))[:60])
     (data / "train" / "non" / "zz-empty.png").write_bytes(b"")
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), weights="none", image_size=32, batch_size=8,
-                      oversample=1, val_fraction=0.25)
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "run"),
+        weights="none",
+        image_size=32,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.25,
+    )
     with caplog.at_level(logging.WARNING, logger="cxr.train"):
         prepared = prepare_data(cfg)
     assert prepared.undecodable == 2
@@ -281,8 +364,9 @@ def test_undecodable_training_files_are_left_out_named_and_counted(ray_driver, t
     assert all(" training files " in m or " validation files " in m for m in left_out), left_out
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_train_job_rejects_bad_input(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     missing = run_job("train.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
     assert missing.returncode == 3 and "error:" in missing.stderr
@@ -290,42 +374,85 @@ def test_train_job_rejects_bad_input(tmp_path):
     (tmp_path / "flat" / "x.png").write_bytes(b"")
     layout = run_job("train.py", "--data", str(tmp_path / "flat"), "--output", str(tmp_path / "o"), timeout=120)
     assert layout.returncode == 3 and "covid" in layout.stderr
-    bad = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbone", "vgg99", timeout=120)
+    bad = run_job(
+        "train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbone", "vgg99", timeout=120
+    )
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
-    crop = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.1,0.9", timeout=120)
+    crop = run_job(
+        "train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.1,0.9", timeout=120
+    )
     assert crop.returncode == 2 and "--crop" in crop.stderr
-    crop = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.5,0.4,0,1", timeout=120)
+    crop = run_job(
+        "train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.5,0.4,0,1", timeout=120
+    )
     assert crop.returncode == 2 and "crop must satisfy" in crop.stderr
     seeds = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--seeds", "0", timeout=120)
-    assert seeds.returncode == 2 and seeds.stderr.strip() == "error: --seeds must be at least 1"  # at parse time: one line
-    groups = run_job("train.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--groups", str(tmp_path / "none.csv"), timeout=120)
+    assert (
+        seeds.returncode == 2 and seeds.stderr.strip() == "error: --seeds must be at least 1"
+    )  # at parse time: one line
+    groups = run_job(
+        "train.py",
+        "--data",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--groups",
+        str(tmp_path / "none.csv"),
+        timeout=120,
+    )
     assert groups.returncode == 3 and "--groups" in groups.stderr and "cannot read it" in groups.stderr
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_train_job_checks_its_starting_weights_before_anything(tmp_path):
     """Weights that are not there, or do not fit, end the job at once (exit 4, one line), before Ray starts and
     before the output is written (it used to fail in every worker, with tracebacks, and leave a run behind that the
     next command with --weights none was refused for)."""
-    from conftest import offline_env, run_job
-
     from cxr.models import TIMM_OFFLINE, offline_copy
+    from support.jobs import offline_env, run_job
 
     data = make_labelled_tree(tmp_path / "data", n=4, size=32)
     out = tmp_path / "o"
     cases = [
         (["--backbone", "efficientnet_b0"], "error: ImageNet weights of efficientnet_b0 not available (not in "),
-        (["--backbone", "timm/resnet18"], "error: ImageNet weights of timm/resnet18 not available (not in the Hugging Face cache"),
-        (["--weights", str(tmp_path / "nope.pth")], f"error: --weights: weights file not found: {tmp_path / 'nope.pth'}"),
-        (["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))], "error: --weights: /"),  # the path once
-        (["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))], ": does not fit this backbone (247 tensors"),
+        (
+            ["--backbone", "timm/resnet18"],
+            "error: ImageNet weights of timm/resnet18 not available (not in the Hugging Face cache",
+        ),
+        (
+            ["--weights", str(tmp_path / "nope.pth")],
+            f"error: --weights: weights file not found: {tmp_path / 'nope.pth'}",
+        ),
+        (
+            ["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))],
+            "error: --weights: /",
+        ),  # the path once
+        (
+            ["--weights", str(offline_copy(TIMM_OFFLINE["tf_efficientnet_lite0"]))],
+            ": does not fit this backbone (247 tensors",
+        ),
     ]
     for args, expected in cases:
-        r = run_job("train.py", "--data", str(data), "--output", str(out), *args, env=offline_env(tmp_path), timeout=120)
+        r = run_job(
+            "train.py", "--data", str(data), "--output", str(out), *args, env=offline_env(tmp_path), timeout=120
+        )
         line = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
         assert r.returncode == 4 and expected in line, (args, r.returncode, r.stderr[-2000:])
         assert not out.exists()
-    assert "--weights none" in run_job("train.py", "--data", str(data), "--output", str(out), "--backbone", "resnet50",
-                                       env=offline_env(tmp_path), timeout=120).stderr
+    assert (
+        "--weights none"
+        in run_job(
+            "train.py",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--backbone",
+            "resnet50",
+            env=offline_env(tmp_path),
+            timeout=120,
+        ).stderr
+    )
 
 
 def _old_run(out: Path, data: Path, **settings) -> dict[str, bytes]:
@@ -335,36 +462,60 @@ def _old_run(out: Path, data: Path, **settings) -> dict[str, bytes]:
 
     (out / "_ray" / "checkpoint_000000").mkdir(parents=True)
     (out / "_ray" / "checkpoint_000000" / "model.safetensors").write_bytes(b"old weights")
-    cfg = TrainConfig(data=str(data), output="runs/elsewhere", **settings)  # copied from another output: its path differs
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "covid_weight_used": 1.0, "threads_per_worker_used": 2}))
+    cfg = TrainConfig(
+        data=str(data), output="runs/elsewhere", **settings
+    )  # copied from another output: its path differs
+    (out / "config.json").write_text(
+        json.dumps({**asdict(cfg), "covid_weight_used": 1.0, "threads_per_worker_used": 2})
+    )
     (out / "model.json").write_text('{"old": true}')
     (out / "metrics.csv").write_text("epoch\n0\n1\n")
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_train_job_refuses_an_output_holding_a_run_with_other_settings_before_starting_ray(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     data = make_labelled_tree(tmp_path / "data", n=12, size=32)
     out = tmp_path / "run"
     before = _old_run(out, data, weights="none", epochs=2, image_size=32)
     no_ray = {"RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there: a job that went on to Ray would fail otherwise
-    job = run_job("train.py", "--data", str(data), "--output", str(out), "--weights", "none", "--epochs", "1",
-                  "--image-size", "32", "--lr", "0.01", "--workers", "2", env=no_ray, timeout=120)
+    job = run_job(
+        "train.py",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--lr",
+        "0.01",
+        "--workers",
+        "2",
+        env=no_ray,
+        timeout=120,
+    )
     assert job.returncode == 5, job.stderr[-2000:]
     assert job.stderr.strip().splitlines()[-1] == (
         f"error: {out} holds a training run with other settings (epochs 2 -> 1, lr 0.0003 -> 0.01): "
-        "choose a new --output, or pass --overwrite to replace it")  # --workers may change on resume: not named
+        "choose a new --output, or pass --overwrite to replace it"
+    )  # --workers may change on resume: not named
     after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before
 
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
     (out / "config.json").unlink()  # a run folder whose settings nothing records (an older version's, interrupted)
     same = TrainConfig(data=str(data), output=str(out), weights="none", epochs=2, image_size=32)
-    with pytest.raises(OutputError, match=r"holds a training run \(_ray\) whose settings are unknown \(no readable config.json\)"):
+    with pytest.raises(
+        OutputError, match=r"holds a training run \(_ray\) whose settings are unknown \(no readable config.json\)"
+    ):
         check_output(same, False, storage.s3_settings())
 
 
@@ -372,20 +523,29 @@ def test_output_check_on_s3_names_changes_resumes_the_same_and_overwrite_empties
     from dataclasses import asdict
 
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
     bucket, client = s3_bucket
-    old = TrainConfig(data="s3://data/x/", output=f"s3://{bucket}/run", image_size=64, crop=LUNG_BOX, groups={"a.png": "g1"})
-    client.put_object(Bucket=bucket, Key="run/config.json", Body=json.dumps({**asdict(old), "covid_weight_used": 2.0}).encode())
+    old = TrainConfig(
+        data="s3://data/x/", output=f"s3://{bucket}/run", image_size=64, crop=LUNG_BOX, groups={"a.png": "g1"}
+    )
+    client.put_object(
+        Bucket=bucket, Key="run/config.json", Body=json.dumps({**asdict(old), "covid_weight_used": 2.0}).encode()
+    )
     client.put_object(Bucket=bucket, Key="run/_ray/checkpoint_000001/model.safetensors", Body=b"w")
     settings = storage.s3_settings()
     same = TrainConfig(**{**asdict(old), "data": "s3://data/x", "workers": 4, "gpu": True, "max_failures": 0})
     check_output(same, False, settings)  # the same run (JSON's lists for tuples; a trailing slash): it resumes
-    other = TrainConfig(**{**asdict(old), "image_size": 96, "groups": {"a.png": "g2"}, "augment": {**old.augment, "hflip_p": 0.0}})
-    with pytest.raises(OutputError, match=r"^s3://.*/run holds a training run with other settings \(image_size 64 -> 96, groups "
-                                          r"\{\"a.png\": \"g1\"\} -> \{\"a.png\": \"g2\"\}, augment <\d+ entries> -> <\d+ entries>\): "
-                                          r"choose a new --output, or pass --overwrite"):
+    other = TrainConfig(
+        **{**asdict(old), "image_size": 96, "groups": {"a.png": "g2"}, "augment": {**old.augment, "hflip_p": 0.0}}
+    )
+    with pytest.raises(
+        OutputError,
+        match=r"^s3://.*/run holds a training run with other settings \(image_size 64 -> 96, groups "
+        r"\{\"a.png\": \"g1\"\} -> \{\"a.png\": \"g2\"\}, augment <\d+ entries> -> <\d+ entries>\): "
+        r"choose a new --output, or pass --overwrite",
+    ):
         check_output(other, False, settings)
     check_output(other, True, settings)
     left = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]
@@ -394,19 +554,41 @@ def test_output_check_on_s3_names_changes_resumes_the_same_and_overwrite_empties
 
 
 def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
     data = make_labelled_tree(tmp_path / "data", n=12, size=32)
     out = tmp_path / "run"
     _old_run(out, data, weights="none", epochs=2, image_size=64)
-    args = ["--data", str(data), "--output", str(out), "--weights", "none", "--epochs", "1", "--image-size", "32", "--lr", "0.01",
-            "--batch-size", "8", "--oversample", "1", "--val-fraction", "0.25"]
+    args = [
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "8",
+        "--oversample",
+        "1",
+        "--val-fraction",
+        "0.25",
+    ]
     env = {"RAY_ADDRESS": ray_driver.address, "CXR_PROGRESS_EVERY_S": "0"}  # a progress line after every batch
     job = run_job("train.py", *args, "--overwrite", env=env, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
     shown = re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)  # Ray colours the worker's prefix
-    m = re.search(r"^(?:\(RayTrainWorker pid=(\d+)\) )?(epoch 1/1: train loss \d+\.\d{3}, val loss \d+\.\d{3}, val AUC \S+, "
-                  r"specificity \S+ at sensitivity >= 0\.98, \d+ images/s, \d+ s)$", shown, re.M)
+    m = re.search(
+        r"^(?:\(RayTrainWorker pid=(\d+)\) )?(epoch 1/1: train loss \d+\.\d{3}, val loss \d+\.\d{3}, val AUC \S+, "
+        r"specificity \S+ at sensitivity >= 0\.98, \d+ images/s, \d+ s)$",
+        shown,
+        re.M,
+    )
     assert m, shown[-3000:]
     assert "will hang" not in shown  # Ray's warning of a cluster without free CPUs: none here (a false alarm it was)
     # The worker wrote it once (Train V2's patched print() wrote every line to stdout and to its logger: twice on
@@ -414,15 +596,25 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
     # both nodes' log monitors forward each line, and the job's output shows it twice either way.
     assert m.group(1), m.group(0)  # Ray names the worker whose line it forwards
     logs = Path(ray_driver.temp_dir, "session_latest", "logs")
-    written = "".join(f.read_text(errors="replace") for f in logs.rglob(f"*-{m.group(1)}.*") if f.suffix in (".out", ".err"))
+    written = "".join(
+        f.read_text(errors="replace") for f in logs.rglob(f"*-{m.group(1)}.*") if f.suffix in (".out", ".err")
+    )
     assert written.count(m.group(2)) == 1, written[-2000:]
     # within the epoch: how far, of how many (18 training images: 24 less the validation quarter), in batches of 8
-    within = re.findall(r"^(?:\(RayTrainWorker pid=\d+\) )?epoch 1/1: (\d+) of (\d+) training images, train loss so far "
-                        r"\d+\.\d{3}, \d+ images/s, about \d+ s to go$", shown, re.M)
+    within = re.findall(
+        r"^(?:\(RayTrainWorker pid=\d+\) )?epoch 1/1: (\d+) of (\d+) training images, train loss so far "
+        r"\d+\.\d{3}, \d+ images/s, about \d+ s to go$",
+        shown,
+        re.M,
+    )
     assert sorted({(int(a), int(b)) for a, b in within}) == [(8, 18), (16, 18), (18, 18)], shown[-3000:]
     info = json.loads((out / "model.json").read_text())
     assert info["preprocess"]["input_size"] == 32
-    assert {k: info["provenance"]["training"][k] for k in ("epochs", "lr", "image_size")} == {"epochs": 1, "lr": 0.01, "image_size": 32}
+    assert {k: info["provenance"]["training"][k] for k in ("epochs", "lr", "image_size")} == {
+        "epochs": 1,
+        "lr": 0.01,
+        "image_size": 32,
+    }
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert [r["epoch"] for r in csv.DictReader((out / "metrics.csv").open())] == ["0"]
     assert b"old weights" not in {p.read_bytes() for p in out.rglob("*") if p.is_file()}  # the old run's files are gone
@@ -430,11 +622,22 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
     # The same command again is let through to resume the run (Ray Train returns its finished result; a second
     # job would take another minute here), however it runs (--workers, --max-failures); another --lr is not.
     from cxr import storage
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
     from cxr.train import check_output
 
-    same = TrainConfig(data=str(data), output=str(out), weights="none", epochs=1, image_size=32, lr=0.01, batch_size=8,
-                       oversample=1, val_fraction=0.25, workers=2, max_failures=0)
+    same = TrainConfig(
+        data=str(data),
+        output=str(out),
+        weights="none",
+        epochs=1,
+        image_size=32,
+        lr=0.01,
+        batch_size=8,
+        oversample=1,
+        val_fraction=0.25,
+        workers=2,
+        max_failures=0,
+    )
     check_output(same, False, storage.s3_settings())
     with pytest.raises(OutputError, match=r"other settings \(lr 0.01 -> 0.02\)"):
         check_output(TrainConfig(**{**same.__dict__, "lr": 0.02}), False, storage.s3_settings())
@@ -443,14 +646,31 @@ def test_train_job_overwrite_replaces_a_run_and_prints_its_epochs(ray_driver, tm
 def test_train_and_tune_help_show_every_default_but_none_for_flags(capsys, monkeypatch):
     import importlib.util
 
-    from conftest import ROOT
+    from support.jobs import ROOT
 
     monkeypatch.setenv("COLUMNS", "200")
-    for script, expected in (("train", ["--epochs EPOCHS passes over the training images; the checkpoint is the best epoch's (default: 8)",
-                                        "(default: 0.0003)", "--image-size IMAGE_SIZE the model's input, in pixels (square) (default: 224)",
-                                        "(default: imagenet)", "--data URI labelled images", "--overwrite delete what the output holds"]),
-                             ("tune", ["--num-samples NUM_SAMPLES trials per backbone (learning rate and class weight drawn at random) (default: 4)",
-                                       "(default: 6)", "--data URI labelled images"])):
+    for script, expected in (
+        (
+            "train",
+            [
+                "--epochs EPOCHS passes over the training images; the checkpoint is the best epoch's (default: 8)",
+                "(default: 0.0003)",
+                "--image-size IMAGE_SIZE the model's input, in pixels (square) (default: 224)",
+                "(default: imagenet)",
+                "--data URI labelled images",
+                "--overwrite delete what the output holds",
+            ],
+        ),
+        (
+            "tune",
+            [
+                "--num-samples NUM_SAMPLES trials per backbone (learning rate and class weight drawn at random) "
+                "(default: 4)",
+                "(default: 6)",
+                "--data URI labelled images",
+            ],
+        ),
+    ):
         spec = importlib.util.spec_from_file_location(f"job_{script}", ROOT / "jobs" / f"{script}.py")
         job = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(job)

@@ -10,15 +10,26 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_labelled_tree
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import CheckpointError, LoadedEnsemble, load_checkpoint, load_info, save_ensemble
 from cxr.decode import decode
 from cxr.metrics import expected_calibration_error
 from cxr.preprocess import LUNG_BOX, preprocess
-from cxr.tune import (TEMPERATURE_BOUNDS, SearchConfig, calibrate, choose_members, export_calibrated, plan_trials, rank_key, run_search,
-                      usable_members, validation_figures)
+from cxr.tune import (
+    TEMPERATURE_BOUNDS,
+    SearchConfig,
+    calibrate,
+    choose_members,
+    export_calibrated,
+    plan_trials,
+    rank_key,
+    run_search,
+    usable_members,
+    validation_figures,
+)
+from support.images import make_labelled_tree
+from support.jobs import crash_hook
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -39,10 +50,26 @@ def search(ray_driver, tmp_path_factory):
     """A 2 backbones x 2 samples search, 2 epochs at 32 px, whose trials crash once in epoch 1 and are then resumed."""
     root = tmp_path_factory.mktemp("tune")
     data = make_labelled_tree(root / "data", n=16, size=48)
-    common = dict(data=str(data), output=str(root / "out"), backbones=BACKBONES, num_samples=2, epochs=2, image_size=32,
-                  weights="none", oversample=1, batch_size=8, val_fraction=0.25, grace_period=2, lr_range=(3e-4, 3e-3),
-                  max_failures=0, trial_max_failures=0, cpus_per_trial=0.9, crop=LUNG_BOX)
-    interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
+    common = dict(
+        data=str(data),
+        output=str(root / "out"),
+        backbones=BACKBONES,
+        num_samples=2,
+        epochs=2,
+        image_size=32,
+        weights="none",
+        oversample=1,
+        batch_size=8,
+        val_fraction=0.25,
+        grace_period=2,
+        lr_range=(3e-4, 3e-3),
+        max_failures=0,
+        trial_max_failures=0,
+        cpus_per_trial=0.9,
+        crop=LUNG_BOX,
+    )
+    with crash_hook(epoch=1):
+        interrupted = run_search(SearchConfig(**common))
     resumed = run_search(SearchConfig(**common))
     return interrupted, resumed, root
 
@@ -58,16 +85,23 @@ def test_plan_trials_leaves_room_for_drivers_and_ray_data():
 
 
 def test_rank_key_prefers_specificity_then_auc():
-    rows = [{"val_spec_at_target": 0.9, "val_auc": 0.99}, {"val_spec_at_target": 0.95, "val_auc": 0.90},
-            {"val_spec_at_target": 0.95, "val_auc": 0.97}, {"val_spec_at_target": float("nan"), "val_auc": 1.0}]
+    rows = [
+        {"val_spec_at_target": 0.9, "val_auc": 0.99},
+        {"val_spec_at_target": 0.95, "val_auc": 0.90},
+        {"val_spec_at_target": 0.95, "val_auc": 0.97},
+        {"val_spec_at_target": float("nan"), "val_auc": 1.0},
+    ]
     assert [rows.index(r) for r in sorted(rows, key=rank_key, reverse=True)] == [2, 1, 0, 3]
 
 
 def test_ensemble_members_leave_out_a_model_that_learned_nothing():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(20), np.zeros(80)].astype(int)
-    probs = {"a": np.clip(0.6 * y + rng.uniform(0, 0.4, 100), 0, 1), "noise": rng.uniform(0, 1, 100),
-             "b": np.clip(0.5 * y + rng.uniform(0, 0.5, 100), 0, 1)}
+    probs = {
+        "a": np.clip(0.6 * y + rng.uniform(0, 0.4, 100), 0, 1),
+        "noise": rng.uniform(0, 1, 100),
+        "b": np.clip(0.5 * y + rng.uniform(0, 0.5, 100), 0, 1),
+    }
     members, figures, tried = choose_members(probs, y, 0.98)
     assert members == ["a", "b"] and len(tried) == 4  # every subset of two or more
     assert figures["val_spec_at_target"] == max(t["val_spec_at_target"] for t in tried)
@@ -76,7 +110,10 @@ def test_ensemble_members_leave_out_a_model_that_learned_nothing():
 
 
 def test_no_ensemble_of_fewer_than_two_models_that_separate_the_classes():
-    models = [{"kind": "model", "backbone": "a", "separates": True}, {"kind": "model", "backbone": "b", "separates": False}]
+    models = [
+        {"kind": "model", "backbone": "a", "separates": True},
+        {"kind": "model", "backbone": "b", "separates": False},
+    ]
     usable, reason = usable_members(models)
     assert usable == ["a"] and "two or more" in reason and "learned nothing: b" in reason
     usable, reason = usable_members(models[:1])  # a single backbone searched
@@ -91,7 +128,9 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     failed = {r["trial_id"] for r in interrupted.leaderboard if r.get("error")}
     for backbone, uri in interrupted.exported.items():  # only trials that finished are exported
         assert load_info(uri).provenance["tune"]["trial_id"] not in failed, backbone
-    assert set(interrupted.exported) == {r["backbone"] for r in interrupted.leaderboard if r["kind"] == "trial" and not r.get("error")}
+    assert set(interrupted.exported) == {
+        r["backbone"] for r in interrupted.leaderboard if r["kind"] == "trial" and not r.get("error")
+    }
     assert resumed.resumed and resumed.errors == 0 and resumed.trials == 4
     trials = [r for r in resumed.leaderboard if r["kind"] == "trial"]
     assert sorted(r["backbone"] for r in trials) == sorted(BACKBONES * 2)
@@ -136,19 +175,27 @@ def test_search_finishes_ranks_exports_and_resumes(search):
         assert board[-1]["kind"] == "ensemble" and set(summary["models"]) == {*BACKBONES, "ensemble"}
         assert summary["ensemble"]["exported_to"] == resumed.ensemble and summary["ensemble"]["reason"] is None
     else:  # 2 epochs from scratch at 32 px: the models usually learn nothing (constant output in eval mode)
-        assert resumed.ensemble is None and not (out / "ensemble").exists() and "ensemble" not in [r["kind"] for r in board]
+        assert (
+            resumed.ensemble is None
+            and not (out / "ensemble").exists()
+            and "ensemble" not in [r["kind"] for r in board]
+        )
         assert summary["ensemble"]["exported_to"] is None and "two or more" in summary["ensemble"]["reason"]
-        assert [r["separates"] for r in board if r["exported_to"]] == [str(b in separating) for b in (r["backbone"] for r in board if r["exported_to"])]
+        assert [r["separates"] for r in board if r["exported_to"]] == [
+            str(b in separating) for b in (r["backbone"] for r in board if r["exported_to"])
+        ]
 
 
 def test_resuming_with_other_settings_is_refused(search):
-    from cxr.score import OutputError
+    from cxr.errors import OutputError
 
     _, _, root = search
     config = root / "out" / "search_config.json"
     stored = json.loads(config.read_text())
     cfg = SearchConfig(**{**stored, "crop": tuple(stored["crop"]), "weights": "auto", "epochs": 3})
-    with pytest.raises(OutputError, match=r"other settings .*epochs: 2 there, 3 asked.*weights: 'none' there, 'auto' asked"):
+    with pytest.raises(
+        OutputError, match=r"other settings .*epochs: 2 there, 3 asked.*weights: 'none' there, 'auto' asked"
+    ):
         run_search(cfg)
     assert json.loads(config.read_text()) == stored  # nothing changed
 
@@ -210,15 +257,18 @@ def test_export_of_a_model_that_learned_nothing_reports_it(tiny_model, tmp_path,
 
 
 def test_a_temperature_at_its_bound_is_not_used():
-    """Perfectly separated validation logits: the NLL falls towards T -> 0, where every float32 probability is 0 or 1."""
+    """Perfectly separated validation logits: the NLL falls towards T -> 0, where every float32 probability is 0
+    or 1."""
     from types import SimpleNamespace
 
     import torch
 
     y = np.r_[np.ones(10), np.zeros(10)].astype(int)
     margin = np.where(y == 1, 3.0, -3.0) + np.linspace(0, 1, 20)
-    loaded = SimpleNamespace(info=SimpleNamespace(positive_index=1, backbone="fake"),
-                             logits=lambda x: torch.as_tensor(np.stack([-margin[x] / 2, margin[x] / 2], axis=1), dtype=torch.float32))
+    loaded = SimpleNamespace(
+        info=SimpleNamespace(positive_index=1, backbone="fake"),
+        logits=lambda x: torch.as_tensor(np.stack([-margin[x] / 2, margin[x] / 2], axis=1), dtype=torch.float32),
+    )
     cal = calibrate(loaded, np.arange(20), y, 0.98)
     assert cal.fitted_temperature == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
     assert cal.temperature == 1.0 and "perfectly separated" in cal.note
@@ -228,14 +278,15 @@ def test_a_temperature_at_its_bound_is_not_used():
 def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_path):
     from cxr.evaluate import evaluate
     from cxr.score import score
-
     from cxr.tune import _export_ensemble
 
     _, resumed, root = search
     # The search's own models may have learned nothing (then it exports no ensemble): export one of them here.
     val_probs = {b: np.load(Path(resumed.exported[b]) / "val_scores.npy")[0] for b in BACKBONES}
     y = np.load(Path(resumed.exported[BACKBONES[0]]) / "val_scores.npy")[1].astype(int)
-    ens_uri, row = _export_ensemble(SearchConfig(data="d", output=str(tmp_path / "search")), None, resumed.exported, val_probs, y, None)
+    ens_uri, row = _export_ensemble(
+        SearchConfig(data="d", output=str(tmp_path / "search")), None, resumed.exported, val_probs, y, None
+    )
     assert row["members"] == "+".join(BACKBONES)
     ens = load_checkpoint(ens_uri)
     assert isinstance(ens, LoadedEnsemble) and ens.info.kind == "ensemble" and ens.info.model_id.startswith("ensemble@")
@@ -273,27 +324,49 @@ def test_ensemble_round_trips_and_scores_like_a_model(search, tiny_model, tmp_pa
         save_ensemble({"a": resumed.exported[BACKBONES[0]], "b": tiny_model}, str(tmp_path / "mixed"), 0.5)
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_tune_job_rejects_bad_input(tmp_path):
-    from conftest import run_job
+    from support.jobs import run_job
 
-    bad = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,vgg99", timeout=120)
+    bad = run_job(
+        "tune.py",
+        "--data",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--backbones",
+        "mobilenet_v2,vgg99",
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown backbone" in bad.stderr
     missing = run_job("tune.py", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), timeout=120)
     assert missing.returncode == 3 and "error:" in missing.stderr
     assert not (tmp_path / "o").exists()  # nothing written for a search that cannot start
-    crop = run_job("tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.9,0.1,0,1", timeout=120)
+    crop = run_job(
+        "tune.py", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "0.9,0.1,0,1", timeout=120
+    )
     assert crop.returncode == 2 and "crop must satisfy" in crop.stderr
 
 
+@pytest.mark.cluster  # runs the job, which starts a local Ray instance
 def test_tune_job_checks_imagenet_weights_before_the_search(tmp_path):
     """An empty torch hub cache and no network: efficientnet_b0's ImageNet file is missing (mobilenet_v2's comes from
     the offline weights package); the job says so at once (exit 4), before writing anything."""
-    from conftest import offline_env, run_job
+    from support.jobs import offline_env, run_job
 
     data = make_labelled_tree(tmp_path / "data", n=4, size=32)
     no_net = offline_env(tmp_path)
-    r = run_job("tune.py", "--data", str(data), "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2,efficientnet_b0",
-                env=no_net, timeout=120)
+    r = run_job(
+        "tune.py",
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "o"),
+        "--backbones",
+        "mobilenet_v2,efficientnet_b0",
+        env=no_net,
+        timeout=120,
+    )
     assert r.returncode == 4, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ImageNet weights of efficientnet_b0 not available") and "mobilenet_v2" not in line
@@ -312,6 +385,8 @@ def test_auto_weights_for_timm_models(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     both = ["timm/tf_efficientnet_lite0", "timm/resnet18"]
     assert weights_per_backbone(both, "auto") == {"timm/tf_efficientnet_lite0": "imagenet", "timm/resnet18": "none"}
-    with pytest.raises(CheckpointError, match=r"ImageNet weights of timm/resnet18 not available \(not in the Hugging Face"):
+    with pytest.raises(
+        CheckpointError, match=r"ImageNet weights of timm/resnet18 not available \(not in the Hugging Face"
+    ):
         check_imagenet_weights(both, "imagenet")
     check_imagenet_weights(both[:1], "imagenet")  # available: no error

@@ -10,13 +10,15 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_labelled_tree, run_job, upload_tree
 
 from cxr.checkpoint import load_checkpoint
 from cxr.storage import s3_settings
 from cxr.tune import SearchConfig, run_search
+from support.images import make_labelled_tree
+from support.jobs import ROOT, crash_hook, run_job
+from support.s3 import upload_tree
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 BACKBONE = "mobilenet_v2"
 
@@ -25,19 +27,37 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     bucket, client = s3_bucket
     upload_tree(client, bucket, make_labelled_tree(tmp_path / "data", n=12, size=48), "data")
     output = f"s3://{bucket}/tune"
-    common = dict(data=f"s3://{bucket}/data", output=output, backbones=[BACKBONE], num_samples=1, epochs=2, image_size=32,
-                  weights="none", oversample=1, batch_size=8, val_fraction=0.25, grace_period=2, max_failures=0,
-                  trial_max_failures=0, cpus_per_trial=0.9)
+    common = dict(
+        data=f"s3://{bucket}/data",
+        output=output,
+        backbones=[BACKBONE],
+        num_samples=1,
+        epochs=2,
+        image_size=32,
+        weights="none",
+        oversample=1,
+        batch_size=8,
+        val_fraction=0.25,
+        grace_period=2,
+        max_failures=0,
+        trial_max_failures=0,
+        cpus_per_trial=0.9,
+    )
     ray_results = Path("~/ray_results").expanduser()  # Ray's default storage_path: nothing of this search goes there
 
     def ours_in_ray_results() -> set[str]:
-        return {p.name for p in ray_results.glob("*") if p.name == "search" or p.name.startswith("train-")} if ray_results.exists() else set()
+        return (
+            {p.name for p in ray_results.glob("*") if p.name == "search" or p.name.startswith("train-")}
+            if ray_results.exists()
+            else set()
+        )
 
     before = ours_in_ray_results()
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a storage path taken for a local one would land here (relative "<bucket>/tune/...")
     try:
-        interrupted = run_search(SearchConfig(**common, fail_once_at_epoch=1))
+        with crash_hook(epoch=1):
+            interrupted = run_search(SearchConfig(**common))
     finally:
         os.chdir(cwd)
     assert interrupted.errors == 1 and not interrupted.resumed  # the crash hook failed the trial in epoch 1
@@ -45,10 +65,35 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     assert interrupted.exported == {} and interrupted.ensemble is None  # a failed trial's checkpoint is not exported
 
     # The same command again, through the job: it resumes the search from Tune's experiment state on S3.
-    job = run_job("tune.py", "--data", common["data"], "--output", output, "--backbones", BACKBONE, "--num-samples", "1",
-                  "--epochs", "2", "--image-size", "32", "--weights", "none", "--oversample", "1", "--batch-size", "8",
-                  "--val-fraction", "0.25", "--grace-period", "2", "--cpus-per-trial", "0.9",
-                  env={"RAY_ADDRESS": ray_driver.address}, timeout=600)
+    job = run_job(
+        "tune.py",
+        "--data",
+        common["data"],
+        "--output",
+        output,
+        "--backbones",
+        BACKBONE,
+        "--num-samples",
+        "1",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--weights",
+        "none",
+        "--oversample",
+        "1",
+        "--batch-size",
+        "8",
+        "--val-fraction",
+        "0.25",
+        "--grace-period",
+        "2",
+        "--cpus-per-trial",
+        "0.9",
+        env={"RAY_ADDRESS": ray_driver.address},
+        timeout=600,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     assert "resumed 1 trials (0 failed, 0 unfinished)" in job.stdout, job.stdout[-2000:]
     resumed = json.loads(job.stdout.strip().splitlines()[-1])["tune"]
@@ -67,8 +112,12 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     # Tune's experiment state and the trial's Train run are in the bucket; the restored trial went on from the
     # checkpoint of epoch 0 its crashed first attempt left there.
     tune_keys = keys("tune/_tune/")
-    assert any(k.startswith("tune/_tune/search/") and os.path.basename(k).startswith("experiment_state") for k in tune_keys), tune_keys
-    histories = [json.loads(read(k)) for k in tune_keys if k.startswith("tune/_tune/runs/train-") and k.endswith("/history.json")]
+    assert any(
+        k.startswith("tune/_tune/search/") and os.path.basename(k).startswith("experiment_state") for k in tune_keys
+    ), tune_keys
+    histories = [
+        json.loads(read(k)) for k in tune_keys if k.startswith("tune/_tune/runs/train-") and k.endswith("/history.json")
+    ]
     assert any(len(h) == 2 and h[-1]["resumed"] for h in histories), histories
 
     with io.StringIO(read("tune/leaderboard.csv").decode()) as f:
@@ -76,7 +125,9 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     assert [(r["kind"], r["backbone"]) for r in board] == [("trial", BACKBONE)]  # one backbone: no ensemble of one
     assert board[0]["epochs_run"] == "2" and board[0]["exported_to"] == f"{output}/models/{BACKBONE}"
     assert read("tune/leaderboard.png")[:4] == b"\x89PNG"
-    assert {f"tune/models/{BACKBONE}/{n}" for n in ("model.json", "model.safetensors", "metrics.csv", "val_scores.npy")} <= set(keys("tune/models/"))
+    assert {
+        f"tune/models/{BACKBONE}/{n}" for n in ("model.json", "model.safetensors", "metrics.csv", "val_scores.npy")
+    } <= set(keys("tune/models/"))
     assert keys("tune/ensemble/") == [] and "no ensemble exported: an ensemble needs two or more" in job.stderr
 
     settings = s3_settings()

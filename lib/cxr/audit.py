@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files
+from .errors import InputError
 from .explain import FOCUS_THRESHOLD, LUNG_BOX, check_model, run_explain
 from .metrics import binary_report, to_jsonable
 from .report import plot_rates
-from .sources import InputError
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +96,39 @@ def _focus_stats(values) -> dict:
     if a.size == 0:
         return {"n": 0, "median": None, "q25": None, "q75": None, "share_outside": None}
     q25, med, q75 = np.percentile(a, [25, 50, 75])
-    return {"n": int(a.size), "median": float(med), "q25": float(q25), "q75": float(q75),
-            "share_outside": float(np.mean(a < FOCUS_THRESHOLD))}
+    return {
+        "n": int(a.size),
+        "median": float(med),
+        "q25": float(q25),
+        "q75": float(q75),
+        "share_outside": float(np.mean(a < FOCUS_THRESHOLD)),
+    }
 
 
 def set_figures(rows: list[dict], threshold: float, n_bootstrap: int) -> dict:
     ok = [r for r in rows if r["error"] is None]
     y = np.array([r["label"] for r in ok], int)
     p = np.array([r["prob_covid"] for r in ok], float)
-    out = {"files": len(rows), "unreadable": len(rows) - len(ok), "n_covid": int(np.sum(y == 1)), "n_non": int(np.sum(y == 0))}
+    out = {
+        "files": len(rows),
+        "unreadable": len(rows) - len(ok),
+        "n_covid": int(np.sum(y == 1)),
+        "n_non": int(np.sum(y == 0)),
+    }
     if ok:
         rep = binary_report(y, p, threshold, n_bootstrap=n_bootstrap)
-        out.update({"sensitivity": _rate(rep["sensitivity"]), "false_positive_rate": _rate(rep["false_positive_rate"]),
-                    "roc_auc": (rep.get("roc_auc") or {}).get("value")})
-    out["focus"] = {"all": _focus_stats(r["focus"] for r in ok),
-                    "predicted_covid": _focus_stats(r["focus"] for r in ok if r["prediction"] == "covid"),
-                    **{CLASS_NAMES[c]: _focus_stats(r["focus"] for r in ok if r["label"] == c) for c in (0, 1)}}
+        out.update(
+            {
+                "sensitivity": _rate(rep["sensitivity"]),
+                "false_positive_rate": _rate(rep["false_positive_rate"]),
+                "roc_auc": (rep.get("roc_auc") or {}).get("value"),
+            }
+        )
+    out["focus"] = {
+        "all": _focus_stats(r["focus"] for r in ok),
+        "predicted_covid": _focus_stats(r["focus"] for r in ok if r["prediction"] == "covid"),
+        **{CLASS_NAMES[c]: _focus_stats(r["focus"] for r in ok if r["label"] == c) for c in (0, 1)},
+    }
     return out
 
 
@@ -120,34 +137,50 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
     problems, notes = [], []
     auc = metadata.get("auc")
     if auc is not None and auc >= METADATA_AUC_FLAG:
-        problems.append(f"The internal data has a shortcut: file properties alone (image size, colour mode, format, file size) "
-                        f"predict its labels with ROC AUC {auc:.2f}, so a model can score well on it without looking at the lungs.")
+        problems.append(
+            f"The internal data has a shortcut: file properties alone (image size, colour mode, format, file size) "
+            f"predict its labels with ROC AUC {auc:.2f}, so a model can score well on it without looking at the lungs."
+        )
     ref = sets[internal]
     for name, s in sets.items():
         if name == internal:
             continue
-        for key, worse, what in (("sensitivity", -1, "finds COVID-19"), ("false_positive_rate", 1, "flags normal X-rays as COVID-19")):
+        for key, worse, what in (
+            ("sensitivity", -1, "finds COVID-19"),
+            ("false_positive_rate", 1, "flags normal X-rays as COVID-19"),
+        ):
             a, b = (ref.get(key) or {}), (s.get(key) or {})
             if a.get("value") is None or b.get("value") is None:
                 continue
             gap = (b["value"] - a["value"]) * worse
             beyond = b["ci95"][1] < a["value"] if worse < 0 else b["ci95"][0] > a["value"]
             if gap > RATE_GAP and beyond:
-                problems.append(f"On {name} it {what} {'far less' if worse < 0 else 'far more'} often than on the internal set: "
-                                f"{key.replace('_', ' ')} {b['value']:.2f} ({b['k']}/{b['n']}) against {a['value']:.2f} ({a['k']}/{a['n']}).")
+                problems.append(
+                    f"On {name} it {what} {'far less' if worse < 0 else 'far more'} often than on the internal set: "
+                    f"{key.replace('_', ' ')} {b['value']:.2f} ({b['k']}/{b['n']}) against {a['value']:.2f} "
+                    f"({a['k']}/{a['n']})."
+                )
     for name, s in sets.items():
         f = s["focus"]["predicted_covid"]
         if f["n"] < MIN_FOCUS_IMAGES:
             continue
         if f["median"] < FOCUS_THRESHOLD:
-            problems.append(f"On {name}, where it says COVID-19 its Grad-CAM evidence lies mostly outside the lungs: median focus "
-                            f"{f['median']:.2f} over {f['n']} images predicted COVID-19 ({f['share_outside']:.0%} below {FOCUS_THRESHOLD}; "
-                            "a uniform heatmap would give 0.525).")
+            problems.append(
+                f"On {name}, where it says COVID-19 its Grad-CAM evidence lies mostly outside the lungs: median focus "
+                f"{f['median']:.2f} over {f['n']} images predicted COVID-19 ({f['share_outside']:.0%} below "
+                f"{FOCUS_THRESHOLD}; "
+                "a uniform heatmap would give 0.525)."
+            )
         else:
-            notes.append(f"On {name} the median focus of the images predicted COVID-19 is {f['median']:.2f} (n={f['n']}).")
+            notes.append(
+                f"On {name} the median focus of the images predicted COVID-19 is {f['median']:.2f} (n={f['n']})."
+            )
     trust = not problems
-    headline = ("No shortcut found by these checks (this does not prove the model is right)." if trust else
-                f"Do not trust this model's figures: {len(problems)} warning sign(s) of shortcut learning.")
+    headline = (
+        "No shortcut found by these checks (this does not prove the model is right)."
+        if trust
+        else f"Do not trust this model's figures: {len(problems)} warning sign(s) of shortcut learning."
+    )
     return {"trustworthy": trust, "headline": headline, "problems": problems, "notes": notes}
 
 
@@ -157,7 +190,7 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
 def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from .report import _COLOURS, _save
+    from .pages import COLOURS, save_figure
 
     fig = Figure(figsize=(10.5, 0.55 * len(sets) + 2.2), layout="constrained")
     ax = fig.subplots()
@@ -168,85 +201,160 @@ def _plot_focus(rows: list[dict], sets: list[str], path: Path) -> None:
             if v:
                 data.append(v)
                 pos.append(i + (k - 0.5) * 0.35)
-                colours.append(_COLOURS[cls])
+                colours.append(COLOURS[cls])
     if data:
-        parts = ax.boxplot(data, positions=pos, widths=0.3, orientation="horizontal", patch_artist=True, showfliers=True,
-                           flierprops={"markersize": 2})
+        parts = ax.boxplot(
+            data,
+            positions=pos,
+            widths=0.3,
+            orientation="horizontal",
+            patch_artist=True,
+            showfliers=True,
+            flierprops={"markersize": 2},
+        )
         for patch, c in zip(parts["boxes"], colours):
             patch.set(facecolor=c, alpha=0.4, edgecolor=c)
     ax.axvline(0.525, color="#999", ls=":", label="uniform heatmap (0.525)")
     ax.axvline(FOCUS_THRESHOLD, color="#111", ls="--", label=f"flag below {FOCUS_THRESHOLD}")
     ax.set_yticks(range(len(sets)), labels=sets)
     ax.invert_yaxis()
-    ax.plot([], [], "s", color=_COLOURS["covid"], alpha=0.5, label="true covid")
-    ax.plot([], [], "s", color=_COLOURS["non"], alpha=0.5, label="true non")
-    ax.set(xlim=(0, 1), xlabel="focus: share of Grad-CAM mass inside the lung box", title="Where the model looks, per set and class")
+    ax.plot([], [], "s", color=COLOURS["covid"], alpha=0.5, label="true covid")
+    ax.plot([], [], "s", color=COLOURS["non"], alpha=0.5, label="true non")
+    ax.set(
+        xlim=(0, 1),
+        xlabel="focus: share of Grad-CAM mass inside the lung box",
+        title="Where the model looks, per set and class",
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def _baseline_line(meta: dict) -> str:
+    """The metadata baseline's cross-validated AUCs and strongest features, in one sentence."""
+    aucs = ", ".join(f"{k} {x:.3f}" for k, x in meta["auc_by_model"].items())
+    features = ", ".join(n for n, _ in meta["top_features"][:4]) or "none"
+    return f"Cross-validated ROC AUC: {aucs}; strongest features: {features}."
 
 
 def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], out: Path) -> str:
-    from .report import _CSS, _card, _esc, _img_tag
+    """The audit report's page, written top to bottom (cards, the per-set table, figures, heatmaps, baseline):
+    long, but flat; split, its pieces would only be called here, in this order."""
+    from .pages import CSS, card, esc, img_tag
 
     v = report["verdict"]
     meta = report["metadata_baseline"]
     sets = report["sets"]
-    cards = [_card("Verdict", "do not trust" if not v["trustworthy"] else "no red flags", f"{len(v['problems'])} warning sign(s)"),
-             _card("Metadata-only ROC AUC", "n/a" if meta.get("auc") is None else f"{meta['auc']:.3f}", "internal set, file properties alone"),
-             _card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)")]
-    fmt = lambda r: "—" if not r or r.get("value") is None else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"  # noqa: E731
-    ff = lambda f: "—" if not f["n"] else f"{f['median']:.2f} [{f['q25']:.2f}–{f['q75']:.2f}], {f['share_outside']:.0%} &lt; {FOCUS_THRESHOLD}"  # noqa: E731
-    rows = ["<table><tr><th>set</th><th>images (covid / non)</th><th>sensitivity</th><th>false-positive rate</th><th>ROC AUC</th>"
-            "<th>focus, predicted covid: median [IQR], share flagged</th><th>focus, true covid</th><th>focus, true non</th></tr>"]
+    cards = [
+        card(
+            "Verdict",
+            "do not trust" if not v["trustworthy"] else "no red flags",
+            f"{len(v['problems'])} warning sign(s)",
+        ),
+        card(
+            "Metadata-only ROC AUC",
+            "n/a" if meta.get("auc") is None else f"{meta['auc']:.3f}",
+            "internal set, file properties alone",
+        ),
+        card("Threshold", f"{report['threshold']:.4f}", "the model's own (chosen on validation)"),
+    ]
+
+    def fmt(r):
+        if not r or r.get("value") is None:
+            return "—"
+        return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['k']}/{r['n']})"
+
+    def ff(f):
+        if not f["n"]:
+            return "—"
+        return f"{f['median']:.2f} [{f['q25']:.2f}–{f['q75']:.2f}], {f['share_outside']:.0%} &lt; {FOCUS_THRESHOLD}"
+
+    rows = [
+        "<table><tr><th>set</th><th>images (covid / non)</th><th>sensitivity</th><th>false-positive rate</th><th>ROC "
+        "AUC</th>"
+        "<th>focus, predicted covid: median [IQR], share flagged</th><th>focus, true covid</th><th>focus, true "
+        "non</th></tr>"
+    ]
     for name, s in sets.items():
         auc = s.get("roc_auc")
         bad = f" ({s['unreadable']} unreadable)" if s["unreadable"] else ""
-        rows.append(f"<tr><td>{_esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / {s['n_non']}{bad}</td>"
-                    f"<td>{fmt(s.get('sensitivity'))}</td><td>{fmt(s.get('false_positive_rate'))}</td>"
-                    f"<td>{'—' if auc is None else f'{auc:.3f}'}</td><td>{ff(s['focus']['predicted_covid'])}</td><td>{ff(s['focus']['covid'])}</td><td>{ff(s['focus']['non'])}</td></tr>")
+        rows.append(
+            f"<tr><td>{esc(name)}{' (internal)' if name == report['internal'] else ''}</td><td>{s['n_covid']} / "
+            f"{s['n_non']}{bad}</td>"
+            f"<td>{fmt(s.get('sensitivity'))}</td><td>{fmt(s.get('false_positive_rate'))}</td>"
+            f"<td>{'—' if auc is None else f'{auc:.3f}'}</td><td>{ff(s['focus']['predicted_covid'])}</td>"
+            f"<td>{ff(s['focus']['covid'])}</td><td>{ff(s['focus']['non'])}</td></tr>"
+        )
     rows.append("</table>")
     figs = []
     for h in heatmaps:
         src = base64.b64encode((out / h["heatmap"]).read_bytes()).decode("ascii")
-        figs.append(f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{_esc(h["set"])} · true {CLASS_NAMES[h["label"]]}<br>'
-                    f'{_esc(posixpath.basename(h["path"]))}</figcaption></figure>')
+        figs.append(
+            f'<figure><img src="data:image/png;base64,{src}" width="220"><figcaption>{esc(h["set"])} · true '
+            f"{CLASS_NAMES[h['label']]}<br>"
+            f"{esc(posixpath.basename(h['path']))}</figcaption></figure>"
+        )
     x0, x1, y0, y1 = LUNG_BOX
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Shortcut audit: {_esc(report['model'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Shortcut audit: {_esc(report['model'])}</h1>",
-        f'<p class="sub">Internal: {_esc(report["internal"])}. External: {_esc(", ".join(n for n in sets if n != report["internal"]) or "none")}. '
-        f'{_esc(report.get("sampling", ""))}</p>',
-        f"<h2>Verdict</h2><p><b>{_esc(v['headline'])}</b></p>",
-        "<ul>" + "".join(f"<li>{_esc(p)}</li>" for p in v["problems"]) + "</ul>" if v["problems"] else "",
-        ("<p>" + " ".join(_esc(n) for n in v["notes"]) + "</p>") if v["notes"] else "",
-        f'<div class="cards">{"".join(cards)}</div>',
-        "<h2>Per set</h2>", "\n".join(rows),
-        f'<p class="sub">Focus: share of the Grad-CAM heatmap (COVID-19 class) inside the lung box x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} '
-        "of the image; 0.525 for a uniform heatmap; below 0.5 the evidence lies mostly outside the lungs (borders, corners, text labels).</p>",
-        "<h2>Metadata-only baseline (internal set)</h2>",
-        f"<p>{_esc(meta.get('reason') or 'Cross-validated ROC AUC: ' + ', '.join(f'{k} {x:.3f}' for k, x in meta['auc_by_model'].items()) + '; strongest features: ' + (', '.join(n for n, _ in meta['top_features'][:4]) or 'none') + '.')}</p>",
-        "<h2>Figures</h2>", '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
-        "<h2>Sample heatmaps</h2>", '<div class="figs">' + "".join(figs) + "</div>",
-        "<footer>Generated by cxr.audit. Research tool, not a medical device.</footer></body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>Shortcut audit: {esc(report['model'])}</title><style>{CSS}</style></head><body>",
+            f"<h1>Shortcut audit: {esc(report['model'])}</h1>",
+            f'<p class="sub">Internal: {esc(report["internal"])}. External: '
+            f"{esc(', '.join(n for n in sets if n != report['internal']) or 'none')}. "
+            f"{esc(report.get('sampling', ''))}</p>",
+            f"<h2>Verdict</h2><p><b>{esc(v['headline'])}</b></p>",
+            "<ul>" + "".join(f"<li>{esc(p)}</li>" for p in v["problems"]) + "</ul>" if v["problems"] else "",
+            ("<p>" + " ".join(esc(n) for n in v["notes"]) + "</p>") if v["notes"] else "",
+            f'<div class="cards">{"".join(cards)}</div>',
+            "<h2>Per set</h2>",
+            "\n".join(rows),
+            '<p class="sub">Focus: share of the Grad-CAM heatmap (COVID-19 class) inside the lung box x '
+            f"{x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} "
+            "of the image; 0.525 for a uniform heatmap; below 0.5 the evidence lies mostly outside the lungs "
+            "(borders, corners, text labels).</p>",
+            "<h2>Metadata-only baseline (internal set)</h2>",
+            f"<p>{esc(meta.get('reason') or _baseline_line(meta))}</p>",
+            "<h2>Figures</h2>",
+            '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
+            "<h2>Sample heatmaps</h2>",
+            '<div class="figs">' + "".join(figs) + "</div>",
+            "<footer>Generated by cxr.audit. Research tool, not a medical device.</footer></body></html>",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def audit(model: str, internal: str, externals: list[str], output_dir: str, *, internal_split: str | None = "test",
-          limit: int | None = None, seed: int = 0, heatmaps_per_class: int = 2, n_bootstrap: int = 500,
-          batch_size: int = 16, actors: int | None = None, layer: str | None = None, overwrite: bool = False) -> AuditResult:
+def audit(
+    model: str,
+    internal: str,
+    externals: list[str],
+    output_dir: str,
+    *,
+    internal_split: str | None = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    heatmaps_per_class: int = 2,
+    n_bootstrap: int = 500,
+    batch_size: int = 16,
+    actors: int | None = None,
+    layer: str | None = None,
+    overwrite: bool = False,
+) -> AuditResult:
     """Audit ``model`` on ``internal`` versus ``externals``; report to the local folder ``output_dir``.
 
     ``internal_split`` picks the internal split folder where the data has one (``None``: all splits);
     external sets take every split. ``limit``: at most that many images per set and class, drawn at
     random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class. A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first (no stale heatmaps stay behind).
-    """
-    from .score import prepare_output
+
+    Long on purpose: the audit's steps in order (choose the images of each set, score and Grad-CAM them in one
+    pass, the metadata baseline, the figures per set, the report), each a call that shares the scored rows with
+    the next."""
+    from .output import prepare_output
     from .validate import inspect_files, metadata_baseline
 
     settings = storage.s3_settings()
@@ -265,8 +373,10 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
             internal_files = files
             fs, root = storage.filesystem(uri, settings)
             root = storage.to_uri(fs, root).rstrip("/") + "/"
-            split_used = internal_split is not None and any(f.path.startswith(root) and f.path[len(root):].split("/", 1)[0].lower() == internal_split.lower()
-                                                            for f in files)
+            split_used = internal_split is not None and any(
+                f.path.startswith(root) and f.path[len(root) :].split("/", 1)[0].lower() == internal_split.lower()
+                for f in files
+            )
         picked = _sample(files, limit, rng)
         overlay = set()
         for label in (0, 1):
@@ -275,8 +385,14 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
                 overlay |= set(rng.choice(sel, size=min(heatmaps_per_class, len(sel)), replace=False).tolist())
         chosen += [(f.path, f.label, name, f.path in overlay) for f in picked]
         log.info("set %s: %d of %d images", name, len(picked), len(files))
-    table = pa.table({"path": [c[0] for c in chosen], "label": pa.array([c[1] for c in chosen], pa.int8()),
-                      "set": [c[2] for c in chosen], "overlay": [c[3] for c in chosen]})
+    table = pa.table(
+        {
+            "path": [c[0] for c in chosen],
+            "label": pa.array([c[1] for c in chosen], pa.int8()),
+            "set": [c[2] for c in chosen],
+            "overlay": [c[3] for c in chosen],
+        }
+    )
     prepare_output(output_dir, overwrite, settings)
     out = Path(output_dir)
     result = run_explain(table, model, settings, str(out.resolve()), layer=layer, batch_size=batch_size, actors=actors)
@@ -287,24 +403,57 @@ def audit(model: str, internal: str, externals: list[str], output_dir: str, *, i
     for r in rows:
         r["label"] = int(r["label"])
     log.info("metadata-only baseline on %d internal files", len(internal_files))
-    inspected = inspect_files(pa.table({"path": [f.path for f in internal_files], "split": ["internal"] * len(internal_files),
-                                        "label": pa.array([f.label for f in internal_files], pa.int8())}), settings).to_pylist()
+    inspected = inspect_files(
+        pa.table(
+            {
+                "path": [f.path for f in internal_files],
+                "split": ["internal"] * len(internal_files),
+                "label": pa.array([f.label for f in internal_files], pa.int8()),
+            }
+        ),
+        settings,
+    ).to_pylist()
     metadata = metadata_baseline(inspected, seed=seed)
     sets = {name: set_figures([r for r in rows if r["set"] == name], info.threshold, n_bootstrap) for name in names}
     report = {
-        "model": info.model_id, "model_uri": model, "threshold": info.threshold, "internal": names[0],
-        "internal_split": (internal_split if split_used else "all") if internal_split else "all", "sets": sets, "metadata_baseline": metadata,
-        "verdict": verdict(sets, names[0], metadata), "rules": RULES,
-        "sampling": (f"At most {limit} images per set and class, drawn at random (seed {seed})." if limit else "Every image of every set."),
-        "data": dict(zip(names, (internal, *externals))), "seconds": round(time.perf_counter() - start, 1),
+        "model": info.model_id,
+        "model_uri": model,
+        "threshold": info.threshold,
+        "internal": names[0],
+        "internal_split": (internal_split if split_used else "all") if internal_split else "all",
+        "sets": sets,
+        "metadata_baseline": metadata,
+        "verdict": verdict(sets, names[0], metadata),
+        "rules": RULES,
+        "sampling": (
+            f"At most {limit} images per set and class, drawn at random (seed {seed})."
+            if limit
+            else "Every image of every set."
+        ),
+        "data": dict(zip(names, (internal, *externals))),
+        "seconds": round(time.perf_counter() - start, 1),
     }
-    images = [(out / "rates.png", "Sensitivity and false-positive rate per set"), (out / "focus.png", "Focus score per set and class")]
-    plot_rates(sets, info.threshold, images[0][0], labels=[f"{n} (internal)" if i == 0 else n for i, n in enumerate(names)])
+    images = [
+        (out / "rates.png", "Sensitivity and false-positive rate per set"),
+        (out / "focus.png", "Focus score per set and class"),
+    ]
+    plot_rates(
+        sets, info.threshold, images[0][0], labels=[f"{n} (internal)" if i == 0 else n for i, n in enumerate(names)]
+    )
     _plot_focus(rows, names, images[1][0])
     import json
 
-    (out / "report.json").write_text(json.dumps(to_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(
+        json.dumps(to_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+    )
     heatmaps = sorted((r for r in rows if r["heatmap"]), key=lambda r: (names.index(r["set"]), -r["label"], r["path"]))
     (out / "report.html").write_text(_html(report, images, heatmaps, out), encoding="utf-8")
-    return AuditResult(report, {"report_html": str(out / "report.html"), "report_json": str(out / "report.json"),
-                                "predictions": str(out / "predictions.parquet")}, time.perf_counter() - start)
+    return AuditResult(
+        report,
+        {
+            "report_html": str(out / "report.html"),
+            "report_json": str(out / "report.json"),
+            "predictions": str(out / "predictions.parquet"),
+        },
+        time.perf_counter() - start,
+    )

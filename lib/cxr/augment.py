@@ -55,7 +55,7 @@ class AugmentConfig:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
 
     @classmethod
-    def identity(cls) -> "AugmentConfig":
+    def identity(cls) -> AugmentConfig:
         """A config that changes nothing (validation / scoring path)."""
         return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0)
 
@@ -63,7 +63,7 @@ class AugmentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
+    def from_dict(cls, d: dict) -> AugmentConfig:
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         known.update({k: tuple(known[k]) for k in _PAIRS if k in known})
         return cls(**known)
@@ -74,12 +74,17 @@ def sample_params(rng: np.random.Generator, config: AugmentConfig) -> dict:
     c = config
     order, on = rng.permutation(len(DEGRADATIONS)), rng.random(len(DEGRADATIONS)) < c.degrade_p
     return {
-        "angle": rng.uniform(-c.rotate_deg, c.rotate_deg), "scale": rng.uniform(*c.scale),
-        "shift": rng.uniform(-c.shift, c.shift, 2), "flip": bool(rng.random() < c.hflip_p),
-        "contrast": rng.uniform(1 - c.contrast, 1 + c.contrast), "brightness": rng.uniform(-c.brightness, c.brightness),
+        "angle": rng.uniform(-c.rotate_deg, c.rotate_deg),
+        "scale": rng.uniform(*c.scale),
+        "shift": rng.uniform(-c.shift, c.shift, 2),
+        "flip": bool(rng.random() < c.hflip_p),
+        "contrast": rng.uniform(1 - c.contrast, 1 + c.contrast),
+        "brightness": rng.uniform(-c.brightness, c.brightness),
         "degradations": [DEGRADATIONS[i] for i in order if on[i]],
-        "downscale": rng.uniform(*c.downscale), "blur_sigma": rng.uniform(*c.blur_sigma),
-        "noise_std": rng.uniform(*c.noise_std), "jpeg_quality": int(rng.integers(c.jpeg_quality[0], c.jpeg_quality[1] + 1)),
+        "downscale": rng.uniform(*c.downscale),
+        "blur_sigma": rng.uniform(*c.blur_sigma),
+        "noise_std": rng.uniform(*c.noise_std),
+        "jpeg_quality": int(rng.integers(c.jpeg_quality[0], c.jpeg_quality[1] + 1)),
     }
 
 
@@ -96,8 +101,13 @@ def _warp(img: np.ndarray, p: dict) -> np.ndarray:
     inv = np.linalg.inv(forward_matrix(p["angle"], p["scale"], p["flip"]))
     offset = centre - inv @ (centre + p["shift"] * np.array([w, h]))  # output -> input
     border = float(np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]]).mean())
-    out = Image.fromarray(img).transform((w, h), Image.Transform.AFFINE, (*inv[0], offset[0], *inv[1], offset[1]),
-                                         resample=Image.Resampling.BILINEAR, fillcolor=border)
+    out = Image.fromarray(img).transform(
+        (w, h),
+        Image.Transform.AFFINE,
+        (*inv[0], offset[0], *inv[1], offset[1]),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=border,
+    )
     return np.asarray(out, dtype=np.float32)
 
 
@@ -110,8 +120,8 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     k /= k.sum()
     h, w = img.shape
     pad = np.pad(img, r, mode="reflect")
-    tmp = sum(k[i] * pad[i:i + h] for i in range(2 * r + 1))  # rows, then columns
-    return sum(k[i] * tmp[:, i:i + w] for i in range(2 * r + 1))
+    tmp = sum(k[i] * pad[i : i + h] for i in range(2 * r + 1))  # rows, then columns
+    return sum(k[i] * tmp[:, i : i + w] for i in range(2 * r + 1))
 
 
 def _degrade(img: np.ndarray, name: str, p: dict, rng: np.random.Generator) -> np.ndarray:

@@ -17,12 +17,13 @@ import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from . import storage
+from .errors import CheckpointError
 from .preprocess import TTA_CHOICES, PreprocessSpec
 
 FORMAT = "cxr-checkpoint"
@@ -34,10 +35,6 @@ DEFAULT_MODEL = "default"
 ENSEMBLE = "ensemble"
 CLASS_NAMES = ("non", "covid")
 POSITIVE_CLASS = "covid"
-
-
-class CheckpointError(Exception):
-    """The checkpoint is missing, unreadable or inconsistent."""
 
 
 @dataclass
@@ -81,7 +78,7 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelInfo":
+    def from_dict(cls, d: dict) -> ModelInfo:
         if not isinstance(d, dict):
             raise CheckpointError(f"invalid model.json: expected an object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -91,7 +88,9 @@ class ModelInfo:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model.json: format_version {d.get('format_version')!r}") from exc
         if version > FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint format_version {version} is newer than this code supports ({FORMAT_VERSION})")
+            raise CheckpointError(
+                f"checkpoint format_version {version} is newer than this code supports ({FORMAT_VERSION})"
+            )
         try:
             info = cls(
                 backbone=d["backbone"],
@@ -113,7 +112,9 @@ class ModelInfo:
         if not 0.0 <= info.threshold <= 1.0 or not 0.0 < info.temperature < float("inf"):  # also rejects NaN
             raise CheckpointError("threshold must be in [0, 1] and temperature > 0")
         if info.tta not in TTA_CHOICES:
-            raise CheckpointError(f"unknown test-time augmentation tta={info.tta!r} (this code knows {', '.join(TTA_CHOICES)})")
+            raise CheckpointError(
+                f"unknown test-time augmentation tta={info.tta!r} (this code knows {', '.join(TTA_CHOICES)})"
+            )
         if info.kind not in ("model", ENSEMBLE):
             raise CheckpointError(f"unknown checkpoint kind {info.kind!r}")
         if info.kind == ENSEMBLE:
@@ -139,7 +140,12 @@ def versions() -> dict:
 
     from . import __version__
 
-    out = {"cxr": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+    out = {
+        "cxr": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import ray
 
@@ -156,7 +162,7 @@ def save_checkpoint(model, info: ModelInfo, uri: str) -> ModelInfo:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state)
     info.weights_sha256 = hashlib.sha256(blob).hexdigest()
-    info.provenance.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info.provenance.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
     info.provenance.setdefault("versions", versions())
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), blob)
     storage.write_bytes(storage.join(uri, META_FILE), json.dumps(info.to_dict(), indent=2, sort_keys=False).encode())
@@ -233,8 +239,8 @@ class LoadedModel:
             torch.backends.cudnn.benchmark = True
 
     def logits(self, images):
-        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor (no grad),
-        with the checkpoint's test-time augmentation (``info.tta``)."""
+        """(N, S, S) preprocessed images (array, or tensor on any device) -> (N, num_classes) float32 logits tensor
+        (no grad), with the checkpoint's test-time augmentation (``info.tta``)."""
         import torch
 
         from .models import forward_tta
@@ -244,8 +250,14 @@ class LoadedModel:
         if self._cuda and x.device.type == "cpu":  # one channel travels, not three: expand and normalise on the GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = to_model_input(x, self.info.preprocess).to(self.device, memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=self.amp_dtype or torch.float32,
-                                                    enabled=self.amp_dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                torch.device(self.device).type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ),
+        ):
             return forward_tta(self.model, x, self.info.tta)
 
     def predict_proba(self, images) -> np.ndarray:
@@ -289,8 +301,13 @@ def ensemble_hash(member_infos: list[ModelInfo]) -> str:
     return hashlib.sha256("\n".join(m.weights_sha256 for m in member_infos).encode()).hexdigest()
 
 
-def save_ensemble(members: dict[str, str], uri: str, threshold: float, provenance: dict | None = None,
-                  settings: storage.S3Settings | None = None) -> ModelInfo:
+def save_ensemble(
+    members: dict[str, str],
+    uri: str,
+    threshold: float,
+    provenance: dict | None = None,
+    settings: storage.S3Settings | None = None,
+) -> ModelInfo:
     """Write an ensemble checkpoint at ``uri``: each of ``members`` (name -> checkpoint URI) is copied to
     ``members/<name>/``. Refuses members with different preprocessing specs or class names."""
     if not members:
@@ -300,24 +317,48 @@ def save_ensemble(members: dict[str, str], uri: str, threshold: float, provenanc
         info = load_info(src, settings)
         if info.kind == ENSEMBLE:
             raise CheckpointError(f"member {name} is itself an ensemble")
-        if infos and (info.preprocess != infos[0].preprocess or info.class_names != infos[0].class_names
-                      or info.positive_class != infos[0].positive_class):
-            raise CheckpointError(f"ensemble members must share one preprocessing spec and class names: {name} has "
-                                  f"{info.preprocess.to_dict()} {info.class_names}, {rel[0]} has {infos[0].preprocess.to_dict()} {infos[0].class_names}")
+        if infos and (
+            info.preprocess != infos[0].preprocess
+            or info.class_names != infos[0].class_names
+            or info.positive_class != infos[0].positive_class
+        ):
+            raise CheckpointError(
+                f"ensemble members must share one preprocessing spec and class names: {name} has "
+                f"{info.preprocess.to_dict()} {info.class_names}, {rel[0]} has {infos[0].preprocess.to_dict()} "
+                f"{infos[0].class_names}"
+            )
         for f in (WEIGHTS_FILE, META_FILE):
-            storage.write_bytes(storage.join(uri, "members", name, f), storage.read_bytes(storage.join(resolve(src), f), settings), settings)
+            storage.write_bytes(
+                storage.join(uri, "members", name, f),
+                storage.read_bytes(storage.join(resolve(src), f), settings),
+                settings,
+            )
         infos.append(info)
         rel.append(f"members/{name}")
-    ens = ModelInfo(ENSEMBLE, infos[0].preprocess, infos[0].class_names, infos[0].positive_class, threshold=float(threshold),
-                    provenance=dict(provenance or {}), weights_sha256=ensemble_hash(infos), kind=ENSEMBLE, members=tuple(rel))
-    ens.provenance.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    ens = ModelInfo(
+        ENSEMBLE,
+        infos[0].preprocess,
+        infos[0].class_names,
+        infos[0].positive_class,
+        threshold=float(threshold),
+        provenance=dict(provenance or {}),
+        weights_sha256=ensemble_hash(infos),
+        kind=ENSEMBLE,
+        members=tuple(rel),
+    )
+    ens.provenance.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
     ens.provenance.setdefault("versions", versions())
     storage.write_bytes(storage.join(uri, META_FILE), json.dumps(ens.to_dict(), indent=2).encode(), settings)
     return ens
 
 
-def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settings: storage.S3Settings | None = None,
-                    precision: str = "auto") -> LoadedModel | LoadedEnsemble:
+def load_checkpoint(
+    uri: str,
+    device: str = "cpu",
+    optimize: bool = True,
+    settings: storage.S3Settings | None = None,
+    precision: str = "auto",
+) -> LoadedModel | LoadedEnsemble:
     """``settings``: S3 endpoint/region captured on the driver (default: this process's environment);
     ``precision``: see :func:`autocast_dtype` (``auto``: mixed precision on CUDA, float32 on CPU).
 
@@ -329,11 +370,13 @@ def load_checkpoint(uri: str, device: str = "cpu", optimize: bool = True, settin
         return _load_checkpoint(uri, device, optimize, settings, precision)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - storage, JSON, torch: all mean "this model cannot be used"
+    except Exception as exc:
         raise CheckpointError(f"cannot load model {uri}: {storage.describe_error(exc)}") from exc
 
 
-def _load_checkpoint(uri: str, device: str, optimize: bool, settings: storage.S3Settings | None, precision: str) -> LoadedModel | LoadedEnsemble:
+def _load_checkpoint(
+    uri: str, device: str, optimize: bool, settings: storage.S3Settings | None, precision: str
+) -> LoadedModel | LoadedEnsemble:
     from safetensors.torch import load
 
     from .models import create_model
@@ -345,7 +388,9 @@ def _load_checkpoint(uri: str, device: str, optimize: bool, settings: storage.S3
         if any(isinstance(m, LoadedEnsemble) for m in members):
             raise CheckpointError(f"{uri}: ensemble members must be single models")
         if any(m.info.preprocess != info.preprocess or m.info.class_names != info.class_names for m in members):
-            raise CheckpointError(f"{uri}: ensemble members do not share the ensemble's preprocessing spec and class names")
+            raise CheckpointError(
+                f"{uri}: ensemble members do not share the ensemble's preprocessing spec and class names"
+            )
         digest = ensemble_hash([m.info for m in members])
         if info.weights_sha256 and digest != info.weights_sha256:
             raise CheckpointError(f"{uri}: members do not match the hash in model.json (corrupted or replaced)")
@@ -357,7 +402,9 @@ def _load_checkpoint(uri: str, device: str, optimize: bool, settings: storage.S3
         raise CheckpointError(f"cannot read {storage.join(uri, WEIGHTS_FILE)}: {storage.describe_error(exc)}") from exc
     digest = hashlib.sha256(blob).hexdigest()
     if info.weights_sha256 and digest != info.weights_sha256:
-        raise CheckpointError(f"{storage.join(uri, WEIGHTS_FILE)} does not match the hash in model.json (corrupted or replaced)")
+        raise CheckpointError(
+            f"{storage.join(uri, WEIGHTS_FILE)} does not match the hash in model.json (corrupted or replaced)"
+        )
     info.weights_sha256 = digest
     try:
         model = create_model(info.backbone, weights="none", num_classes=len(info.class_names))

@@ -1,4 +1,5 @@
-"""What every job in ``jobs/`` shares: logging set-up, exit codes, and one-line failure messages."""
+"""What every job shares: logging set-up, exit codes (``cxr.errors``), one-line failure messages, argparse types
+that check values, and the option groups several jobs have in common."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import math
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-# Exit codes of every job (documented in README).
-OK = 0
-FAILED = 1  # unexpected failure (a bug or a cluster problem): traceback in the log
-USAGE = 2  # bad command line (argparse)
-BAD_INPUT = 3  # input missing, empty or unreadable
-BAD_MODEL = 4  # model checkpoint missing or unreadable
-BAD_OUTPUT = 5  # output exists (without --overwrite) or cannot be written
-CHECK_FAILED = 6  # a data check failed (validate --strict: leakage or corrupt files)
-DRIFT = 7  # nightly.py --fail-on-drift: the run committed, and its share predicted positive shifted
+# Exit codes of every job (documented in README), and the exceptions that carry them: see cxr.errors.
+from .errors import (  # noqa: F401 (the jobs use them as cli.OK, cli.DRIFT, ...)
+    BAD_INPUT,
+    BAD_MODEL,
+    BAD_OUTPUT,
+    CHECK_FAILED,
+    DRIFT,
+    FAILED,
+    OK,
+    USAGE,
+    CheckFailed,
+    CxrError,
+    JobFailed,
+    UsageError,
+)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -34,22 +41,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Call ``main`` and exit with its code; known failures become one line on stderr."""
-    from .checkpoint import CheckpointError
-    from .explain import LayerError
-    from .score import OutputError
-    from .sources import InputError
-
-    codes = {LayerError: USAGE, InputError: BAD_INPUT, CheckpointError: BAD_MODEL, OutputError: BAD_OUTPUT}
+    """Call ``main`` and exit with its code; a :class:`~cxr.errors.CxrError` becomes one line on stderr and its
+    class's exit code."""
     try:
         code = main()
-    except tuple(codes) as exc:
+    except CxrError as exc:  # a failure the user can act on: its class carries the exit code
         print(f"error: {exc}", file=sys.stderr)
-        code = codes[type(exc)]
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
-    except Exception:  # noqa: BLE001
+    except Exception:
         logging.getLogger("cxr").exception("job failed")
         code = FAILED
     sys.exit(code)
@@ -57,10 +59,11 @@ def run(main: Callable[[], int]) -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` with every option's default, ``(default: 8)``, and the description's own line breaks; flags
-    (``store_true``) and options without a default (``None``) print none: their help says what happens."""
+    (``store_true``) and options without a default (``None``, or an empty list for a repeatable option) print
+    none: their help says what happens."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.nargs == 0:
+        if action.default is None or action.default is False or action.default == [] or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -81,7 +84,9 @@ def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -150,11 +155,138 @@ def val_fraction(text: str) -> float:
 
 
 def add_scoring_resources(p: argparse.ArgumentParser) -> None:
-    """The predictor pool's options, shared by the jobs that score an archive (score, nightly)."""
+    """The predictor pool's options, shared by the jobs that score an archive (score, nightly), in a group
+    'predictor pool'."""
+    p = p.add_argument_group("predictor pool")
     p.add_argument("--batch-size", type=positive_int, help="images per model batch (default 32 on CPU, 256 on GPU)")
-    p.add_argument("--actors", type=positive_int, help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
-                   "decoding; more lets the pool grow as an autoscaling cluster adds nodes)")
-    p.add_argument("--cpus-per-actor", type=positive_float, help="logical CPUs each predictor actor reserves (default on CPU: "
-                   "the model's share of a node, measured on a sample of the inputs)")
-    p.add_argument("--gpus-per-actor", type=non_negative_float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+    p.add_argument(
+        "--actors",
+        type=positive_int,
+        help="maximum predictor actors (default: what fits on the nodes up now, leaving CPU for "
+        "decoding; more lets the pool grow as an autoscaling cluster adds nodes)",
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=positive_float,
+        help="logical CPUs each predictor actor reserves (default on CPU: "
+        "the model's share of a node, measured on a sample of the inputs)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=non_negative_float,
+        help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))"
+    )
+
+
+# --------------------------------------------------------------------------- shared option groups
+# Each option the jobs share is defined here once; each job's --help lists its options by topic
+# (argparse argument groups). Defaults of the training and search options come from the config dataclasses
+# (cxr.configs), so that the command line and the library cannot disagree.
+
+OVERWRITE_HELP = "delete what the output holds before writing (default: refuse a non-empty output, exit 5)"
+MODEL_HELP = "checkpoint directory or s3:// prefix; 'default' = the shipped model"
+
+
+def add_general_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--verbose``, in a group of its own at the end of --help."""
+    group = p.add_argument_group("general")
+    group.add_argument("--verbose", action="store_true", help="debug logging")
+    return group
+
+
+def add_output_options(
+    p: argparse.ArgumentParser, *, help: str, metavar: str = "DIR", overwrite_help: str | None = OVERWRITE_HELP
+) -> argparse._ArgumentGroup:
+    """``--output`` (required; ``help`` says what is written there) and ``--overwrite`` (none where
+    ``overwrite_help`` is None: a search resumes in its output instead)."""
+    group = p.add_argument_group("output")
+    group.add_argument("--output", required=True, metavar=metavar, help=help)
+    if overwrite_help is not None:
+        group.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    return group
+
+
+def add_model_option(group, help: str = MODEL_HELP) -> None:
+    """``--model URI`` (default: the shipped model)."""
+    group.add_argument("--model", default="default", metavar="URI", help=help)
+
+
+def add_batch_size(group, *, default: int | None = None, help: str = "images per model batch") -> None:
+    """``--batch-size``: one definition; its ``help`` says what a batch is in that job (a model batch when scoring,
+    a training step when training)."""
+    group.add_argument("--batch-size", type=positive_int, default=default, help=help)
+
+
+def add_actor_options(group, *, gpus: bool = False) -> None:
+    """``--actors`` (and ``--gpus-per-actor``) of the jobs that score through a predictor pool without the full
+    set of :func:`add_scoring_resources`."""
+    group.add_argument("--actors", type=positive_int, help="maximum predictor actors (default: what fits the cluster)")
+    if gpus:
+        group.add_argument(
+            "--gpus-per-actor",
+            type=non_negative_float,
+            help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)",
+        )
+
+
+def add_training_options(p: argparse.ArgumentParser, config: type, *, what: str) -> dict[str, argparse._ArgumentGroup]:
+    """The options train and tune share, in groups 'data', 'preprocessing' and 'training', with the defaults of
+    ``config`` (``TrainConfig`` or ``SearchConfig``); ``what`` names what the job trains ("the model", "every
+    trial's model"). Returns the groups, for the job's own options."""
+    from .configs import default_of
+    from .preprocess import TTA_CHOICES
+
+    def default(name):
+        return default_of(config, name)
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        metavar="URI",
+        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
+        "{covid,non}/",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=val_fraction,
+        default=default("val_fraction"),
+        help="share of the images (patient-grouped) held out for validation",
+    )
+    prep = p.add_argument_group("preprocessing (recorded in the checkpoint: scoring does the same)")
+    prep.add_argument(
+        "--image-size", type=positive_int, default=default("image_size"), help=f"{what}'s input, in pixels (square)"
+    )
+    prep.add_argument(
+        "--crop",
+        default="none" if default("crop") is None else ",".join(map(str, default("crop"))),
+        metavar="lung|none|T,B,L,R",
+        help="keep only this box of each image (fractions top,bottom,left,right) before resizing; 'lung' = "
+        "0.10,0.85,0.15,0.85, which cuts away the borders where side markers and text identify the source",
+    )
+    prep.add_argument(
+        "--equalize",
+        action="store_true",
+        default=default("equalize"),
+        help="histogram-equalise each image instead of the percentile contrast stretch "
+        "(erases each source's exposure and tone curve)",
+    )
+    prep.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default=default("tta"),
+        help=f"test-time augmentation of {what}: 'hflip' scores each image and its mirror image and averages the "
+        "logits (twice the model's work). Used for validation, the threshold and every later scoring",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--oversample",
+        type=positive_int,
+        default=default("oversample"),
+        help="repeat each COVID training image this often, augmented differently",
+    )
+    add_batch_size(train, default=default("batch_size"), help="images per training step of each worker")
+    return {"data": data, "preprocessing": prep, "training": train}

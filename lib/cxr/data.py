@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from . import storage
-from .sources import InputError, list_images
+from .errors import InputError
+from .sources import list_images
 
 CLASS_NAMES = ("non", "covid")  # label index 0 = non, 1 = covid (same order as cxr.checkpoint.CLASS_NAMES)
 SPLIT_NAMES = ("train", "test")
@@ -75,13 +76,20 @@ def read_group_table(uri: str, option: str = "groups") -> dict[str, str]:
     rows = csv.DictReader(io.StringIO(text), delimiter="\t" if uri.lower().endswith(".tsv") else ",")
     if not {"file", "group"} <= set(rows.fieldnames or []):
         raise InputError(f"{option} {uri}: needs the columns 'file' and 'group', has {rows.fieldnames}")
-    return {posixpath.basename(row["file"].strip()): (row["group"] or "").strip() or "(empty)" for row in rows if row["file"]}
+    return {
+        posixpath.basename(row["file"].strip()): (row["group"] or "").strip() or "(empty)"
+        for row in rows
+        if row["file"]
+    }
 
 
 def _class_dirs(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return sorted((i.path, CLASS_NAMES.index(posixpath.basename(i.path).lower())) for i in infos
-                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).lower() in CLASS_NAMES)
+    return sorted(
+        (i.path, CLASS_NAMES.index(posixpath.basename(i.path).lower()))
+        for i in infos
+        if i.type == pafs.FileType.Directory and posixpath.basename(i.path).lower() in CLASS_NAMES
+    )
 
 
 def _split_dirs(fs: pafs.FileSystem, path: str) -> dict[str, list[str]]:
@@ -99,12 +107,17 @@ def apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> li
     names; the others keep theirs (patient id or own path)."""
     if not groups:
         return files
-    return [dataclasses.replace(f, group=f"g:{groups[posixpath.basename(f.path)]}") if posixpath.basename(f.path) in groups else f
-            for f in files]
+    return [
+        dataclasses.replace(f, group=f"g:{groups[posixpath.basename(f.path)]}")
+        if posixpath.basename(f.path) in groups
+        else f
+        for f in files
+    ]
 
 
-def labelled_files(uri: str, split: str | None = "train",
-                   settings: storage.S3Settings | None = None) -> list[LabelledFile]:
+def labelled_files(
+    uri: str, split: str | None = "train", settings: storage.S3Settings | None = None
+) -> list[LabelledFile]:
     """Every image below ``uri``'s class folders, labelled by folder, sorted by path.
 
     With a ``{train,test}`` layout ``split`` picks the sub-folder; ``split=None`` takes every split
@@ -135,8 +148,11 @@ def labelled_files(uri: str, split: str | None = "train",
     if not classes:
         where = f"{uri} (split {split!r})" if split else uri
         raise InputError(f"no class folder (covid or non) in {where}: {layout}")
-    out = [LabelledFile(p, label, patient_id(p) or p)
-           for path, label in classes for p in list_images(storage.to_uri(fs, path), settings)]
+    out = [
+        LabelledFile(p, label, patient_id(p) or p)
+        for path, label in classes
+        for p in list_images(storage.to_uri(fs, path), settings)
+    ]
     return sorted(out, key=lambda f: f.path)
 
 
@@ -205,7 +221,7 @@ def fingerprint(files) -> str:
         while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
             n += 1
         common = common[:n]
-    lines = sorted(f"{f.label}\t{'/'.join(p[len(common):])}" for f, p in zip(files, split))
+    lines = sorted(f"{f.label}\t{'/'.join(p[len(common) :])}" for f, p in zip(files, split))
     return hashlib.sha256("\n".join([FINGERPRINT_VERSION, *lines]).encode()).hexdigest()
 
 

@@ -61,7 +61,7 @@ def _magic_kind(head: bytes) -> str | None:
 
 
 def sniff_kind(name: str, head: bytes) -> str | None:
-    """"png" | "jpeg" | "dicom" | None: magic bytes first, else the (case-insensitive) extension."""
+    """ "png" | "jpeg" | "dicom" | None: magic bytes first, else the (case-insensitive) extension."""
     kind = _magic_kind(head)
     if kind is None and "." in name:
         kind = _EXT_KIND.get("." + name.rsplit(".", 1)[-1].lower())
@@ -105,12 +105,14 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 def _too_many(width: int, height: int, max_pixels: int) -> Decoded | None:
     if width * height > max_pixels:
-        return _fail(f"too many pixels: {width}x{height} = {width * height:,} exceeds the cap of {max_pixels:,}",
-                     width, height)
+        return _fail(
+            f"too many pixels: {width}x{height} = {width * height:,} exceeds the cap of {max_pixels:,}", width, height
+        )
     return None
 
 
 # ---------------------------------------------------------------- PNG / JPEG (Pillow)
+
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
     mode = im.mode
@@ -131,8 +133,7 @@ def _decode_pil(data: bytes, kind: str, by_magic: bool, max_pixels: int) -> Deco
             if (bad := _too_many(width, height, max_pixels)) is not None:
                 return bad
             if im.format == "PNG" and getattr(im, "n_frames", 1) > 1:
-                return _fail(f"multi-frame PNG (APNG with {im.n_frames} frames) is not supported",
-                             width, height)
+                return _fail(f"multi-frame PNG (APNG with {im.n_frames} frames) is not supported", width, height)
             shown = ImageOps.exif_transpose(im)  # loads the pixels (primary frame for MPO)
             shown.load()
             width, height = shown.size
@@ -152,6 +153,7 @@ def _decode_pil(data: bytes, kind: str, by_magic: bool, max_pixels: int) -> Deco
 
 # ---------------------------------------------------------------- DICOM (pydicom)
 
+
 def _unsupported_syntax(ts, exc: Exception) -> str:
     from pydicom.pixels import get_decoder
 
@@ -162,8 +164,7 @@ def _unsupported_syntax(ts, exc: Exception) -> str:
     have = ", ".join(decoder.available_plugins)
     need = "; ".join(decoder.missing_dependencies)
     hint = f"; decodable with: {need}" if need else ""
-    why = (f"installed decoder(s) {have} failed ({_one_line(exc, 120)})" if have
-           else "no decoder plugin installed")
+    why = f"installed decoder(s) {have} failed ({_one_line(exc, 120)})" if have else "no decoder plugin installed"
     return f"unsupported DICOM transfer syntax {ts.name} ({ts}): {why}{hint}"
 
 
@@ -181,8 +182,15 @@ def _decode_dicom(data: bytes, max_pixels: int, frontal_only: bool = False) -> D
     rows, cols = int(rows), int(cols)
     view = _view_position(ds)
     if frontal_only and is_non_frontal(view):  # from the header: its pixels are never decoded
-        return dataclasses.replace(_fail(f"{NOT_FRONTAL}: DICOM ViewPosition {view} (the models read PA/AP chest X-rays; "
-                                         "--all-views scores every view)", cols, rows), view=view)
+        return dataclasses.replace(
+            _fail(
+                f"{NOT_FRONTAL}: DICOM ViewPosition {view} (the models read PA/AP chest X-rays; "
+                "--all-views scores every view)",
+                cols,
+                rows,
+            ),
+            view=view,
+        )
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         return _fail(f"multi-frame DICOM ({frames} frames) is not supported", cols, rows)
@@ -191,8 +199,9 @@ def _decode_dicom(data: bytes, max_pixels: int, frontal_only: bool = False) -> D
 
     if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset without file meta: use how it was read
         implicit, little = getattr(ds, "original_encoding", (True, True))
-        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
-                                          else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
     ts = UID(ds.file_meta.TransferSyntaxUID)
     try:
         arr = ds.pixel_array
@@ -231,6 +240,7 @@ def _view_position(ds) -> str | None:
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def decode(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS, *, frontal_only: bool = False) -> Decoded:
     """Decode one file's bytes; never raises for bad input (errors go to `Decoded.error`). ``frontal_only``: a

@@ -9,8 +9,9 @@ It matches ``preprocess(decode(bytes).image, spec)`` (decode.py + preprocess.py)
 Pillow does it) and the same per-image percentile contrast stretch (linear interpolation, as
 ``np.percentile``). What a caller must route to the CPU path: EXIF-rotated JPEGs (the CUDA decoder does not
 apply the orientation), other formats, and any file it cannot decode (reported in ``errors``, never raised).
-nvJPEG's output may differ from libjpeg's by a grey level: to be checked on the GPU (benchmarks/gpu.py does). torchvision marks its image decoders deprecated from 0.29
-(superseded by TorchCodec); they still work and are what this uses.
+nvJPEG's output may differ from libjpeg's by a grey level: to be checked on the GPU (benchmarks/gpu.py does).
+torchvision marks its image decoders deprecated from 0.29 (superseded by TorchCodec); they still work and are
+what this uses.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def preprocess_tensor(image, spec: PreprocessSpec):
         flat = x.flatten()
         _, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
         mid_rank = torch.cumsum(counts, 0).to(x.dtype) - (counts.to(x.dtype) + 1) / 2
-        x = (mid_rank[inverse] / max(flat.numel() - 1, 1)).view(x.shape) if flat.numel() > 1 else torch.full_like(x, 0.5)
+        x = (
+            (mid_rank[inverse] / max(flat.numel() - 1, 1)).view(x.shape)
+            if flat.numel() > 1
+            else torch.full_like(x, 0.5)
+        )
     elif spec.autocontrast is not None:
         q = torch.tensor([spec.autocontrast[0] / 100.0, spec.autocontrast[1] / 100.0], device=x.device, dtype=x.dtype)
         lo, hi = torch.quantile(x.flatten(), q)

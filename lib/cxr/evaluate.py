@@ -19,13 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .runtime import ensure_ray
 from .checkpoint import load_checkpoint
 from .data import CLASS_NAMES, SPLIT_NAMES, class_counts, fingerprint, labelled_files, read_group_table
+from .errors import InputError
 from .metrics import binary_report, subgroup_report
+from .output import new_run_id, prepare_output
 from .report import write_report
-from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, new_run_id, prepare_output, score_dataset
-from .sources import InputError, table_dataset
+from .runtime import ensure_ray
+from .score import OUTPUT_SCHEMA, count_not_frontal, measured_plan, score_dataset
+from .sources import table_dataset
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ def group_function(group_by: str):
     try:
         pattern = re.compile(group_by)
     except re.error as exc:
-        raise InputError(f"--group-by {group_by!r}: not {SOURCE!r} and not a valid regular expression ({exc})") from None
+        raise InputError(
+            f"--group-by {group_by!r}: not {SOURCE!r} and not a valid regular expression ({exc})"
+        ) from None
 
     def by_name(path: str, source: str) -> str:
         m = pattern.search(posixpath.basename(path))
@@ -79,20 +83,26 @@ class EvaluationResult:
 
         auc = (r.get("roc_auc") or {}).get("value")
         views = f", {self.not_frontal} not frontal views" if self.not_frontal else ""
-        return (f"evaluated {r['n']} images ({r['n_positive']} covid, {r['n_negative']} non; not scored: "
-                f"{self.errors - self.not_frontal} unreadable{views}) at threshold "
-                f"{r['threshold']:.4f}: sensitivity {fmt(sens)}, specificity {fmt(spec)}, ROC AUC "
-                f"{'n/a' if auc is None else f'{auc:.4f}'} -> {self.files['report_html']}")
+        return (
+            f"evaluated {r['n']} images ({r['n_positive']} covid, {r['n_negative']} non; not scored: "
+            f"{self.errors - self.not_frontal} unreadable{views}) at threshold "
+            f"{r['threshold']:.4f}: sensitivity {fmt(sens)}, specificity {fmt(spec)}, ROC AUC "
+            f"{'n/a' if auc is None else f'{auc:.4f}'} -> {self.files['report_html']}"
+        )
 
     def subgroup_lines(self) -> list[str]:
         """One line per subgroup (empty without ``group_by``)."""
+
         def rate(d):
             return "n/a" if not d else f"{d['value']:.3f} ({d['k']}/{d['n']})"
 
         groups = (self.subgroups or {}).get("groups") or []
         width = max((len(g["group"]) for g in groups), default=0)
-        return [f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate {rate(g['false_positive_rate'])}"
-                for g in groups]
+        return [
+            f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate "
+            f"{rate(g['false_positive_rate'])}"
+            for g in groups
+        ]
 
 
 def data_name(uri: str) -> str:
@@ -122,7 +132,10 @@ def evaluate(
 
     ``group_by`` (see :func:`group_function`) adds the rates per subgroup to the report and a ``group``
     column to ``predictions.parquet``. A non-empty ``output_dir`` raises OutputError unless ``overwrite``,
-    which empties it first (no stale plots of an earlier run stay behind)."""
+    which empties it first (no stale plots of an earlier run stay behind).
+
+    Long on purpose: one pipeline in order (list and label the files, check the output, score on Ray Data, join
+    labels and groups, the metrics, the report), each step a call."""
     import ray
 
     settings = storage.s3_settings()
@@ -150,7 +163,9 @@ def evaluate(
     if results.num_rows != len(labels):
         raise RuntimeError(f"scored {results.num_rows} rows for {len(labels)} files")
     if groups is not None:
-        results = results.append_column("group", pa.array([groups[p] for p in results["path"].to_pylist()], pa.string()))
+        results = results.append_column(
+            "group", pa.array([groups[p] for p in results["path"].to_pylist()], pa.string())
+        )
     pq.write_table(results, os.path.join(output_dir, "predictions.parquet"))
     ok = results.filter(pa.compute.is_null(results["error"]))
     errors = results.num_rows - ok.num_rows
@@ -164,13 +179,31 @@ def evaluate(
         subgroups = {"by": group_by, "groups": subgroup_report(y, p, ok["group"].to_pylist(), t)}
     seconds = time.perf_counter() - start
     extra = {
-        "model": info.model_id, "model_uri": model, "data": ", ".join(data), "split": split or "all",
-        "data_fingerprint": fingerprint(files), "files": len(labels), "files_by_class": class_counts(files),
-        "unreadable_files": errors - not_frontal, "not_frontal_views": not_frontal, "threshold_source": "given" if threshold is not None else "model.json (chosen on validation)",
-        "run_id": run_id, "seconds": round(seconds, 1),
+        "model": info.model_id,
+        "model_uri": model,
+        "data": ", ".join(data),
+        "split": split or "all",
+        "data_fingerprint": fingerprint(files),
+        "files": len(labels),
+        "files_by_class": class_counts(files),
+        "unreadable_files": errors - not_frontal,
+        "not_frontal_views": not_frontal,
+        "threshold_source": "given" if threshold is not None else "model.json (chosen on validation)",
+        "run_id": run_id,
+        "seconds": round(seconds, 1),
     }
     if errors:
-        extra["unreadable_examples"] = "; ".join(f"{r['path']}: {r['error']}" for r in results.filter(pa.compute.invert(pa.compute.is_null(results["error"]))).slice(0, 5).to_pylist())
-    paths = write_report(report, y, p, output_dir, title=title or f"{info.backbone} on {', '.join(data_name(d) for d in data)}", extra=extra,
-                         subgroups=subgroups)
+        extra["unreadable_examples"] = "; ".join(
+            f"{r['path']}: {r['error']}"
+            for r in results.filter(pa.compute.invert(pa.compute.is_null(results["error"]))).slice(0, 5).to_pylist()
+        )
+    paths = write_report(
+        report,
+        y,
+        p,
+        output_dir,
+        title=title or f"{info.backbone} on {', '.join(data_name(d) for d in data)}",
+        extra=extra,
+        subgroups=subgroups,
+    )
     return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups, not_frontal)

@@ -31,7 +31,6 @@ clearly negative) is zero: its focus is null, "n/a", and summaries count such im
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import posixpath
@@ -44,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .errors import UsageError
 from .preprocess import LUNG_BOX as _LUNG_TBLR
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,15 @@ LUNG_BOX = (_LUNG_TBLR[2], _LUNG_TBLR[3], _LUNG_TBLR[0], _LUNG_TBLR[1])  # x0, x
 CORNER = 0.20
 FOCUS_THRESHOLD = 0.5  # below: most CAM mass outside the lung box (uniform map: 0.525)
 HEATMAP_DIR = "heatmaps"
-EXPLAIN_COLUMNS = [("focus", pa.float32()), ("corner_share", pa.float32()), ("outside_lungs", pa.bool_()),
-                   ("heatmap", pa.string())]
+EXPLAIN_COLUMNS = [
+    ("focus", pa.float32()),
+    ("corner_share", pa.float32()),
+    ("outside_lungs", pa.bool_()),
+    ("heatmap", pa.string()),
+]
 
 
-class LayerError(ValueError):
+class LayerError(UsageError):
     """The model has no module of the name given for Grad-CAM (``--layer``): a bad command line, exit code 2."""
 
 
@@ -78,7 +82,7 @@ def lung_box_in_input(crop: tuple[float, float, float, float] | None = None) -> 
 def lung_mask(h: int, w: int, crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
     x0, x1, y0, y1 = lung_box_in_input(crop)
     m = np.zeros((h, w), bool)
-    m[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = True
+    m[int(round(y0 * h)) : int(round(y1 * h)), int(round(x0 * w)) : int(round(x1 * w))] = True
     return m
 
 
@@ -91,7 +95,9 @@ def corner_mask(h: int, w: int) -> np.ndarray:
     return m
 
 
-def focus_scores(cam: np.ndarray, crop: tuple[float, float, float, float] | None = None) -> tuple[float | None, float | None]:
+def focus_scores(
+    cam: np.ndarray, crop: tuple[float, float, float, float] | None = None
+) -> tuple[float | None, float | None]:
     """(focus, corner_share) of one 2-D CAM: the shares of its mass in the lung box and in the corners
     (of the model's input; ``crop``: the checkpoint's PreprocessSpec.crop)."""
     cam = np.asarray(cam, dtype=np.float64)
@@ -213,12 +219,17 @@ def versus_threshold(prob: float, threshold: float, prediction: str | None) -> s
 
 def overlay_caption(prob: float, threshold: float, prediction: str | None, focus: float | None) -> str:
     """The caption under an overlay: ``p=0.54 < 0.5401: non, focus n/a (no positive evidence)``."""
-    return f"{versus_threshold(prob, threshold, prediction)}, focus {f'{focus:.2f}' if focus is not None else f'n/a ({NO_EVIDENCE})'}"
+    shown = f"{focus:.2f}" if focus is not None else f"n/a ({NO_EVIDENCE})"
+    return f"{versus_threshold(prob, threshold, prediction)}, focus {shown}"
 
 
-
-def overlay_png(image: np.ndarray, cam: np.ndarray, caption: str = "", size: int = 320,
-                crop: tuple[float, float, float, float] | None = None) -> bytes:
+def overlay_png(
+    image: np.ndarray,
+    cam: np.ndarray,
+    caption: str = "",
+    size: int = 320,
+    crop: tuple[float, float, float, float] | None = None,
+) -> bytes:
     """The preprocessed image (what the model saw) in gray with the CAM in colour on top, the lung box
     outlined in white, and a caption strip below. PNG bytes."""
     from matplotlib import colormaps
@@ -255,8 +266,16 @@ class Explainer:
     ``output/heatmaps/``. Columns other than the pipeline's (``label``, ``set``, ...) pass through.
     """
 
-    def __init__(self, model_uri: str, run_id: str, threads: int, settings: storage.S3Settings, output: str | None = None,
-                 overlay_all: bool = False, layer: str | None = None):
+    def __init__(
+        self,
+        model_uri: str,
+        run_id: str,
+        threads: int,
+        settings: storage.S3Settings,
+        output: str | None = None,
+        overlay_all: bool = False,
+        layer: str | None = None,
+    ):
         import torch
 
         from .checkpoint import load_checkpoint
@@ -292,8 +311,11 @@ class Explainer:
                 if self.output and (want[i] or self.overlay_all):
                     name = heatmap_name(str(batch["path"][i]))
                     caption = overlay_caption(probs[i], thresholds[i], predictions[i], f)
-                    storage.write_bytes(storage.join(self.output, HEATMAP_DIR, name),
-                                        overlay_png(batch["image"][i], cams[k], caption, crop=self.info.preprocess.crop), self.settings)
+                    storage.write_bytes(
+                        storage.join(self.output, HEATMAP_DIR, name),
+                        overlay_png(batch["image"][i], cams[k], caption, crop=self.info.preprocess.crop),
+                        self.settings,
+                    )
                     heatmaps[i] = f"{HEATMAP_DIR}/{name}"
         has = ~np.isnan(focus)
         cols = {
@@ -311,8 +333,18 @@ class Explainer:
         return table
 
 
-def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings: storage.S3Settings, output: str | None = None,
-                    overlay_all: bool = False, layer: str | None = None, all_views: bool = False):
+def explain_dataset(
+    paths_ds,
+    model_uri: str,
+    spec,
+    plan,
+    run_id: str,
+    settings: storage.S3Settings,
+    output: str | None = None,
+    overlay_all: bool = False,
+    layer: str | None = None,
+    all_views: bool = False,
+):
     """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap``."""
     import ray.data
 
@@ -322,30 +354,60 @@ def explain_dataset(paths_ds, model_uri: str, spec, plan, run_id: str, settings:
     decoded = decoded_dataset(paths_ds, spec, settings, plan.task_cpus, plan.batch_size, all_views=all_views)
     return decoded.map_batches(
         Explainer,
-        fn_constructor_kwargs={"model_uri": model_uri, "run_id": run_id, "threads": plan.threads_per_actor, "settings": settings,
-                               "output": output, "overlay_all": overlay_all, "layer": layer},
-        batch_size=plan.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors), num_cpus=plan.cpus_per_actor,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "run_id": run_id,
+            "threads": plan.threads_per_actor,
+            "settings": settings,
+            "output": output,
+            "overlay_all": overlay_all,
+            "layer": layer,
+        },
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
         **torch_actor_remote_args(),
     )
 
 
-def run_explain(table: pa.Table, model_uri: str, settings: storage.S3Settings, output: str | None = None, *, overlay_all: bool = False,
-                layer: str | None = None, batch_size: int = 16, actors: int | None = None, all_views: bool = False) -> pa.Table:
+def run_explain(
+    table: pa.Table,
+    model_uri: str,
+    settings: storage.S3Settings,
+    output: str | None = None,
+    *,
+    overlay_all: bool = False,
+    layer: str | None = None,
+    batch_size: int = 16,
+    actors: int | None = None,
+    all_views: bool = False,
+) -> pa.Table:
     """Explain every row of ``table`` (a ``path`` column, optional ``overlay`` and pass-through columns);
     the result rows, collected on the driver. ``all_views``: lateral and oblique DICOM views too."""
     import ray
 
     from .checkpoint import load_info
+    from .output import new_run_id
+    from .resources import cluster_plan
     from .runtime import ensure_ray
-    from .score import cluster_plan, new_run_id
     from .sources import table_dataset
 
     info = load_info(model_uri, settings)
     ensure_ray()
     plan = cluster_plan(actors=actors, batch_size=batch_size, gpus_per_actor=0)
-    ds = explain_dataset(table_dataset(table), model_uri, info.preprocess, plan, new_run_id(), settings, output, overlay_all, layer,
-                         all_views)
+    ds = explain_dataset(
+        table_dataset(table),
+        model_uri,
+        info.preprocess,
+        plan,
+        new_run_id(),
+        settings,
+        output,
+        overlay_all,
+        layer,
+        all_views,
+    )
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
 
 
@@ -363,8 +425,10 @@ def gallery_stats(rows: list[dict]) -> str:
     no_focus = no_evidence(rows)
     parts = [f"{len(rows)} images"]
     if focus.size:
-        parts += [f"median focus {np.median(focus):.2f}" + (f" of {focus.size}" if no_focus else ""),
-                  f"{int(np.sum(focus < FOCUS_THRESHOLD))} of {focus.size} with focus < {FOCUS_THRESHOLD}"]
+        parts += [
+            f"median focus {np.median(focus):.2f}" + (f" of {focus.size}" if no_focus else ""),
+            f"{int(np.sum(focus < FOCUS_THRESHOLD))} of {focus.size} with focus < {FOCUS_THRESHOLD}",
+        ]
     if no_focus:
         parts.append(f"{no_focus} with {NO_EVIDENCE} (focus n/a)")
     elif not focus.size:
@@ -374,35 +438,53 @@ def gallery_stats(rows: list[dict]) -> str:
 
 def gallery_html(rows: list[dict], title: str, note: str = "") -> str:
     """A page of overlay thumbnails (relative links), highest probability first."""
-    esc = lambda x: html.escape(str(x), quote=True)  # noqa: E731
-    from .report import _CSS
+    from .pages import CSS, esc
 
     shown = sorted((r for r in rows if r.get("heatmap")), key=lambda r: -(r.get("prob_covid") or 0))
     figs = []
     for r in shown:
         f = r.get("focus")
         flag = ' style="border:3px solid #d62728"' if r.get("outside_lungs") else ""
-        vs = (versus_threshold(r["prob_covid"], r["threshold"], r.get("prediction")) if r.get("threshold") is not None
-              else f"p={r['prob_covid']:.3f}: {r.get('prediction')}")
-        figs.append(f'<figure><a href="{esc(r["heatmap"])}"><img src="{esc(r["heatmap"])}" width="240"{flag}></a>'
-                    f'<figcaption>{esc(posixpath.basename(r["path"]))}<br>{esc(vs)}'
-                    f' · focus {f"n/a ({NO_EVIDENCE})" if f is None else f"{f:.2f}"}</figcaption></figure>')
+        vs = (
+            versus_threshold(r["prob_covid"], r["threshold"], r.get("prediction"))
+            if r.get("threshold") is not None
+            else f"p={r['prob_covid']:.3f}: {r.get('prediction')}"
+        )
+        figs.append(
+            f'<figure><a href="{esc(r["heatmap"])}"><img src="{esc(r["heatmap"])}" width="240"{flag}></a>'
+            f"<figcaption>{esc(posixpath.basename(r['path']))}<br>{esc(vs)}"
+            f" · focus {f'n/a ({NO_EVIDENCE})' if f is None else f'{f:.2f}'}</figcaption></figure>"
+        )
     stats = gallery_stats(rows)
     no_focus = no_evidence(rows)
     x0, x1, y0, y1 = LUNG_BOX
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
-        f"<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the lung region "
-        f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it (uniform: 0.525). "
-        f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs). Captions: the probability "
-        f"of COVID-19 against the model's threshold, and the prediction.</p>",
-        (f"<p><b>focus n/a ({NO_EVIDENCE})</b>, {no_focus} of these images: their Grad-CAM map is zero. Grad-CAM keeps only "
-         "the regions whose activations raise the COVID-19 score; in these images none does (typical of an image the model "
-         "finds clearly negative), so there is no evidence to locate, and they are not in the median focus.</p>" if no_focus else ""),
-        '<div class="figs">' + "".join(figs) + "</div>",
-        "<footer>Generated by cxr.explain. Research tool, not a medical device.</footer></body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+            f"<h1>{esc(title)}</h1>",
+            f'<p class="sub">{esc(stats)}. {esc(note)}</p>',
+            "<p>Grad-CAM of the COVID-19 class on the image the model saw (squashed to a square). White box: the "
+            "lung region "
+            f"(x {x0:.0%}–{x1:.0%}, y {y0:.0%}–{y1:.0%} of the image); <b>focus</b> = share of the heatmap inside it "
+            "(uniform: 0.525). "
+            f"Red frame: focus &lt; {FOCUS_THRESHOLD} (the evidence sits mostly outside the lungs). Captions: the "
+            "probability "
+            f"of COVID-19 against the model's threshold, and the prediction.</p>",
+            (
+                f"<p><b>focus n/a ({NO_EVIDENCE})</b>, {no_focus} of these images: their Grad-CAM map is zero. "
+                "Grad-CAM keeps only "
+                "the regions whose activations raise the COVID-19 score; in these images none does (typical of an "
+                "image the model "
+                "finds clearly negative), so there is no evidence to locate, and they are not in the median focus.</p>"
+                if no_focus
+                else ""
+            ),
+            '<div class="figs">' + "".join(figs) + "</div>",
+            "<footer>Generated by cxr.explain. Research tool, not a medical device.</footer></body></html>",
+        ]
+    )
 
 
 @dataclass
@@ -434,43 +516,83 @@ class ExplainSummary:
         else:
             head = f"explained {self.explained} of {self.files} images ({notes})"
         scored = self.explained - self.no_focus
-        mf = "n/a" if self.median_focus is None else f"{self.median_focus:.2f}" + (f" of {scored}" if self.no_focus else "")
+        mf = (
+            "n/a"
+            if self.median_focus is None
+            else f"{self.median_focus:.2f}" + (f" of {scored}" if self.no_focus else "")
+        )
         none = f", {self.no_focus} with {NO_EVIDENCE} (focus n/a)" if self.no_focus else ""
-        return (f"{head}: median focus {mf}{none}, {self.outside_lungs} with focus < {FOCUS_THRESHOLD}; "
-                f"{self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}")
+        return (
+            f"{head}: median focus {mf}{none}, {self.outside_lungs} with focus < {FOCUS_THRESHOLD}; "
+            f"{self.heatmaps} heatmaps -> {storage.join(self.output, 'gallery.html')}"
+        )
 
 
-def explain_paths(paths: list[str], model: str, output: str, *, overwrite: bool = False, layer: str | None = None,
-                  batch_size: int = 16, actors: int | None = None, title: str | None = None, all_views: bool = False,
-                  available: int | None = None, limit_option: str = "--limit") -> ExplainSummary:
+def explain_paths(
+    paths: list[str],
+    model: str,
+    output: str,
+    *,
+    overwrite: bool = False,
+    layer: str | None = None,
+    batch_size: int = 16,
+    actors: int | None = None,
+    title: str | None = None,
+    all_views: bool = False,
+    available: int | None = None,
+    limit_option: str = "--limit",
+) -> ExplainSummary:
     """Grad-CAM overlays for every path, ``explanations.parquet``, ``gallery.html`` and ``_summary.json`` at ``output``.
     ``available``: how many files the input had when a limit (``limit_option``) picked ``paths`` from them."""
     import pyarrow.parquet as pq
 
-    from .score import count_not_frontal, prepare_output
+    from .output import prepare_output
+    from .score import count_not_frontal
 
     settings = storage.s3_settings()
     check_model(model, layer, settings)
     prepare_output(output, overwrite, settings)
     start = time.perf_counter()
-    result = run_explain(pa.table({"path": pa.array(paths, pa.string())}), model, settings, output, overlay_all=True, layer=layer,
-                         batch_size=batch_size, actors=actors, all_views=all_views)
+    result = run_explain(
+        pa.table({"path": pa.array(paths, pa.string())}),
+        model,
+        settings,
+        output,
+        overlay_all=True,
+        layer=layer,
+        batch_size=batch_size,
+        actors=actors,
+        all_views=all_views,
+    )
     fs, path = storage.filesystem(output, settings)
     pq.write_table(result, f"{path}/explanations.parquet", filesystem=fs)
     rows = result.to_pylist()
     focus = [r["focus"] for r in rows if r["focus"] is not None]
-    summary = ExplainSummary(output, len(rows), sum(r["error"] is None for r in rows), sum(r["error"] is not None for r in rows),
-                             sum(bool(r["outside_lungs"]) for r in rows), float(np.median(focus)) if focus else None,
-                             sum(r["heatmap"] is not None for r in rows), round(time.perf_counter() - start, 1),
-                             count_not_frontal(result["error"]), no_evidence(rows),
-                             available, limit_option)
+    summary = ExplainSummary(
+        output,
+        len(rows),
+        sum(r["error"] is None for r in rows),
+        sum(r["error"] is not None for r in rows),
+        sum(bool(r["outside_lungs"]) for r in rows),
+        float(np.median(focus)) if focus else None,
+        sum(r["heatmap"] is not None for r in rows),
+        round(time.perf_counter() - start, 1),
+        count_not_frontal(result["error"]),
+        no_evidence(rows),
+        available,
+        limit_option,
+    )
     note = f"Explained {summary.selection()}." if summary.selection() else ""
-    storage.write_bytes(storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}", note).encode(), settings)
+    storage.write_bytes(
+        storage.join(output, "gallery.html"), gallery_html(rows, title or f"Grad-CAM: {model}", note).encode(), settings
+    )
     storage.write_bytes(storage.join(output, "_summary.json"), json.dumps(asdict(summary), indent=2).encode(), settings)
     return summary
 
 
-def explain(inputs: list[str], model: str, output: str, *, limit: int | None = None, seed: int = 0, **kwargs) -> ExplainSummary:
+def explain(
+    inputs: list[str], model: str, output: str, *, limit: int | None = None, seed: int = 0, **kwargs
+) -> ExplainSummary:
     """Explain every image under ``inputs`` (folders, s3:// prefixes, manifests; as score.py); ``limit``
     takes a random subset of that size (fixed ``seed``)."""
     from .sources import input_paths
@@ -486,7 +608,9 @@ def explain(inputs: list[str], model: str, output: str, *, limit: int | None = N
 POSITIVE_HEATMAPS_DIR = "_heatmaps"  # '_' prefix: readers of the score table (pyarrow datasets) skip it
 
 
-def explain_positives(score_output: str, model: str, *, output: str | None = None, limit: int | None = None, **kwargs) -> ExplainSummary | None:
+def explain_positives(
+    score_output: str, model: str, *, output: str | None = None, limit: int | None = None, **kwargs
+) -> ExplainSummary | None:
     """Post-step of a finished score run: Grad-CAM for the rows predicted positive, written under
     ``score_output/_heatmaps/`` (or ``output``). None when no row is positive."""
     import pyarrow.compute as pc
@@ -504,5 +628,13 @@ def explain_positives(score_output: str, model: str, *, output: str | None = Non
         return None
     target = output or storage.join(score_output, POSITIVE_HEATMAPS_DIR)
     # every view: a row predicted positive was scored, whatever its view (score --all-views)
-    return explain_paths(positive["path"].to_pylist(), model, target, title="Grad-CAM of images predicted COVID-19", all_views=True,
-                         available=available, limit_option="--explain-limit", **kwargs)
+    return explain_paths(
+        positive["path"].to_pylist(),
+        model,
+        target,
+        title="Grad-CAM of images predicted COVID-19",
+        all_views=True,
+        available=available,
+        limit_option="--explain-limit",
+        **kwargs,
+    )

@@ -38,7 +38,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -49,14 +49,25 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .checkpoint import load_checkpoint
-from .runtime import ensure_ray
 from .decode import NOT_FRONTAL
-from .score import OUTPUT_SCHEMA, OutputError, count_not_frontal, Predictor, WRITE_TASKS, measured_plan, new_run_id, score_dataset
-from .sources import InputError, _is_manifest, input_paths, list_image_infos, table_dataset
+from .runtime import ensure_ray
+from .score import (
+    OUTPUT_SCHEMA,
+    WRITE_TASKS,
+    OutputError,
+    Predictor,
+    count_not_frontal,
+    measured_plan,
+    new_run_id,
+    score_dataset,
+)
+from .sources import InputError, input_paths, is_manifest, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
 
-TABLE_SCHEMA = OUTPUT_SCHEMA.append(pa.field("source_size", pa.int64())).append(pa.field("source_mtime", pa.timestamp("ns", tz="UTC")))
+TABLE_SCHEMA = OUTPUT_SCHEMA.append(pa.field("source_size", pa.int64())).append(
+    pa.field("source_mtime", pa.timestamp("ns", tz="UTC"))
+)
 PARTITIONING = pads.partitioning(pa.schema([("run_date", pa.string()), ("run_id", pa.string())]), flavor="hive")
 COMMIT_FILE = "_committed.json"
 STAGING = "_staging"
@@ -73,7 +84,7 @@ def input_infos(uris: list[str], settings: storage.S3Settings | None = None) -> 
     names a file that does not exist: it is scored, and becomes a read-failure row)."""
     rows: dict[str, tuple[int | None, int | None]] = {}
     for uri in uris:
-        if _is_manifest(uri):
+        if is_manifest(uri):
             paths = [p for p in input_paths([uri], settings).to_pylist() if p not in rows]
             for p, info in zip(paths, _stat(paths, settings)):
                 rows[p] = info
@@ -111,8 +122,11 @@ class KeyedPredictor(Predictor):
         size = np.asarray(batch["source_size"], dtype=np.int64)
         mtime = np.asarray(batch["source_mtime_ns"], dtype=np.int64)
         missing = size < 0
-        return table.append_column(TABLE_SCHEMA.field("source_size"), pa.array(size, pa.int64(), mask=missing)).append_column(
-            TABLE_SCHEMA.field("source_mtime"), pa.array(mtime, pa.int64(), mask=missing).cast(TABLE_SCHEMA.field("source_mtime").type)
+        return table.append_column(
+            TABLE_SCHEMA.field("source_size"), pa.array(size, pa.int64(), mask=missing)
+        ).append_column(
+            TABLE_SCHEMA.field("source_mtime"),
+            pa.array(mtime, pa.int64(), mask=missing).cast(TABLE_SCHEMA.field("source_mtime").type),
         )
 
 
@@ -138,8 +152,13 @@ def committed_runs(uri: str, settings: storage.S3Settings | None = None) -> list
     return sorted(runs, key=lambda r: (r["committed_at"], r["run_id"]))
 
 
-def read_table(uri: str, columns: list[str] | None = None, *, all_versions: bool = False,
-               settings: storage.S3Settings | None = None) -> pa.Table:
+def read_table(
+    uri: str,
+    columns: list[str] | None = None,
+    *,
+    all_versions: bool = False,
+    settings: storage.S3Settings | None = None,
+) -> pa.Table:
     """The committed rows of an incremental table: what readers should use.
 
     Only files listed by a run's ``_committed.json`` are read, so rows of a run in progress or of a
@@ -154,12 +173,16 @@ def read_table(uri: str, columns: list[str] | None = None, *, all_versions: bool
     if not files:
         table = schema.empty_table()
     else:
-        dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet", partitioning=PARTITIONING, partition_base_dir=root)
+        dataset = pads.dataset(
+            files, schema=schema, filesystem=fs, format="parquet", partitioning=PARTITIONING, partition_base_dir=root
+        )
         table = dataset.to_table()
     if not all_versions and table.num_rows:
         order = {r["run_id"]: i for i, r in enumerate(runs)}
         table = table.append_column("_order", pa.array([order[r] for r in table["run_id"].to_pylist()], pa.int32()))
-        latest = table.group_by(["path", "model"]).aggregate([("_order", "max")]).rename_columns(["path", "model", "_order"])
+        latest = (
+            table.group_by(["path", "model"]).aggregate([("_order", "max")]).rename_columns(["path", "model", "_order"])
+        )
         table = table.join(latest, ["path", "model", "_order"], join_type="inner").drop_columns(["_order"])
         table = table.sort_by([("path", "ascending"), ("model", "ascending")])
     if not all_versions and not table.num_rows:
@@ -196,20 +219,27 @@ class RunReport:
     resumed: bool = False
     seconds: float = 0.0
     not_frontal: int = 0  # of the errors: lateral/oblique DICOM views left unscored (score them with --all-views)
-    plan: dict | None = None  # the score ResourcePlan (with the measured decode share); None when nothing was left to score
+    plan: dict | None = (
+        None  # the score ResourcePlan (with the measured decode share); None when nothing was left to score
+    )
 
     def line(self) -> str:
         share = "-" if self.positive_share is None else f"{self.positive_share:.3f}"
         prev = "-" if self.previous_positive_share is None else f"{self.previous_positive_share:.3f}"
         return (
-            f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.inputs} inputs: {self.new} new, {self.changed} changed, "
-            f"{self.retried} retried, {self.skipped} skipped; scored {self.scored} ({self.reused} reused from the dead attempt), "
-            f"{self.errors} errors{f' ({self.not_frontal} of them not frontal views)' if self.not_frontal else ''}; positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
+            f"run {self.run_id}{' (resumed)' if self.resumed else ''}: {self.inputs} inputs: {self.new} new, "
+            f"{self.changed} changed, "
+            f"{self.retried} retried, {self.skipped} skipped; scored {self.scored} ({self.reused} reused from the "
+            "dead attempt), "
+            f"{self.errors} errors{f' ({self.not_frontal} of them not frontal views)' if self.not_frontal else ''}; "
+            f"positive share {share} (previous {prev}){' DRIFT: ' + self.drift_note if self.drift else ''} "
             f"in {self.seconds:.1f}s -> {self.table}"
         )
 
 
-def drift_check(pos: int, n: int, prev_pos: int, prev_n: int, threshold: float, alpha: float = 0.01) -> tuple[bool, str]:
+def drift_check(
+    pos: int, n: int, prev_pos: int, prev_n: int, threshold: float, alpha: float = 0.01
+) -> tuple[bool, str]:
     """Flag a change of the share predicted positive of at least ``threshold`` (absolute) that is also
     significant (two-proportion z-test at ``alpha``), so a handful of images never raises the flag."""
     if n == 0 or prev_n == 0:
@@ -219,7 +249,11 @@ def drift_check(pos: int, n: int, prev_pos: int, prev_n: int, threshold: float, 
     se = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / prev_n)) if 0 < pooled < 1 else 0.0
     p_value = math.erfc(abs(p - q) / se / math.sqrt(2)) if se > 0 else (1.0 if p == q else 0.0)
     shifted = abs(p - q) >= threshold and p_value < alpha
-    return shifted, f"positive share {p:.3f} vs {q:.3f} over the previous runs (|diff| {abs(p - q):.3f}, threshold {threshold}, p={p_value:.2g})"
+    return (
+        shifted,
+        f"positive share {p:.3f} vs {q:.3f} over the previous runs (|diff| {abs(p - q):.3f}, threshold {threshold}, "
+        f"p={p_value:.2g})",
+    )
 
 
 def _distribution(prob: pa.Array) -> tuple[dict, list]:
@@ -323,7 +357,7 @@ def run_incremental(
         history = committed_runs(table, settings)
     except OutputError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise OutputError(f"cannot write to {table}: {storage.describe_error(exc)}") from exc
 
     wanted = input_infos(inputs, settings)
@@ -342,9 +376,15 @@ def run_incremental(
         run = pending[-1]
         log.info("resuming run %s of %s (started %s)", run["run_id"], run["run_date"], run["started_at"])
     else:
-        now = datetime.now(timezone.utc)
-        run = {"run_id": run_id or new_run_id(), "run_date": now.strftime("%Y-%m-%d"), "model": info.model_id,
-               "model_uri": model, "started_at": now.isoformat(), "inputs": inputs}
+        now = datetime.now(UTC)
+        run = {
+            "run_id": run_id or new_run_id(),
+            "run_date": now.strftime("%Y-%m-%d"),
+            "model": info.model_id,
+            "model_uri": model,
+            "started_at": now.isoformat(),
+            "inputs": inputs,
+        }
         _write_json(fs, f"{root}/{STAGING}/{run['run_id']}/{RUN_FILE}", run, local)
     rid, run_date = run["run_id"], run["run_date"]
     staging = f"{root}/{STAGING}/{rid}"
@@ -354,30 +394,49 @@ def run_incremental(
     current = current.filter(pc.equal(current["model"], info.model_id))
     done = {
         p: (s, m, e)
-        for p, s, m, e in zip(current["path"].to_pylist(), current["source_size"].to_pylist(),
-                              current["source_mtime"].cast(pa.int64()).to_pylist(), current["error"].to_pylist())
+        for p, s, m, e in zip(
+            current["path"].to_pylist(),
+            current["source_size"].to_pylist(),
+            current["source_mtime"].cast(pa.int64()).to_pylist(),
+            current["error"].to_pylist(),
+        )
     }
     kinds = []
-    for p, s, m in zip(wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()):
+    for p, s, m in zip(
+        wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()
+    ):
         before = done.get(p)
         if before is None:
             kinds.append("new")
         elif (before[0], before[1]) != (s, m):
             kinds.append("changed")
-        elif before[2] is not None and (before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)):
+        elif before[2] is not None and (
+            before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)
+        ):
             kinds.append("retried")
         else:
             kinds.append("skipped")
     kinds = pa.array(kinds, pa.string())
     todo = wanted.filter(pc.not_equal(kinds, "skipped"))
-    todo_keys = {(p, s, m) for p, s, m in zip(todo["path"].to_pylist(), todo["source_size"].to_pylist(), todo["source_mtime_ns"].to_pylist())}
+    todo_keys = {
+        (p, s, m)
+        for p, s, m in zip(
+            todo["path"].to_pylist(), todo["source_size"].to_pylist(), todo["source_mtime_ns"].to_pylist()
+        )
+    }
 
     # -- reuse what a dead attempt of this run finished
     staged = _usable_parquet(fs, [i.path for i in _list_files(fs, staging) if i.path.endswith(".parquet")])
     reused_files, reused_paths = [], set()
     for path in staged:
         rows = _read_files(fs, [path], ["path", "source_size", "source_mtime"])
-        keys = list(zip(rows["path"].to_pylist(), rows["source_size"].to_pylist(), rows["source_mtime"].cast(pa.int64()).to_pylist()))
+        keys = list(
+            zip(
+                rows["path"].to_pylist(),
+                rows["source_size"].to_pylist(),
+                rows["source_mtime"].cast(pa.int64()).to_pylist(),
+            )
+        )
         names = {k[0] for k in keys}
         if all(k in todo_keys for k in keys) and not names & reused_paths and len(names) == len(keys):
             reused_files.append(path)
@@ -386,33 +445,68 @@ def run_incremental(
             log.warning("not reusing staged file %s", path)
     remaining = todo.filter(pc.invert(pc.is_in(todo["path"], pa.array(sorted(reused_paths), pa.string()))))
     counts = {k: pc.sum(pc.equal(kinds, k)).as_py() or 0 for k in ("new", "changed", "retried", "skipped")}
-    log.info("run %s: %d inputs: %d new, %d changed, %d retried, %d skipped; %d reused, %d to score",
-             rid, len(wanted), counts["new"], counts["changed"], counts["retried"], counts["skipped"], len(reused_paths), len(remaining))
+    log.info(
+        "run %s: %d inputs: %d new, %d changed, %d retried, %d skipped; %d reused, %d to score",
+        rid,
+        len(wanted),
+        counts["new"],
+        counts["changed"],
+        counts["retried"],
+        counts["skipped"],
+        len(reused_paths),
+        len(remaining),
+    )
 
     # -- score the rest into a fresh attempt folder
-    attempt = f"{staging}/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    attempt = f"{staging}/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
     new_files: list[str] = []
     plan = None
     if len(remaining):
         ensure_ray()
-        plan = measured_plan(remaining["path"], loaded, settings, all_views, actors=actors, cpus_per_actor=cpus_per_actor,
-                             gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size)
+        plan = measured_plan(
+            remaining["path"],
+            loaded,
+            settings,
+            all_views,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            threads_per_actor=threads_per_actor,
+            batch_size=batch_size,
+        )
         del loaded
         per_file = rows_per_file or max(plan.batch_size, min(10_000, -(-len(remaining) // 20)))
         log.info("run %s: plan %s, ~%d rows per file", rid, plan, per_file)
         keyed = remaining.set_column(1, "source_size", pc.fill_null(remaining["source_size"], -1)).set_column(
-            2, "source_mtime_ns", pc.fill_null(remaining["source_mtime_ns"], -1))  # missing file: -1 (numpy has no null ints)
-        results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings, predictor_cls=KeyedPredictor,
-                                all_views=all_views)
-        results.write_parquet(attempt, filesystem=fs, min_rows_per_file=per_file,
-                              ray_remote_args={"num_cpus": plan.task_cpus}, concurrency=WRITE_TASKS)
+            2, "source_mtime_ns", pc.fill_null(remaining["source_mtime_ns"], -1)
+        )  # missing file: -1 (numpy has no null ints)
+        results = score_dataset(
+            table_dataset(keyed),
+            model,
+            info.preprocess,
+            plan,
+            rid,
+            settings,
+            predictor_cls=KeyedPredictor,
+            all_views=all_views,
+        )
+        results.write_parquet(
+            attempt,
+            filesystem=fs,
+            min_rows_per_file=per_file,
+            ray_remote_args={"num_cpus": plan.task_cpus},
+            concurrency=WRITE_TASKS,
+        )
         new_files = _usable_parquet(fs, [i.path for i in _list_files(fs, attempt) if i.path.endswith(".parquet")])
 
     # -- check: exactly one row per image to do
     files = reused_files + new_files
     rows = _read_files(fs, files, ["path"])
     if rows.num_rows != len(todo) or set(rows["path"].to_pylist()) != set(todo["path"].to_pylist()):
-        raise RuntimeError(f"run {rid}: staged {rows.num_rows} rows ({len(set(rows['path'].to_pylist()))} images) for {len(todo)} images to score")
+        raise RuntimeError(
+            f"run {rid}: staged {rows.num_rows} rows ({len(set(rows['path'].to_pylist()))} images) for {len(todo)} "
+            "images to score"
+        )
 
     # -- publish into the run's partition, then commit with the manifest (written last)
     partition = f"{root}/run_date={run_date}/run_id={rid}"
@@ -434,16 +528,40 @@ def run_incremental(
     drift, note = drift_check(positive, n_ok, prev_pos, prev_ok, drift_threshold)
     quantiles, histogram = _distribution(stats["prob_covid"])
     report = RunReport(
-        run_id=rid, run_date=run_date, model=info.model_id, table=table, inputs=len(wanted), new=counts["new"],
-        changed=counts["changed"], retried=counts["retried"], skipped=counts["skipped"], reused=len(reused_paths),
-        scored=stats.num_rows, ok=n_ok, errors=n_err, predicted_positive=positive,
-        positive_share=positive / n_ok if n_ok else None, previous_positive_share=prev_pos / prev_ok if prev_ok else None,
-        drift=drift, drift_note=note, score_quantiles=quantiles, score_histogram=histogram, resumed=resumed,
-        seconds=time.perf_counter() - start, not_frontal=count_not_frontal(stats["error"]), plan=asdict(plan) if plan else None,
+        run_id=rid,
+        run_date=run_date,
+        model=info.model_id,
+        table=table,
+        inputs=len(wanted),
+        new=counts["new"],
+        changed=counts["changed"],
+        retried=counts["retried"],
+        skipped=counts["skipped"],
+        reused=len(reused_paths),
+        scored=stats.num_rows,
+        ok=n_ok,
+        errors=n_err,
+        predicted_positive=positive,
+        positive_share=positive / n_ok if n_ok else None,
+        previous_positive_share=prev_pos / prev_ok if prev_ok else None,
+        drift=drift,
+        drift_note=note,
+        score_quantiles=quantiles,
+        score_histogram=histogram,
+        resumed=resumed,
+        seconds=time.perf_counter() - start,
+        not_frontal=count_not_frontal(stats["error"]),
+        plan=asdict(plan) if plan else None,
     )
     manifest = {
-        "run_id": rid, "run_date": run_date, "model": info.model_id, "model_uri": run["model_uri"], "inputs": run["inputs"],
-        "started_at": run["started_at"], "committed_at": datetime.now(timezone.utc).isoformat(), "files": published,
+        "run_id": rid,
+        "run_date": run_date,
+        "model": info.model_id,
+        "model_uri": run["model_uri"],
+        "inputs": run["inputs"],
+        "started_at": run["started_at"],
+        "committed_at": datetime.now(UTC).isoformat(),
+        "files": published,
         "counts": {"rows": stats.num_rows, "ok": n_ok, "errors": n_err, "predicted_positive": positive},
     }
     _write_json(fs, f"{partition}/{COMMIT_FILE}", manifest, local)  # the commit

@@ -79,7 +79,8 @@ def _as_probs(prob: Any, n: int | None = None) -> np.ndarray:
     return p
 
 
-def _inputs(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+def as_label_and_prob(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) as checked arrays of one length: labels 0/1, probabilities finite in [0, 1]."""
     y = _as_labels(y_true)
     return y, _as_probs(prob, y.shape[0])
 
@@ -149,7 +150,7 @@ def choose_threshold(y_true: Any, prob: Any, target_sensitivity: float = 0.98) -
     (at least the 1st).  Ties are harmless because ``>=`` keeps every tied score.
     Raises ``ValueError`` when ``y_true`` has no positives.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     if not 0.0 <= target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in [0, 1], got {target_sensitivity}")
     pos = np.sort(p[y == 1])[::-1]
@@ -167,7 +168,7 @@ def specificity_at_sensitivity(y_true: Any, prob: Any, target: float) -> tuple[f
     Specificity is NaN when there are no negatives; raises ``ValueError`` (from
     :func:`choose_threshold`) when there are no positives.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     t = choose_threshold(y, p, target)
     neg = p[y == 0]
     spec = float(np.mean(neg < t)) if neg.size else math.nan
@@ -177,9 +178,7 @@ def specificity_at_sensitivity(y_true: Any, prob: Any, target: float) -> tuple[f
 # --------------------------------------------------------------------------- calibration
 
 
-def expected_calibration_error(
-    y_true: Any, prob: Any, n_bins: int = 15, *, form: str = "positive"
-) -> float:
+def expected_calibration_error(y_true: Any, prob: Any, n_bins: int = 15, *, form: str = "positive") -> float:
     """Expected calibration error with ``n_bins`` equal-width bins on [0, 1].
 
     ``form="positive"`` (default): the *positive-class reliability* form, i.e. the gap a
@@ -196,7 +195,7 @@ def expected_calibration_error(
     Bin ``b`` covers ``[b/n_bins, (b+1)/n_bins)``, the last bin also includes 1.0.
     Returns NaN for empty input.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if y.size == 0:
@@ -235,9 +234,7 @@ def softmax_prob(logits: Any, temperature: float = 1.0) -> np.ndarray:
     return np.exp(log_softmax(z / temperature, axis=1)[:, 1])
 
 
-def fit_temperature(
-    logits: Any, y_true: Any, *, bounds: tuple[float, float] = (0.01, 100.0)
-) -> float:
+def fit_temperature(logits: Any, y_true: Any, *, bounds: tuple[float, float] = (0.01, 100.0)) -> float:
     """Temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` on ``y_true``.
 
     ``logits`` has shape ``(N, 2)`` (column 1 = covid); a 1-D array is read as binary
@@ -260,8 +257,7 @@ def fit_temperature(
     def nll(beta: float) -> float:
         return float(-np.mean(log_softmax(z * beta, axis=1)[rows, y]))
 
-    res = minimize_scalar(nll, bounds=(1.0 / t_hi, 1.0 / t_lo), method="bounded",
-                          options={"xatol": 1e-6})
+    res = minimize_scalar(nll, bounds=(1.0 / t_hi, 1.0 / t_lo), method="bounded", options={"xatol": 1e-6})
     beta = float(res.x)
     return float(min(max(1.0 / beta, t_lo), t_hi))
 
@@ -290,9 +286,7 @@ def _aucs_from_counts(cp: np.ndarray, cn: np.ndarray) -> tuple[np.ndarray, np.nd
     return roc, ap
 
 
-def _bootstrap_aucs(
-    y: np.ndarray, p: np.ndarray, n_bootstrap: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _bootstrap_aucs(y: np.ndarray, p: np.ndarray, n_bootstrap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """ROC AUC and average precision for ``n_bootstrap`` stratified resamples.
 
     Positives and negatives are resampled separately (with replacement, sizes kept), so
@@ -312,11 +306,9 @@ def _bootstrap_aucs(
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
         offs = (np.arange(b) * u)[:, None]
-        cp = np.bincount((offs + r_pos[rng.integers(0, n_pos, size=(b, n_pos))]).ravel(),
-                         minlength=b * u).reshape(b, u)
-        cn = np.bincount((offs + r_neg[rng.integers(0, n_neg, size=(b, n_neg))]).ravel(),
-                         minlength=b * u).reshape(b, u)
-        roc[start:start + b], ap[start:start + b] = _aucs_from_counts(cp, cn)
+        cp = np.bincount((offs + r_pos[rng.integers(0, n_pos, size=(b, n_pos))]).ravel(), minlength=b * u).reshape(b, u)
+        cn = np.bincount((offs + r_neg[rng.integers(0, n_neg, size=(b, n_neg))]).ravel(), minlength=b * u).reshape(b, u)
+        roc[start : start + b], ap[start : start + b] = _aucs_from_counts(cp, cn)
     return roc, ap
 
 
@@ -328,7 +320,7 @@ def bootstrap_auc_ci(
     Returns ``{"roc_auc": (lo, hi), "pr_auc": (lo, hi)}``; ``(nan, nan)`` when only one
     class is present or ``n_bootstrap == 0``.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     nan2 = (math.nan, math.nan)
     if n_bootstrap <= 0 or not (np.any(y == 1) and np.any(y == 0)):
         return {"roc_auc": nan2, "pr_auc": nan2}
@@ -393,8 +385,10 @@ def binary_report(
 
     With only one class present (e.g. an external COVID-only set) the AUCs, curves,
     operating points and the absent class's rates are ``None``; nothing raises or warns.
-    """
-    y, p = _inputs(y_true, prob)
+
+    Long on purpose: it assembles one flat dict, key by key, in the order documented above; each figure is a
+    call."""
+    y, p = as_label_and_prob(y_true, prob)
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
@@ -410,9 +404,7 @@ def binary_report(
     pred = (p >= threshold).astype(np.int64)
 
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
-    cls_rep = classification_report(
-        y, pred, labels=[0, 1], target_names=class_names, output_dict=True, zero_division=0
-    )
+    cls_rep = classification_report(y, pred, labels=[0, 1], target_names=class_names, output_dict=True, zero_division=0)
 
     if both:
         roc_value = float(roc_auc_score(y, p))
@@ -437,11 +429,9 @@ def binary_report(
         if both:
             spec, t = specificity_at_sensitivity(y, p, target)
             achieved = float(np.mean(p[y == 1] >= t))
-            spec_at_sens[_target_key(target)] = {
-                "specificity": spec, "threshold": t, "sensitivity": achieved}
+            spec_at_sens[_target_key(target)] = {"specificity": spec, "threshold": t, "sensitivity": achieved}
         else:
-            spec_at_sens[_target_key(target)] = {
-                "specificity": None, "threshold": None, "sensitivity": None}
+            spec_at_sens[_target_key(target)] = {"specificity": None, "threshold": None, "sensitivity": None}
 
     report = {
         "n": int(y.size),
@@ -451,7 +441,9 @@ def binary_report(
         "class_names": class_names,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
         "confusion_matrix_labels": {
-            "rows": "true", "cols": "predicted", "order": class_names,
+            "rows": "true",
+            "cols": "predicted",
+            "order": class_names,
             "layout": [["tn", "fp"], ["fn", "tp"]],
         },
         "classification_report": cls_rep,
@@ -460,8 +452,12 @@ def binary_report(
         "false_positive_rate": _proportion(fp, tn + fp),
         "roc_auc": {"value": roc_value, "ci95": list(ci["roc_auc"])},
         "pr_auc": {"value": pr_value, "ci95": list(ci["pr_auc"])},
-        "bootstrap": {"n_resamples": int(n_bootstrap) if both else 0, "seed": int(seed),
-                      "method": "stratified percentile", "confidence": 0.95},
+        "bootstrap": {
+            "n_resamples": int(n_bootstrap) if both else 0,
+            "seed": int(seed),
+            "method": "stratified percentile",
+            "confidence": 0.95,
+        },
         "specificity_at_sensitivity": spec_at_sens,
         "curves": curves,
     }
@@ -479,7 +475,7 @@ def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: fl
     float) where the group has both classes, else ``None``. JSON-serialisable like
     :func:`binary_report`.
     """
-    y, p = _inputs(y_true, prob)
+    y, p = as_label_and_prob(y_true, prob)
     g = np.asarray([str(v) for v in groups], dtype=object)
     if g.size != y.size:
         raise ValueError(f"groups has {g.size} entries for {y.size} examples")
@@ -492,10 +488,15 @@ def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: fl
         m = g == name
         pos, neg = m & (y == 1), m & (y == 0)
         n_pos, n_neg = int(pos.sum()), int(neg.sum())
-        out.append({
-            "group": name, "n": n_pos + n_neg, "n_positive": n_pos, "n_negative": n_neg,
-            "sensitivity": _proportion(int(pred[pos].sum()), n_pos) if n_pos else None,
-            "false_positive_rate": _proportion(int(pred[neg].sum()), n_neg) if n_neg else None,
-            "roc_auc": float(roc_auc_score(y[m], p[m])) if n_pos and n_neg else None,
-        })
+        out.append(
+            {
+                "group": name,
+                "n": n_pos + n_neg,
+                "n_positive": n_pos,
+                "n_negative": n_neg,
+                "sensitivity": _proportion(int(pred[pos].sum()), n_pos) if n_pos else None,
+                "false_positive_rate": _proportion(int(pred[neg].sum()), n_neg) if n_neg else None,
+                "roc_auc": float(roc_auc_score(y[m], p[m])) if n_pos and n_neg else None,
+            }
+        )
     return to_jsonable(out)

@@ -20,9 +20,9 @@ import importlib.util
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -51,7 +51,9 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("mobilenet_v2", _tv("mobilenet_v2"), "MobileNet_V2_Weights.IMAGENET1K_V1", "features.18"),
-        Backbone("mobilenet_v3_large", _tv("mobilenet_v3_large"), "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "features.16"),
+        Backbone(
+            "mobilenet_v3_large", _tv("mobilenet_v3_large"), "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "features.16"
+        ),
         Backbone("resnet50", _tv("resnet50"), "ResNet50_Weights.IMAGENET1K_V1", "layer4"),
         Backbone("efficientnet_b0", _tv("efficientnet_b0"), "EfficientNet_B0_Weights.IMAGENET1K_V1", "features.8"),
         Backbone("densenet121", _tv("densenet121"), "DenseNet121_Weights.IMAGENET1K_V1", "features.norm5"),
@@ -79,8 +81,8 @@ def check_backbone(name: str) -> None:
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        if not timm.is_model(name[len(TIMM_PREFIX):]):
-            raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r}")
+        if not timm.is_model(name[len(TIMM_PREFIX) :]):
+            raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX) :]!r}")
         return
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm/<model name>")
 
@@ -163,7 +165,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict")
     # DenseNet files from the hub use the old "norm.1" key names.
-    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    pattern = re.compile(
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    )
     return {(pattern.sub(r"\1\2", k)): v for k, v in state.items()}
 
 
@@ -173,13 +177,17 @@ def _by_position(state: dict, own: dict, path) -> dict:
     src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in own if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise ValueError(f"{path}: does not fit this backbone ({len(src)} tensors in the file, {len(dst)} in the model)")
+        raise ValueError(
+            f"{path}: does not fit this backbone ({len(src)} tensors in the file, {len(dst)} in the model)"
+        )
     out = {}
     for i, ((sk, v), dk) in enumerate(zip(src, dst)):
         if v.shape != own[dk].shape:
             if i >= len(src) - 2:
                 continue  # a head for another number of classes
-            raise ValueError(f"{path}: does not fit this backbone ({sk} {tuple(v.shape)} where {dk} is {tuple(own[dk].shape)})")
+            raise ValueError(
+                f"{path}: does not fit this backbone ({sk} {tuple(v.shape)} where {dk} is {tuple(own[dk].shape)})"
+            )
         out[dk] = v
     return out
 
@@ -191,9 +199,13 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     if "_conv_stem.weight" in state and "_conv_stem.weight" not in own:
         state = _by_position(state, own, path)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]  # absent from pre-2018 files
+    missing = [
+        k for k in own if k not in usable and not k.endswith("num_batches_tracked")
+    ]  # absent from pre-2018 files
     if len(missing) > 4:  # more than a classifier head (weight, bias) is missing: wrong file for this model
-        raise ValueError(f"{path}: does not fit this backbone ({len(missing)} of {len(own)} tensors missing, e.g. {missing[:3]})")
+        raise ValueError(
+            f"{path}: does not fit this backbone ({len(missing)} of {len(own)} tensors missing, e.g. {missing[:3]})"
+        )
     model.load_state_dict(usable, strict=False)
 
 
@@ -211,7 +223,7 @@ def timm_hub_cached(tname: str) -> bool:
 def imagenet_available(name: str) -> bool:
     """Whether ``name``'s ImageNet weights can be loaded here without a download."""
     if name.startswith(TIMM_PREFIX):
-        tname = name[len(TIMM_PREFIX):]
+        tname = name[len(TIMM_PREFIX) :]
         return timm_hub_cached(tname) or (tname in TIMM_OFFLINE and offline_copy(TIMM_OFFLINE[tname]) is not None)
     return ensure_hub_cached(_torchvision_weights(BACKBONES[name]).url).is_file()
 
@@ -230,7 +242,7 @@ def fetch_imagenet(name: str, timeout_s: float = 30.0) -> str | None:
             import timm
             from huggingface_hub import hf_hub_download
 
-            hub_id = getattr(timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX):]), "hf_hub_id", None)
+            hub_id = getattr(timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :]), "hf_hub_id", None)
             if not hub_id:
                 return "timm has no pretrained weights for it"
             try:
@@ -258,7 +270,7 @@ def input_normalization(name: str) -> dict[str, tuple[float, ...]]:
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :])
         if cfg is not None and len(cfg.mean) == 3 and len(cfg.std) == 3:
             return {"mean": tuple(float(v) for v in cfg.mean), "std": tuple(float(v) for v in cfg.std)}
     return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
@@ -272,7 +284,7 @@ def create_model(name: str, weights: str = "none", num_classes: int = 2) -> nn.M
     if name.startswith(TIMM_PREFIX):
         import timm
 
-        tname = name[len(TIMM_PREFIX):]
+        tname = name[len(TIMM_PREFIX) :]
         offline = offline_copy(TIMM_OFFLINE[tname]) if weights == "imagenet" and tname in TIMM_OFFLINE else None
         if weights == "imagenet" and (offline is None or timm_hub_cached(tname)):
             try:
@@ -280,7 +292,8 @@ def create_model(name: str, weights: str = "none", num_classes: int = 2) -> nn.M
             except Exception as exc:  # offline and not cached
                 raise RuntimeError(
                     f"ImageNet weights for {name} are not in the Hugging Face cache and could not be downloaded "
-                    f"({type(exc).__name__}); pass --weights PATH") from exc
+                    f"({type(exc).__name__}); pass --weights PATH"
+                ) from exc
         else:
             model = timm.create_model(tname, pretrained=False, num_classes=num_classes)
             if offline is not None:
@@ -307,6 +320,7 @@ def create_model(name: str, weights: str = "none", num_classes: int = 2) -> nn.M
 
 # --------------------------------------------------------------------------- test-time augmentation
 
+
 def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """The model's logits for a (N, C, H, W) input, with test-time augmentation: ``"hflip"`` averages the
     logits of each image and of its mirror image (one forward pass over both). Training, validation, scoring,
@@ -316,4 +330,4 @@ def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
         return model(x).float()
     check_tta(tta)  # preprocess.TTA_CHOICES
     out = model(torch.cat([x, x.flip(-1)])).float()
-    return (out[: len(x)] + out[len(x):]) / 2
+    return (out[: len(x)] + out[len(x) :]) / 2

@@ -71,12 +71,16 @@ class PreprocessSpec:
                 raise ValueError(f"crop must be (top, bottom, left, right) fractions, got {self.crop}")
             top, bottom, left, right = self.crop
             if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1) or min(bottom - top, right - left) < 0.2:
-                raise ValueError(f"crop must satisfy 0 <= top < bottom <= 1 and 0 <= left < right <= 1, "
-                                 f"keeping at least 20% of each side, got {self.crop}")
+                raise ValueError(
+                    f"crop must satisfy 0 <= top < bottom <= 1 and 0 <= left < right <= 1, "
+                    f"keeping at least 20% of each side, got {self.crop}"
+                )
         if self.autocontrast is not None:
             lo, hi = self.autocontrast
             if not 0 <= lo < hi <= 100:
-                raise ValueError(f"autocontrast percentiles must satisfy 0 <= low < high <= 100, got {self.autocontrast}")
+                raise ValueError(
+                    f"autocontrast percentiles must satisfy 0 <= low < high <= 100, got {self.autocontrast}"
+                )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,7 +90,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for key in ("mean", "std"):
             if key in known:

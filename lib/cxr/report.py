@@ -10,8 +10,6 @@ probabilities it was computed from.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
@@ -24,12 +22,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from .metrics import _inputs, to_jsonable
+from .metrics import as_label_and_prob, to_jsonable
+from .pages import COLOURS, CSS, card, esc, img_tag, save_figure
 
 __all__ = ["plot_rates", "write_report"]
-
-_DPI = 110
-_COLOURS = {"non": "#1f77b4", "covid": "#d62728", "op": "#111111", "chance": "#999999"}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -61,15 +57,7 @@ def _ci_num(ci: Any) -> str:
     return f"95% CI {_num(ci[0])}–{_num(ci[1])}"
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 # --------------------------------------------------------------------------- plots
-
-
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=_DPI)
 
 
 def _plot_roc(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any], path: Path) -> None:
@@ -77,23 +65,35 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any], path: Pat
     roc = report.get("roc_auc") or {}
     fig = Figure(figsize=(5.6, 5.2), layout="constrained")
     ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color=_COLOURS["chance"], label="chance")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color=COLOURS["chance"], label="chance")
     ci = _ci_num(roc.get("ci95"))
-    ax.plot(fpr, tpr, lw=2, color=_COLOURS["covid"],
-            label=f"ROC  AUC {_num(roc.get('value'))}" + (f" ({ci})" if ci else ""))
+    ax.plot(
+        fpr, tpr, lw=2, color=COLOURS["covid"], label=f"ROC  AUC {_num(roc.get('value'))}" + (f" ({ci})" if ci else "")
+    )
     sens = (report.get("sensitivity") or {}).get("value")
     fpr_op = (report.get("false_positive_rate") or {}).get("value")
     if sens is not None and fpr_op is not None:
-        ax.plot([fpr_op], [sens], "o", ms=8, mfc="white", mec=_COLOURS["op"], mew=2,
-                label=f"operating point t={_num(report.get('threshold'))}: "
-                      f"sens {_pct(sens)}, spec {_pct(1 - fpr_op)}")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="False positive rate (1 − specificity)",
-           ylabel="Sensitivity (true positive rate)",
-           title="ROC curve (positive class: covid)")
+        ax.plot(
+            [fpr_op],
+            [sens],
+            "o",
+            ms=8,
+            mfc="white",
+            mec=COLOURS["op"],
+            mew=2,
+            label=f"operating point t={_num(report.get('threshold'))}: sens {_pct(sens)}, spec {_pct(1 - fpr_op)}",
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="False positive rate (1 − specificity)",
+        ylabel="Sensitivity (true positive rate)",
+        title="ROC curve (positive class: covid)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_pr(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any], path: Path) -> None:
@@ -102,50 +102,69 @@ def _plot_pr(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any], path: Path
     prevalence = float(np.mean(y))
     fig = Figure(figsize=(5.6, 5.2), layout="constrained")
     ax = fig.subplots()
-    ax.axhline(prevalence, ls="--", lw=1, color=_COLOURS["chance"],
-               label=f"chance (prevalence {_pct(prevalence)})")
+    ax.axhline(prevalence, ls="--", lw=1, color=COLOURS["chance"], label=f"chance (prevalence {_pct(prevalence)})")
     ci = _ci_num(pr.get("ci95"))
-    ax.step(recall, precision, where="post", lw=2, color=_COLOURS["covid"],
-            label=f"PR  AP {_num(pr.get('value'))}" + (f" ({ci})" if ci else ""))
+    ax.step(
+        recall,
+        precision,
+        where="post",
+        lw=2,
+        color=COLOURS["covid"],
+        label=f"PR  AP {_num(pr.get('value'))}" + (f" ({ci})" if ci else ""),
+    )
     cm = report.get("confusion_matrix") or {}
     tp, fp, fn = cm.get("tp", 0), cm.get("fp", 0), cm.get("fn", 0)
     if tp + fn > 0 and tp + fp > 0:
         r_op, p_op = tp / (tp + fn), tp / (tp + fp)
-        ax.plot([r_op], [p_op], "o", ms=8, mfc="white", mec=_COLOURS["op"], mew=2,
-                label=f"operating point t={_num(report.get('threshold'))}: "
-                      f"recall {_pct(r_op)}, precision {_pct(p_op)}")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="Recall (sensitivity)", ylabel="Precision (PPV)",
-           title="Precision–recall curve (positive class: covid)")
+        ax.plot(
+            [r_op],
+            [p_op],
+            "o",
+            ms=8,
+            mfc="white",
+            mec=COLOURS["op"],
+            mew=2,
+            label=f"operating point t={_num(report.get('threshold'))}: recall {_pct(r_op)}, precision {_pct(p_op)}",
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="Recall (sensitivity)",
+        ylabel="Precision (PPV)",
+        title="Precision–recall curve (positive class: covid)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _plot_histogram(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any],
-                    names: list[str], path: Path) -> None:
+def _plot_histogram(y: np.ndarray, p: np.ndarray, report: Mapping[str, Any], names: list[str], path: Path) -> None:
     bins = np.linspace(0.0, 1.0, 51)
     fig = Figure(figsize=(7.0, 4.4), layout="constrained")
     ax = fig.subplots()
-    for label, name, colour in ((0, names[0], _COLOURS["non"]), (1, names[1], _COLOURS["covid"])):
+    for label, name, colour in ((0, names[0], COLOURS["non"]), (1, names[1], COLOURS["covid"])):
         sel = p[y == label]
         if sel.size == 0:
             continue
         ax.hist(sel, bins=bins, histtype="stepfilled", alpha=0.35, color=colour)
-        ax.hist(sel, bins=bins, histtype="step", lw=1.5, color=colour,
-                label=f"true {name} (n={sel.size})")
+        ax.hist(sel, bins=bins, histtype="step", lw=1.5, color=colour, label=f"true {name} (n={sel.size})")
     t = report.get("threshold")
     if t is not None:
-        ax.axvline(float(t), color=_COLOURS["op"], ls="--", lw=1.5, label=f"threshold {_num(t)}")
+        ax.axvline(float(t), color=COLOURS["op"], ls="--", lw=1.5, label=f"threshold {_num(t)}")
     ax.set_yscale("log")
     # plain "1, 10, 100" (and "2, 3, 5" minor labels when the span is short), not 10^k
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-    ax.set(xlim=(0, 1), xlabel=f"Predicted probability of {names[1]}",
-           ylabel="Count (log scale)", title="Predicted probabilities by true class")
+    ax.set(
+        xlim=(0, 1),
+        xlabel=f"Predicted probability of {names[1]}",
+        ylabel="Count (log scale)",
+        title="Predicted probabilities by true class",
+    )
     ax.grid(alpha=0.3, which="both", axis="y")
     ax.legend(loc="best", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_confusion(report: Mapping[str, Any], names: list[str], path: Path) -> None:
@@ -160,65 +179,58 @@ def _plot_confusion(report: Mapping[str, Any], names: list[str], path: Path) -> 
     for i in range(2):
         for j in range(2):
             share = f"\n{_pct(frac[i, j])} of row" if row_tot[i, 0] else ""
-            ax.text(j, i, f"{tags[i][j]}\n{m[i, j]:,}{share}", ha="center", va="center",
-                    fontsize=11, color="white" if frac[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{tags[i][j]}\n{m[i, j]:,}{share}",
+                ha="center",
+                va="center",
+                fontsize=11,
+                color="white" if frac[i, j] > 0.6 else "black",
+            )
     ax.set_xticks([0, 1], labels=[f"pred {n}" for n in names])
     ax.set_yticks([0, 1], labels=[f"true {n}" for n in names])
-    ax.set(xlabel="Predicted", ylabel="True",
-           title=f"Confusion matrix (threshold {_num(report.get('threshold'))})")
-    _save(fig, path)
+    ax.set(xlabel="Predicted", ylabel="True", title=f"Confusion matrix (threshold {_num(report.get('threshold'))})")
+    save_figure(fig, path)
 
 
-def plot_rates(groups: Mapping[str, Mapping[str, Any]], threshold: float, path: Path, *,
-               labels: list[str] | None = None) -> None:
+def plot_rates(
+    groups: Mapping[str, Mapping[str, Any]], threshold: float, path: Path, *, labels: list[str] | None = None
+) -> None:
     """Sensitivity and false-positive rate with their 95% intervals, one row per group (a data set or a
     subgroup): ``groups`` maps a name to a dict with ``sensitivity`` and ``false_positive_rate`` as
     :func:`cxr.metrics.binary_report` gives them (``None`` where the group lacks the class)."""
     names = list(groups)
     fig = Figure(figsize=(9.0, 0.5 * len(names) + 2.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, colour, title in ((axes[0], "sensitivity", _COLOURS["covid"], "Sensitivity (COVID-19 found)"),
-                                   (axes[1], "false_positive_rate", _COLOURS["non"], "False-positive rate (normals flagged)")):
+    for ax, key, colour, title in (
+        (axes[0], "sensitivity", COLOURS["covid"], "Sensitivity (COVID-19 found)"),
+        (axes[1], "false_positive_rate", COLOURS["non"], "False-positive rate (normals flagged)"),
+    ):
         for i, name in enumerate(names):
             r = groups[name].get(key) or {}
             if r.get("value") is None:
                 ax.text(0.02, i, "no examples", va="center", fontsize=8, color="#777")
                 continue
             lo, hi = r["ci95"]
-            ax.errorbar([r["value"]], [i], xerr=[[r["value"] - lo], [hi - r["value"]]], fmt="o", color=colour, capsize=4)
-            ax.text(r["value"], i - 0.22, f"{r['value']:.2f} ({r['k']}/{r['n']})", fontsize=8, ha="center" if 0.1 < r["value"] < 0.9 else
-                    ("left" if r["value"] <= 0.1 else "right"))
+            ax.errorbar(
+                [r["value"]], [i], xerr=[[r["value"] - lo], [hi - r["value"]]], fmt="o", color=colour, capsize=4
+            )
+            ax.text(
+                r["value"],
+                i - 0.22,
+                f"{r['value']:.2f} ({r['k']}/{r['n']})",
+                fontsize=8,
+                ha="center" if 0.1 < r["value"] < 0.9 else ("left" if r["value"] <= 0.1 else "right"),
+            )
         ax.set(xlim=(-0.02, 1.02), ylim=(len(names) - 0.5, -0.6), title=title)
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(range(len(names)), labels=labels or names)
     fig.suptitle(f"At the model's threshold {threshold:.3f} (95% Wilson intervals)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;
-margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-.sub{color:#666;margin-top:0}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:180px;background:#fafafa}
-.card .label{font-size:.85em;color:#555}.card .value{font-size:1.6em;font-weight:600}
-.card .ci{font-size:.85em;color:#444}
-table{border-collapse:collapse;margin:.5em 0}
-th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f0f0f0}
-.figs{display:flex;flex-wrap:wrap;gap:16px}.figs figure{margin:0}
-.figs img{max-width:100%;border:1px solid #eee}
-.note{color:#8a5a00;font-size:.9em}
-footer{margin-top:2em;color:#777;font-size:.85em}
-"""
-
-
-def _card(label: str, value: str, detail: str = "") -> str:
-    return (f'<div class="card"><div class="label">{_esc(label)}</div>'
-            f'<div class="value">{_esc(value)}</div><div class="ci">{_esc(detail)}</div></div>')
 
 
 def _rate_card(label: str, d: Mapping[str, Any] | None) -> str:
@@ -226,17 +238,16 @@ def _rate_card(label: str, d: Mapping[str, Any] | None) -> str:
     detail = _ci_pct(d.get("ci95"))
     if d.get("n"):
         detail = f"{detail} · {d.get('k')}/{d.get('n')}".lstrip(" ·")
-    return _card(label, _pct(d.get("value")), detail or "no examples of this class")
+    return card(label, _pct(d.get("value")), detail or "no examples of this class")
 
 
 def _auc_card(label: str, d: Mapping[str, Any] | None) -> str:
     d = d or {}
-    return _card(label, _num(d.get("value")), _ci_num(d.get("ci95")) or "needs both classes")
+    return card(label, _num(d.get("value")), _ci_num(d.get("ci95")) or "needs both classes")
 
 
 def _classification_table(cr: Mapping[str, Any], names: list[str]) -> str:
-    rows = ['<table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th>'
-            '<th>support</th></tr>']
+    rows = ["<table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>"]
     absent = []
     for key, value in cr.items():
         if isinstance(value, Mapping):
@@ -244,46 +255,51 @@ def _classification_table(cr: Mapping[str, Any], names: list[str]) -> str:
             if key in names and not support:
                 absent.append(key)
             rows.append(
-                f"<tr><td>{_esc(key)}</td><td>{_esc(_num(value.get('precision')))}</td>"
-                f"<td>{_esc(_num(value.get('recall')))}</td>"
-                f"<td>{_esc(_num(value.get('f1-score')))}</td>"
-                f"<td>{_esc(_num(int(support) if support is not None else None))}</td></tr>")
+                f"<tr><td>{esc(key)}</td><td>{esc(_num(value.get('precision')))}</td>"
+                f"<td>{esc(_num(value.get('recall')))}</td>"
+                f"<td>{esc(_num(value.get('f1-score')))}</td>"
+                f"<td>{esc(_num(int(support) if support is not None else None))}</td></tr>"
+            )
         else:
-            rows.append(f'<tr><td>{_esc(key)}</td><td colspan="3">{_esc(_num(value))}</td>'
-                        f"<td></td></tr>")
+            rows.append(f'<tr><td>{esc(key)}</td><td colspan="3">{esc(_num(value))}</td><td></td></tr>')
     rows.append("</table>")
     if absent:
         rows.append(
             '<p class="note">No true examples of '
-            + ", ".join(f"“{_esc(a)}”" for a in absent)
+            + ", ".join(f"“{esc(a)}”" for a in absent)
             + " in this set: its recall and F1 (and therefore the macro average) are "
-            "undefined and shown as 0 by scikit-learn's zero_division=0 convention.</p>")
+            "undefined and shown as 0 by scikit-learn's zero_division=0 convention.</p>"
+        )
     return "\n".join(rows)
 
 
 def _spec_at_sens_table(sas: Mapping[str, Any]) -> str:
-    rows = ["<table><tr><th>target sensitivity</th><th>threshold</th>"
-            "<th>achieved sensitivity</th><th>specificity</th></tr>"]
+    rows = [
+        "<table><tr><th>target sensitivity</th><th>threshold</th><th>achieved sensitivity</th><th>specificity</th></tr>"
+    ]
     for target, d in sas.items():
         d = d or {}
         try:
             target_txt = _pct(float(target))
         except ValueError:
             target_txt = str(target)
-        rows.append(f"<tr><td>{_esc(target_txt)}</td><td>{_esc(_num(d.get('threshold'), 4))}</td>"
-                    f"<td>{_esc(_pct(d.get('sensitivity')))}</td>"
-                    f"<td>{_esc(_pct(d.get('specificity')))}</td></tr>")
+        rows.append(
+            f"<tr><td>{esc(target_txt)}</td><td>{esc(_num(d.get('threshold'), 4))}</td>"
+            f"<td>{esc(_pct(d.get('sensitivity')))}</td>"
+            f"<td>{esc(_pct(d.get('specificity')))}</td></tr>"
+        )
     rows.append("</table>")
     return "\n".join(rows)
 
 
 def _confusion_table(cm: Mapping[str, Any], names: list[str]) -> str:
     return (
-        f"<table><tr><th></th><th>pred {_esc(names[0])}</th><th>pred {_esc(names[1])}</th></tr>"
-        f"<tr><td>true {_esc(names[0])}</td><td>TN {_esc(cm.get('tn'))}</td>"
-        f"<td>FP {_esc(cm.get('fp'))}</td></tr>"
-        f"<tr><td>true {_esc(names[1])}</td><td>FN {_esc(cm.get('fn'))}</td>"
-        f"<td>TP {_esc(cm.get('tp'))}</td></tr></table>")
+        f"<table><tr><th></th><th>pred {esc(names[0])}</th><th>pred {esc(names[1])}</th></tr>"
+        f"<tr><td>true {esc(names[0])}</td><td>TN {esc(cm.get('tn'))}</td>"
+        f"<td>FP {esc(cm.get('fp'))}</td></tr>"
+        f"<tr><td>true {esc(names[1])}</td><td>FN {esc(cm.get('fn'))}</td>"
+        f"<td>TP {esc(cm.get('tp'))}</td></tr></table>"
+    )
 
 
 def _extra_table(extra: Mapping[str, Any]) -> str:
@@ -293,16 +309,18 @@ def _extra_table(extra: Mapping[str, Any]) -> str:
             text = v
         else:
             text = json.dumps(to_jsonable(v), ensure_ascii=False, allow_nan=False)
-        rows.append(f'<tr><td>{_esc(k)}</td><td style="text-align:left">{_esc(text)}</td></tr>')
+        rows.append(f'<tr><td>{esc(k)}</td><td style="text-align:left">{esc(text)}</td></tr>')
     rows.append("</table>")
     return "\n".join(rows)
 
 
 def _subgroup_table(sub: Mapping[str, Any]) -> str:
-    rows = [f'<p class="sub">Grouped by {_esc(sub.get("by"))}: the rates within each group at the same threshold. '
-            "A group far from the overall figures is where the model fails.</p>",
-            "<table><tr><th>group</th><th>images</th><th>covid / non</th><th>sensitivity</th><th>false-positive rate</th>"
-            "<th>ROC AUC</th></tr>"]
+    rows = [
+        f'<p class="sub">Grouped by {esc(sub.get("by"))}: the rates within each group at the same threshold. '
+        "A group far from the overall figures is where the model fails.</p>",
+        "<table><tr><th>group</th><th>images</th><th>covid / non</th><th>sensitivity</th><th>false-positive rate</th>"
+        "<th>ROC AUC</th></tr>",
+    ]
 
     def rate(d):
         if not d:
@@ -310,48 +328,56 @@ def _subgroup_table(sub: Mapping[str, Any]) -> str:
         return f"{_pct(d.get('value'))} ({d.get('k')}/{d.get('n')}) {_ci_pct(d.get('ci95'))}"
 
     for g in sub.get("groups") or []:
-        rows.append(f"<tr><td>{_esc(g['group'])}</td><td>{_esc(g['n'])}</td><td>{_esc(g['n_positive'])} / {_esc(g['n_negative'])}</td>"
-                    f"<td>{_esc(rate(g.get('sensitivity')))}</td><td>{_esc(rate(g.get('false_positive_rate')))}</td>"
-                    f"<td>{_esc(_num(g.get('roc_auc')))}</td></tr>")
+        rows.append(
+            f"<tr><td>{esc(g['group'])}</td><td>{esc(g['n'])}</td><td>{esc(g['n_positive'])} / "
+            f"{esc(g['n_negative'])}</td>"
+            f"<td>{esc(rate(g.get('sensitivity')))}</td><td>{esc(rate(g.get('false_positive_rate')))}</td>"
+            f"<td>{esc(_num(g.get('roc_auc')))}</td></tr>"
+        )
     rows.append("</table>")
     return "\n".join(rows)
 
 
-def _img_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
-            f"<figcaption>{_esc(alt)}</figcaption></figure>")
-
-
-def _html(report: Mapping[str, Any], title: str, extra: Mapping[str, Any] | None,
-          images: list[tuple[Path, str]], names: list[str], subgroups: Mapping[str, Any] | None = None,
-          subgroup_image: Path | None = None) -> str:
+def _html(
+    report: Mapping[str, Any],
+    title: str,
+    extra: Mapping[str, Any] | None,
+    images: list[tuple[Path, str]],
+    names: list[str],
+    subgroups: Mapping[str, Any] | None = None,
+    subgroup_image: Path | None = None,
+) -> str:
     n, n_pos, n_neg = report.get("n"), report.get("n_positive"), report.get("n_negative")
-    cards = "".join([
-        _rate_card(f"Sensitivity ({names[1]} recall)", report.get("sensitivity")),
-        _rate_card(f"Specificity ({names[0]} recall)", report.get("specificity")),
-        _auc_card("ROC AUC", report.get("roc_auc")),
-        _auc_card("PR AUC (average precision)", report.get("pr_auc")),
-        _card("Threshold", _num(report.get("threshold"), 4), f"{names[1]} if prob ≥ threshold"),
-        _card("Examples", _num(n), f"{n_pos} {names[1]} · {n_neg} {names[0]}"),
-    ])
+    cards = "".join(
+        [
+            _rate_card(f"Sensitivity ({names[1]} recall)", report.get("sensitivity")),
+            _rate_card(f"Specificity ({names[0]} recall)", report.get("specificity")),
+            _auc_card("ROC AUC", report.get("roc_auc")),
+            _auc_card("PR AUC (average precision)", report.get("pr_auc")),
+            card("Threshold", _num(report.get("threshold"), 4), f"{names[1]} if prob ≥ threshold"),
+            card("Examples", _num(n), f"{n_pos} {names[1]} · {n_neg} {names[0]}"),
+        ]
+    )
     notes = []
     if not (n_pos and n_neg):
-        notes.append('<p class="note">Only one class is present in this set: AUCs, curves '
-                     "and the missing class's rates are not defined.</p>")
+        notes.append(
+            '<p class="note">Only one class is present in this set: AUCs, curves '
+            "and the missing class's rates are not defined.</p>"
+        )
     boot = report.get("bootstrap") or {}
     if boot.get("n_resamples"):
-        notes.append(f'<p class="sub">AUC intervals: {_esc(boot.get("method"))} bootstrap, '
-                     f'{_esc(boot.get("n_resamples"))} resamples, seed {_esc(boot.get("seed"))}. '
-                     "Rate intervals: Wilson score.</p>")
+        notes.append(
+            f'<p class="sub">AUC intervals: {esc(boot.get("method"))} bootstrap, '
+            f"{esc(boot.get('n_resamples'))} resamples, seed {esc(boot.get('seed'))}. "
+            "Rate intervals: Wilson score.</p>"
+        )
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        f'<p class="sub">Positive class: {_esc(names[1])}. '
-        "Research tool, not a medical device.</p>",
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="sub">Positive class: {esc(names[1])}. Research tool, not a medical device.</p>',
         f'<div class="cards">{cards}</div>',
         *notes,
         "<h2>Classification report</h2>",
@@ -361,12 +387,12 @@ def _html(report: Mapping[str, Any], title: str, extra: Mapping[str, Any] | None
         "<h2>Specificity at target sensitivity</h2>",
         _spec_at_sens_table(report.get("specificity_at_sensitivity") or {}),
         "<h2>Figures</h2>",
-        '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
+        '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
     ]
     if subgroups:
         parts += ["<h2>Subgroups</h2>", _subgroup_table(subgroups)]
         if subgroup_image is not None:
-            parts.append('<div class="figs">' + _img_tag(subgroup_image, "Rates per subgroup") + "</div>")
+            parts.append('<div class="figs">' + img_tag(subgroup_image, "Rates per subgroup") + "</div>")
     if extra:
         parts += ["<h2>Details</h2>", _extra_table(extra)]
     parts += ["<footer>Generated by cxr.report.</footer>", "</body></html>"]
@@ -406,13 +432,17 @@ def write_report(
     Returns ``{name: path}`` with names ``roc``, ``pr``, ``histogram``,
     ``confusion_matrix``, ``subgroups``, ``report_json``, ``report_html`` (``roc``/``pr``/``subgroups``
     only when written).
-    """
-    y, p = _inputs(y_true, prob)
+
+    Long on purpose: it writes the files listed above one after another, each a call."""
+    y, p = as_label_and_prob(y_true, prob)
     if report.get("n") is not None and int(report["n"]) != y.size:
         raise ValueError(f"report was computed on {report['n']} examples, got {y.size}")
-    names = [str(c) for c in (report.get("class_names") or
-                              (report.get("confusion_matrix_labels") or {}).get("order") or
-                              ("non", "covid"))]
+    names = [
+        str(c)
+        for c in (
+            report.get("class_names") or (report.get("confusion_matrix_labels") or {}).get("order") or ("non", "covid")
+        )
+    ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -432,13 +462,19 @@ def write_report(
     _plot_histogram(y, p, report, names, paths["histogram"])
     paths["confusion_matrix"] = out / "confusion_matrix.png"
     _plot_confusion(report, names, paths["confusion_matrix"])
-    images += [(paths["histogram"], "Predicted probabilities by true class"),
-               (paths["confusion_matrix"], "Confusion matrix")]
+    images += [
+        (paths["histogram"], "Predicted probabilities by true class"),
+        (paths["confusion_matrix"], "Confusion matrix"),
+    ]
 
     if subgroups:
         paths["subgroups"] = out / "subgroups.png"
-        plot_rates({g["group"]: g for g in subgroups["groups"]}, float(report["threshold"]), paths["subgroups"],
-                   labels=[f"{g['group']} (n={g['n']})" for g in subgroups["groups"]])
+        plot_rates(
+            {g["group"]: g for g in subgroups["groups"]},
+            float(report["threshold"]),
+            paths["subgroups"],
+            labels=[f"{g['group']} (n={g['n']})" for g in subgroups["groups"]],
+        )
     else:
         (out / "subgroups.png").unlink(missing_ok=True)
 
@@ -449,9 +485,11 @@ def write_report(
         payload["subgroups"] = subgroups
     paths["report_json"] = out / "report.json"
     paths["report_json"].write_text(
-        json.dumps(to_jsonable(payload), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-        encoding="utf-8")
+        json.dumps(to_jsonable(payload), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+    )
 
     paths["report_html"] = out / "report.html"
-    paths["report_html"].write_text(_html(report, title, extra, images, names, subgroups, paths.get("subgroups")), encoding="utf-8")
+    paths["report_html"].write_text(
+        _html(report, title, extra, images, names, subgroups, paths.get("subgroups")), encoding="utf-8"
+    )
     return {k: str(v) for k, v in paths.items()}

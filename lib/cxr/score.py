@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .runtime import ensure_ray, torch_actor_remote_args
 from .checkpoint import load_checkpoint
 from .decode import NOT_FRONTAL, decode
+from .output import OutputError as OutputError  # re-exported: cxr.incremental imports it from here
+from .output import new_run_id, prepare_output
 from .preprocess import PreprocessSpec, preprocess
+from .resources import WRITE_TASKS, ResourcePlan, cluster_resources, default_gpus_per_actor, plan_resources
+from .runtime import ensure_ray, torch_actor_remote_args
 from .sources import input_paths, table_dataset
 
 log = logging.getLogger(__name__)
@@ -51,110 +52,7 @@ OUTPUT_SCHEMA = pa.schema(
 SUMMARY_FILE = "_summary.json"
 
 
-class OutputError(Exception):
-    """The output location cannot be used."""
-
-
-# --------------------------------------------------------------------------- resources
-
-
-@dataclass(frozen=True)
-class ResourcePlan:
-    actors: int  # maximum size of the predictor actor pool
-    cpus_per_actor: float  # logical CPUs each predictor actor reserves
-    gpus_per_actor: float
-    threads_per_actor: int  # torch intra-op threads in each actor
-    task_cpus: float  # logical CPUs each non-actor task reserves (read, decode, write)
-    batch_size: int
-    decode_share: float | None = None  # decoding's measured share of the CPU work per image (see measure_costs)
-
-
-# Parquet write tasks at a time (``write_parquet(concurrency=...)``): one writes thousands of result rows a second.
-# The cap matters: Ray Data's per-operator budget would otherwise keep CPU for an idle write stage that the
-# decode tasks need; and a cap above the number of files written makes Ray Data warn.
-WRITE_TASKS = 1
-
-
-def _gpus_per_actor(asked: float | None, total_gpus: float) -> float:
-    """GPUs per predictor actor: as asked, else 1 when the cluster has GPUs now."""
-    return asked if asked is not None else (1.0 if total_gpus >= 1 else 0.0)
-
-
-def plan_resources(
-    node_cpus: list[float],
-    total_gpus: float = 0.0,
-    *,
-    actors: int | None = None,
-    cpus_per_actor: float | None = None,
-    gpus_per_actor: float | None = None,
-    threads_per_actor: int | None = None,
-    batch_size: int | None = None,
-    decode_share: float | None = None,
-) -> ResourcePlan:
-    """Size the predictor actor pool so that it can never starve the pipeline's tasks.
-
-    Actors that reserve every CPU leave Ray Data's read, decode and write tasks unschedulable and the
-    job hangs silently. Each node therefore hosts at most ``floor((cpus - task_cpus) / cpus_per_actor)``
-    actors and the default pool is no larger than the sum of that over the nodes up now: however Ray
-    places the actors, some node keeps ``task_cpus`` free. An actor that would take a whole node is
-    shrunk (with a warning). ``actors`` beyond that sum is kept as the pool's maximum, with a warning:
-    Ray Data starts one actor and adds more only within its resource budget, that is as an autoscaling
-    cluster adds nodes (GPU nodes too: the GPUs up now do not cap it). By default each CPU node gets one actor whose torch threads use all its cores (up to 8),
-    sharing the last half core with the tasks: right where the model is the cost (PNG/JPEG at 224 px).
-
-    ``decode_share`` (CPU plans, no ``cpus_per_actor`` given): decoding's measured share of the CPU work per
-    image (:func:`measure_costs`). The actors then reserve only the model's share of a node (at least half a
-    CPU, rounded up to halves) and the pool holds only as many actors as the model's share of the cluster
-    needs, so that the rest goes to the decode tasks: compressed full-size DICOM costs 30-130x the model.
-    """
-    node_cpus = [c for c in node_cpus if c > 0] or [1.0]
-    gpus_per_actor = _gpus_per_actor(gpus_per_actor, total_gpus)
-    if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
-        log.warning("asked for %.2g GPU per actor but the cluster has %.2g GPUs now; actors wait for GPU nodes", gpus_per_actor, total_gpus)
-    task_cpus = 1.0 if gpus_per_actor > 0 and max(node_cpus) >= 4 else 0.5
-    largest = max(node_cpus)
-    default_threads = None
-    measured = decode_share is not None and cpus_per_actor is None and gpus_per_actor == 0
-    if measured:
-        decode_share = min(max(float(decode_share), 0.0), 1.0)
-    if cpus_per_actor is None:
-        cpus_per_actor = 1.0 if gpus_per_actor > 0 else max(0.5, min(largest, 8.0) - task_cpus)
-        default_threads = 1 if gpus_per_actor > 0 else int(min(largest, 8.0))
-        if measured:
-            model_cpus = (1.0 - decode_share) * min(largest, 8.0)
-            cpus_per_actor = min(cpus_per_actor, max(0.5, math.ceil(model_cpus * 2) / 2))
-    if cpus_per_actor > largest - task_cpus:
-        fitted = max(0.1, largest - task_cpus)
-        log.warning("%.2f CPUs per actor would leave no CPU for decoding on any node; reserving %.2f instead", cpus_per_actor, fitted)
-        default_threads = default_threads or max(1, math.ceil(cpus_per_actor))
-        cpus_per_actor = fitted
-    capacity = sum(max(0, int((c - task_cpus) // cpus_per_actor)) for c in node_cpus)
-    if gpus_per_actor > 0:
-        capacity = min(capacity, max(1, int(max(total_gpus, gpus_per_actor) // gpus_per_actor)))
-    capacity = max(1, capacity)  # what fits on the nodes up now
-    if actors is None:
-        actors = capacity
-        if measured:  # no more actors than the model's share of the whole cluster keeps busy
-            actors = min(capacity, max(1, math.ceil((1.0 - decode_share) * sum(node_cpus) / cpus_per_actor)))
-    elif actors > capacity:
-        log.warning("%d actors: %d fit beside the decode tasks on the nodes up now; the pool grows to %d only as nodes "
-                    "join (an autoscaling cluster)", actors, capacity, actors)
-    threads = threads_per_actor or default_threads or max(1, math.ceil(cpus_per_actor))
-    if batch_size is None:
-        batch_size = 256 if gpus_per_actor > 0 else 32
-    return ResourcePlan(actors, cpus_per_actor, gpus_per_actor, threads, task_cpus, batch_size, decode_share if measured else None)
-
-
-def _cluster_resources() -> tuple[list[float], float]:
-    """(CPUs of each live node, GPUs of the cluster), now."""
-    import ray
-
-    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], ray.cluster_resources().get("GPU", 0.0)
-
-
-def cluster_plan(**overrides) -> ResourcePlan:
-    """:func:`plan_resources` for the running cluster."""
-    return plan_resources(*_cluster_resources(), **overrides)
+# --------------------------------------------------------------------------- measured plan
 
 
 @dataclass(frozen=True)
@@ -171,12 +69,15 @@ class Costs:
         return self.decode_s / total if total > 0 else 0.0
 
     def line(self) -> str:
-        return (f"per image, one thread: decoding {self.decode_s * 1e3:.1f} ms ({self.files} files sampled), "
-                f"model {self.model_s * 1e3:.1f} ms: decoding is {self.decode_share:.0%} of the CPU work")
+        return (
+            f"per image, one thread: decoding {self.decode_s * 1e3:.1f} ms ({self.files} files sampled), "
+            f"model {self.model_s * 1e3:.1f} ms: decoding is {self.decode_share:.0%} of the CPU work"
+        )
 
 
-def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool = False,
-                  max_files: int = 8, max_seconds: float = 2.0) -> Costs | None:
+def measure_costs(
+    paths, loaded, settings: storage.S3Settings, all_views: bool = False, max_files: int = 8, max_seconds: float = 2.0
+) -> Costs | None:
     """Decode up to ``max_files`` of ``paths`` (spread over the list; stopping after ``max_seconds``) and run
     ``loaded`` (a :class:`~cxr.checkpoint.LoadedModel` or ensemble) on a batch, here, on one thread; CPU time
     (``time.thread_time``), so that slow storage does not count as decoding. What the files cost is what
@@ -220,17 +121,24 @@ def measure_costs(paths, loaded, settings: storage.S3Settings, all_views: bool =
     return Costs(len(done), sum(done) / len(done), model_cpu)
 
 
-def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True,
-                  **overrides) -> ResourcePlan:
+def measured_plan(
+    paths, loaded, settings: storage.S3Settings, all_views: bool = False, measure: bool = True, **overrides
+) -> ResourcePlan:
     """:func:`cluster_plan` for scoring ``paths`` with ``loaded``: where the plan is for CPU actors whose
     CPUs are not given, the inputs' costs are measured first (:func:`measure_costs`) and size it."""
-    nodes, gpus = _cluster_resources()
+    nodes, gpus = cluster_resources()
     share = None
-    if (measure and len(paths) and overrides.get("cpus_per_actor") is None
-            and _gpus_per_actor(overrides.get("gpus_per_actor"), gpus) == 0):
+    if (
+        measure
+        and len(paths)
+        and overrides.get("cpus_per_actor") is None
+        and default_gpus_per_actor(overrides.get("gpus_per_actor"), gpus) == 0
+    ):
         costs = measure_costs(paths, loaded, settings, all_views)
         if costs is None:
-            log.warning("no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan")
+            log.warning(
+                "no sample of the inputs could be read and decoded within a few seconds (slow storage?): the fixed plan"
+            )
         else:
             log.info("measured %s", costs.line())
             share = costs.decode_share
@@ -240,8 +148,9 @@ def measured_plan(paths, loaded, settings: storage.S3Settings, all_views: bool =
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def _decode_preprocess(data: bytes, path: str, spec: PreprocessSpec,
-                       all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
+def _decode_preprocess(
+    data: bytes, path: str, spec: PreprocessSpec, all_views: bool = False
+) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
     """(image, width, height, error, DICOM view). A lateral/oblique DICOM view is not scored (an error row
     ``not a frontal view ...``) unless ``all_views``: the models read frontal chest X-rays."""
     decoded = decode(data, path, frontal_only=not all_views)
@@ -275,8 +184,9 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (width, height) if 0 < width * height <= MAX_PIXELS else None
 
 
-def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings, device_jpeg: bool = False,
-              all_views: bool = False) -> tuple[np.ndarray | None, int, int, str | None, str | None, bytes]:
+def _load_one(
+    path: str, spec: PreprocessSpec, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False
+) -> tuple[np.ndarray | None, int, int, str | None, str | None, bytes]:
     """(image, width, height, error, DICOM view, JPEG bytes left for the device decoder or b"")."""
     try:
         data = storage.read_bytes(path, settings)
@@ -287,7 +197,9 @@ def _load_one(path: str, spec: PreprocessSpec, settings: storage.S3Settings, dev
     return (*_decode_preprocess(data, path, spec, all_views), b"")
 
 
-def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False) -> dict:
+def decode_batch(
+    batch: dict, spec: dict, settings: storage.S3Settings, device_jpeg: bool = False, all_views: bool = False
+) -> dict:
     """Ray Data task: read, decode and preprocess a batch of paths (threads overlap I/O and decoding).
 
     Columns other than ``path`` (e.g. training labels) pass through unchanged. ``device_jpeg``: JPEGs that
@@ -315,14 +227,24 @@ def decode_batch(batch: dict, spec: dict, settings: storage.S3Settings, device_j
     }
 
 
-def decoded_dataset(paths_ds, spec: PreprocessSpec, settings: storage.S3Settings, task_cpus: float = 0.5, batch_size: int = 32,
-                    device_jpeg: bool = False, all_views: bool = False):
-    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``, ``error``,
-    ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
+def decoded_dataset(
+    paths_ds,
+    spec: PreprocessSpec,
+    settings: storage.S3Settings,
+    task_cpus: float = 0.5,
+    batch_size: int = 32,
+    device_jpeg: bool = False,
+    all_views: bool = False,
+):
+    """``paths_ds`` (a ``path`` column and any others) -> the same rows with ``image``, ``width``, ``height``,
+    ``error``, ``view`` (and ``jpeg`` with ``device_jpeg``: see :func:`decode_batch`)."""
     return paths_ds.map_batches(
-        decode_batch, fn_args=(spec.to_dict(), settings), fn_kwargs={"device_jpeg": device_jpeg, "all_views": all_views},
+        decode_batch,
+        fn_args=(spec.to_dict(), settings),
+        fn_kwargs={"device_jpeg": device_jpeg, "all_views": all_views},
         batch_size=batch_size,
-        batch_format="numpy", num_cpus=task_cpus,
+        batch_format="numpy",
+        num_cpus=task_cpus,
     )
 
 
@@ -349,7 +271,9 @@ class Predictor:
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
             images = self._device_images(batch, errors, ok) if "jpeg" in batch else batch["image"][ok]
-            still = np.array([errors[i] is None for i in np.flatnonzero(ok)], dtype=bool)  # device JPEGs the CPU could not decode either
+            still = np.array(
+                [errors[i] is None for i in np.flatnonzero(ok)], dtype=bool
+            )  # device JPEGs the CPU could not decode either
             ok = np.array([e is None for e in errors], dtype=bool)
             if not still.all():  # only with device JPEGs: images is a tensor
                 import torch
@@ -359,7 +283,7 @@ class Predictor:
                 prob[ok] = self.loaded.predict_proba(images)
         prediction = np.where(prob >= self.threshold, self.positive, self.negative)
         width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return pa.table(
             {
                 "path": pa.array([str(p) for p in batch["path"]], pa.string()),
@@ -370,7 +294,9 @@ class Predictor:
                 "error": pa.array(errors, pa.string()),
                 "width": pa.array(width, pa.int32(), mask=~ok | (width < 0)),
                 "height": pa.array(height, pa.int32(), mask=~ok | (height < 0)),
-                "view": pa.array([v if isinstance(v, str) and v else None for v in batch.get("view", [None] * n)], pa.string()),
+                "view": pa.array(
+                    [v if isinstance(v, str) and v else None for v in batch.get("view", [None] * n)], pa.string()
+                ),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             },
@@ -406,8 +332,17 @@ class Predictor:
         return images
 
 
-def score_dataset(paths_ds, model_uri: str, spec: PreprocessSpec, plan: ResourcePlan, run_id: str, settings: storage.S3Settings,
-                  predictor_cls: type = None, device_jpeg: bool | None = None, all_views: bool = False):
+def score_dataset(
+    paths_ds,
+    model_uri: str,
+    spec: PreprocessSpec,
+    plan: ResourcePlan,
+    run_id: str,
+    settings: storage.S3Settings,
+    predictor_cls: type = None,
+    device_jpeg: bool | None = None,
+    all_views: bool = False,
+):
     """The scoring pipeline as a lazy Ray Dataset of result rows (``OUTPUT_SCHEMA``; a ``predictor_cls``
     subclassing :class:`Predictor` may add columns). ``device_jpeg`` (default: when the actors have GPUs):
     JPEGs are decoded by the predictor on its device (nvJPEG), not by the CPU decode tasks. ``all_views``: score
@@ -455,38 +390,10 @@ class ScoreSummary:
     def line(self) -> str:
         views = f" ({self.not_frontal} of them not frontal views)" if self.not_frontal else ""
         return (
-            f"scored {self.files} files: {self.scored} ok, {self.errors} errors{views}, {self.predicted_covid} predicted covid "
+            f"scored {self.files} files: {self.scored} ok, {self.errors} errors{views}, {self.predicted_covid} "
+            "predicted covid "
             f"in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s) -> {self.output}"
         )
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def prepare_output(output: str, overwrite: bool, settings: storage.S3Settings) -> None:
-    """Fail early (before any work) if the output is non-empty or cannot be written."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(output, settings)
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            raise OutputError(f"output {output} is a file; give a directory or prefix")
-        existing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        if any(i.type == pafs.FileType.File for i in existing):
-            if not overwrite:
-                raise OutputError(f"output {output} is not empty; choose a new location or pass --overwrite")
-            fs.delete_dir_contents(path, missing_dir_ok=True)
-        if not storage.is_s3(output):
-            fs.create_dir(path, recursive=True)
-        probe = storage.join(output, f"_write_check_{secrets.token_hex(4)}")
-        storage.write_bytes(probe, b"", settings)
-        fs.delete_file(storage.filesystem(probe, settings)[1])
-    except OutputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise OutputError(f"cannot write to {output}: {storage.describe_error(exc)}") from exc
 
 
 def summarize(output: str, run_id: str, model_id: str, seconds: float, settings: storage.S3Settings) -> ScoreSummary:
@@ -498,8 +405,18 @@ def summarize(output: str, run_id: str, model_id: str, seconds: float, settings:
     files = table.num_rows
     errors = files - pc.sum(pc.is_null(table["error"])).as_py() if files else 0
     covid = pc.sum(pc.equal(table["prediction"], "covid")).as_py() or 0 if files else 0
-    return ScoreSummary(run_id, model_id, output, files, files - errors, errors, covid, seconds, files / seconds if seconds > 0 else 0.0,
-                        count_not_frontal(table["error"]))
+    return ScoreSummary(
+        run_id,
+        model_id,
+        output,
+        files,
+        files - errors,
+        errors,
+        covid,
+        seconds,
+        files / seconds if seconds > 0 else 0.0,
+        count_not_frontal(table["error"]),
+    )
 
 
 def count_not_frontal(errors) -> int:
@@ -533,24 +450,41 @@ def score(
     Raises InputError, CheckpointError or OutputError (before any work is started) when it cannot run.
     """
     settings = storage.s3_settings()
-    loaded = load_checkpoint(model, settings=settings)  # validates the checkpoint fully before starting the cluster work
+    loaded = load_checkpoint(
+        model, settings=settings
+    )  # validates the checkpoint fully before starting the cluster work
     info = loaded.info
     prepare_output(output, overwrite, settings)
     ensure_ray()
     paths = input_paths(inputs, settings)
     start = time.perf_counter()  # the run's time includes sampling the inputs' costs
     plan = measured_plan(
-        paths, loaded, settings, all_views, measure, actors=actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size,
+        paths,
+        loaded,
+        settings,
+        all_views,
+        measure,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        threads_per_actor=threads_per_actor,
+        batch_size=batch_size,
     )
     del loaded
     paths_ds, n_inputs = table_dataset(pa.table({"path": paths})), len(paths)
     run_id = run_id or new_run_id()
     log.info("run %s: model %s, %d files, plan %s", run_id, info.model_id, n_inputs, plan)
-    results = score_dataset(paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views)
+    results = score_dataset(
+        paths_ds, model, info.preprocess, plan, run_id, settings, device_jpeg=device_jpeg, all_views=all_views
+    )
     fs, path = storage.filesystem(output, settings)
-    results.write_parquet(path, filesystem=fs, min_rows_per_file=50_000, ray_remote_args={"num_cpus": plan.task_cpus},
-                          concurrency=WRITE_TASKS)
+    results.write_parquet(
+        path,
+        filesystem=fs,
+        min_rows_per_file=50_000,
+        ray_remote_args={"num_cpus": plan.task_cpus},
+        concurrency=WRITE_TASKS,
+    )
     seconds = time.perf_counter() - start
     summary = summarize(output, run_id, info.model_id, seconds, settings)
     summary.plan = asdict(plan)

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from . import storage
 from .decode import IMAGE_EXTENSIONS, is_dicom
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,7 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv")
 MANIFEST_COLUMNS = ("path", "uri", "url", "file")
 
 
-class InputError(Exception):
-    """An input cannot be used (missing, empty, unreadable manifest)."""
-
-
-def _is_manifest(path: str) -> bool:
+def is_manifest(path: str) -> bool:
     return path.lower().endswith(MANIFEST_EXTENSIONS)
 
 
@@ -101,7 +98,9 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
             import pyarrow.csv as pacsv
 
             with fs.open_input_stream(path) as f:
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS}))
+                table = pacsv.read_csv(
+                    f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS})
+                )
             names = table.column_names
             column = next((c for c in MANIFEST_COLUMNS if c in names), None)
     except InputError:
@@ -109,7 +108,10 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc)}") from exc
     if column is None:
-        raise InputError(f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: {', '.join(names[:10])})")
+        raise InputError(
+            f"manifest {uri} has no column named one of {', '.join(MANIFEST_COLUMNS)} (columns: "
+            f"{', '.join(names[:10])})"
+        )
     col = pc.utf8_trim_whitespace(pc.fill_null(table.column(column).combine_chunks().cast(pa.string()), ""))
     col = pc.replace_substring_regex(pc.replace_substring_regex(col, "^file://", ""), r"^(\./)+", "")
     base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
@@ -123,7 +125,7 @@ def input_paths(uris: list[str], settings: storage.S3Settings | None = None) -> 
 
     arrays = []
     for uri in uris:
-        if _is_manifest(uri):
+        if is_manifest(uri):
             arrays.append(read_manifest(uri, settings))
             log.info("input %s: manifest with %d entries", uri, len(arrays[-1]))
         else:

@@ -57,9 +57,9 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
 def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path, ``file://`` URI or ``s3://bucket/key`` URI."""
     if is_s3(uri):
-        return _s3_filesystem(settings or s3_settings()), uri[len("s3://"):].rstrip("/")
+        return _s3_filesystem(settings or s3_settings()), uri[len("s3://") :].rstrip("/")
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
@@ -70,7 +70,7 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
-        return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)
+        return "s3://" + posixpath.join(uri[len("s3://") :].rstrip("/"), *parts)
     return os.path.join(uri, *parts)
 
 
@@ -111,3 +111,13 @@ def describe_error(exc: BaseException) -> str:
             msg = msg.split(marker)[0] + "[redacted]"
     # the AWS SDK leaves "...during GetObject operation:" when it could not read the error's message
     return f"{type(exc).__name__}: {msg[:300].rstrip(': ')}"
+
+
+def ray_storage(uri: str, settings: S3Settings) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) for Ray Train/Tune: an absolute local path, or an S3 path + its filesystem."""
+    fs, path = filesystem(uri, settings)
+    if is_s3(uri):
+        return path, fs
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    return path, None

@@ -39,11 +39,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import storage
-from .checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .checkpoint import ModelInfo, load_checkpoint, save_checkpoint, save_ensemble
+from .configs import SearchConfig
+from .errors import CheckpointError
 from .metrics import choose_threshold, expected_calibration_error, fit_temperature
-from .preprocess import PreprocessSpec, check_tta
-from .models import check_backbone, fetch_imagenet, imagenet_available, list_backbones
-from .train import PreparedData, TrainConfig, fit, prepare_data, validation_arrays, write_metrics_csv
+from .models import fetch_imagenet, imagenet_available
+from .train import PreparedData, TrainConfig, crash_at_epoch, fit, prepare_data, validation_arrays, write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -53,58 +54,26 @@ SEARCH_NAME = "search"
 TEMPERATURE_BOUNDS = (0.01, 100.0)  # the temperature search; a fit at a bound is not used (see calibrate)
 MIN_SPREAD = 1e-6  # validation probabilities closer than this (float32 rounding at 0.5 is 6e-8) are a constant output
 # Settings that define the search: a resumed search keeps its stored values of these.
-_SEARCH_KEYS = ("data", "backbones", "num_samples", "epochs", "target_sensitivity", "image_size", "crop", "equalize", "tta", "weights", "lr_range",
-                "covid_weight_range", "oversample", "batch_size", "val_fraction", "seed", "grace_period", "reduction_factor")
-
-
-@dataclass
-class SearchConfig:
-    data: str
-    output: str
-    backbones: list[str] = field(default_factory=list_backbones)
-    num_samples: int = 4  # trials per backbone
-    max_concurrent: int | None = None  # default: as many as the cluster's resources hold
-    epochs: int = 6
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0  # CPUs of a trial's Ray Train worker (its driver takes DRIVER_CPUS more)
-    target_sensitivity: float = 0.98
-    image_size: int = 224
-    crop: tuple[float, float, float, float] | None = None  # PreprocessSpec.crop for every trial (see train --crop)
-    equalize: bool = False
-    tta: str = "none"  # test-time augmentation of every trial's model (preprocess.TTA_CHOICES)
-    weights: str = "imagenet"  # imagenet | none | auto (ImageNet where the weights are available offline, else none)
-    lr_range: tuple[float, float] = (1e-4, 3e-3)
-    covid_weight_range: tuple[float, float] = (0.5, 2.0)  # multiples of the balanced class weight
-    oversample: int = 5
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    seed: int = 0
-    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: int = 2
-    max_failures: int = 1  # Ray Train worker failures survived inside a trial
-    trial_max_failures: int = 1  # Tune: restarts of a failed trial (its Train run resumes from its last epoch)
-    fail_once_at_epoch: int | None = None  # testing hook: the first trial to reach this epoch crashes once
-
-    def check(self) -> None:
-        if not self.backbones:
-            raise ValueError("no backbones to search")
-        for b in self.backbones:
-            check_backbone(b)
-        if self.weights not in ("imagenet", "none", "auto"):
-            raise ValueError(f"--weights must be imagenet, none or auto, not {self.weights!r}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise ValueError("a backbone is named twice")
-        if self.num_samples < 1 or self.epochs < 1:
-            raise ValueError("--num-samples and --epochs must be at least 1")
-        if not 0 < self.target_sensitivity <= 1:
-            raise ValueError("--target-sensitivity must be in (0, 1]")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        for lo, hi in (self.lr_range, self.covid_weight_range):
-            if not 0 < lo <= hi:
-                raise ValueError(f"bad range ({lo}, {hi}): need 0 < low <= high")
-        PreprocessSpec(input_size=self.image_size, crop=self.crop, equalize=self.equalize)  # raises on a bad crop
-        check_tta(self.tta)
+_SEARCH_KEYS = (
+    "data",
+    "backbones",
+    "num_samples",
+    "epochs",
+    "target_sensitivity",
+    "image_size",
+    "crop",
+    "equalize",
+    "tta",
+    "weights",
+    "lr_range",
+    "covid_weight_range",
+    "oversample",
+    "batch_size",
+    "val_fraction",
+    "seed",
+    "grace_period",
+    "reduction_factor",
+)
 
 
 @dataclass
@@ -134,14 +103,17 @@ class SearchResult:
     seconds: float
     resumed: bool
     unfinished: int = 0  # interrupted before they ended: the next run resumes them
-    models: dict = field(default_factory=dict)  # summary.json's: per exported model (and ensemble) its calibrated figures
+    models: dict = field(
+        default_factory=dict
+    )  # summary.json's: per exported model (and ensemble) its calibrated figures
 
 
 # --------------------------------------------------------------------------- resources
 
 
-def plan_trials(node_cpus: list[float], total_gpus: float, cpus_per_trial: float, gpus_per_trial: float,
-                max_concurrent: int | None) -> tuple[float, int]:
+def plan_trials(
+    node_cpus: list[float], total_gpus: float, cpus_per_trial: float, gpus_per_trial: float, max_concurrent: int | None
+) -> tuple[float, int]:
     """(cpus_per_trial, max_concurrent) that fit the cluster while leaving CPU for Ray Data's tasks.
 
     A trial needs ``DRIVER_CPUS`` for its driver and ``cpus_per_trial`` for its training worker, on one node
@@ -152,18 +124,30 @@ def plan_trials(node_cpus: list[float], total_gpus: float, cpus_per_trial: float
     room = largest - DRIVER_CPUS - (DATA_RESERVE_CPUS if len(node_cpus) == 1 else 0.0)
     if cpus_per_trial > room:
         fitted = max(0.1, round(room, 2))
-        log.warning("%.2f CPUs per trial leave no CPU for the trial's driver and Ray Data on any node; using %.2f", cpus_per_trial, fitted)
+        log.warning(
+            "%.2f CPUs per trial leave no CPU for the trial's driver and Ray Data on any node; using %.2f",
+            cpus_per_trial,
+            fitted,
+        )
         cpus_per_trial = fitted
     capacity = max(1, int((total - DATA_RESERVE_CPUS) // (cpus_per_trial + DRIVER_CPUS)))
     capacity = min(capacity, max(1, sum(int((c - DRIVER_CPUS) // cpus_per_trial) for c in node_cpus)))
     if gpus_per_trial > 0:
         if total_gpus < gpus_per_trial:
-            log.warning("asked for %.2g GPU per trial but the cluster has %.2g GPUs now; trials wait for GPU nodes", gpus_per_trial, total_gpus)
+            log.warning(
+                "asked for %.2g GPU per trial but the cluster has %.2g GPUs now; trials wait for GPU nodes",
+                gpus_per_trial,
+                total_gpus,
+            )
         capacity = min(capacity, max(1, int(max(total_gpus, gpus_per_trial) // gpus_per_trial)))
     if max_concurrent is None:
         max_concurrent = capacity
     elif max_concurrent > capacity:
-        log.warning("%d concurrent trials do not fit this cluster beside Ray Data; running %d at a time", max_concurrent, capacity)
+        log.warning(
+            "%d concurrent trials do not fit this cluster beside Ray Data; running %d at a time",
+            max_concurrent,
+            capacity,
+        )
         max_concurrent = capacity
     return cpus_per_trial, max(1, max_concurrent)
 
@@ -178,7 +162,8 @@ def check_imagenet_weights(backbones: list[str], weights: str) -> None:
         raise CheckpointError(
             f"ImageNet weights of {', '.join(missing)} not available ({next(iter(missing.values()))}): "
             "use --weights auto (train those from scratch), --weights none, put the file in the torch hub cache "
-            "(or a folder named by CXR_WEIGHTS_DIR), or leave them out of --backbones")
+            "(or a folder named by CXR_WEIGHTS_DIR), or leave them out of --backbones"
+        )
 
 
 def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
@@ -195,27 +180,53 @@ def weights_per_backbone(backbones: list[str], weights: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- the trial
 
 
-def _trial(config: dict, *, data: PreparedData, base: dict, weights: dict, runs_path: str, runs_fs, fail_marker: str) -> None:
+def _trial(
+    config: dict,
+    *,
+    data: PreparedData,
+    base: dict,
+    weights: dict,
+    runs_path: str,
+    runs_fs,
+    fail_marker: str,
+    crash_at_epoch: int | None = None,
+) -> None:
     """One Tune trial: build and fit a TorchTrainer (Train V2), epochs reported to Tune by TuneReportCallback.
 
     Its Train run is named after the trial, so a restarted or restored trial resumes from its last epoch."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = TrainConfig(**{**base, "backbone": config["backbone"], "weights": weights[config["backbone"]], "lr": float(config["lr"]),
-                         "covid_weight": float(data.balanced_covid_weight * config["covid_weight_scale"])})
+    cfg = TrainConfig(
+        **{
+            **base,
+            "backbone": config["backbone"],
+            "weights": weights[config["backbone"]],
+            "lr": float(config["lr"]),
+            "covid_weight": float(data.balanced_covid_weight * config["covid_weight_scale"]),
+        }
+    )
     # Named after the trial's configuration, not its id: Tuner.restore(restart_errored=True) gives a restarted
     # trial a new id, and the same name is what lets its Train run resume from the last epoch's checkpoint.
     key = json.dumps({k: config[k] for k in sorted(config)}, sort_keys=True, default=str)
-    fit(cfg, data, storage_path=runs_path, storage_filesystem=runs_fs,
+    fit(
+        cfg,
+        data,
+        storage_path=runs_path,
+        storage_filesystem=runs_fs,
         run_name=f"train-{config['backbone'].replace('/', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
-        callbacks=[TuneReportCallback()], fail_marker=fail_marker)
+        callbacks=[TuneReportCallback()],
+        fail_marker=fail_marker,
+        crash_at_epoch=crash_at_epoch,
+    )
 
 
 # --------------------------------------------------------------------------- calibration
 
 
 def _logits(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.concatenate([loaded.logits(images[i:i + batch_size]).cpu().numpy() for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [loaded.logits(images[i : i + batch_size]).cpu().numpy() for i in range(0, len(images), batch_size)]
+    )
 
 
 def _probs(logits: np.ndarray, temperature: float, positive_index: int) -> np.ndarray:
@@ -227,7 +238,7 @@ def _probs(logits: np.ndarray, temperature: float, positive_index: int) -> np.nd
 
 def predict(loaded, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """``loaded.predict_proba`` over ``images`` in batches (float32)."""
-    return np.concatenate([loaded.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return np.concatenate([loaded.predict_proba(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def validation_figures(y: np.ndarray, p: np.ndarray, target_sensitivity: float) -> dict:
@@ -240,20 +251,32 @@ def validation_figures(y: np.ndarray, p: np.ndarray, target_sensitivity: float) 
     threshold = choose_threshold(y, p, target_sensitivity)
     auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
     spread = float(np.ptp(p)) if len(p) else 0.0
-    return {"auc": auc, "threshold": float(threshold), "specificity": float(np.mean(p[y == 0] < threshold)),
-            "sensitivity": float(np.mean(p[y == 1] >= threshold)), "ece": expected_calibration_error(y, p), "spread": spread,
-            "separates": bool(spread >= MIN_SPREAD and auc > 0.5)}
+    return {
+        "auc": auc,
+        "threshold": float(threshold),
+        "specificity": float(np.mean(p[y == 0] < threshold)),
+        "sensitivity": float(np.mean(p[y == 1] >= threshold)),
+        "ece": expected_calibration_error(y, p),
+        "spread": spread,
+        "separates": bool(spread >= MIN_SPREAD and auc > 0.5),
+    }
 
 
-def calibrate(loaded, images: np.ndarray, y: np.ndarray, target_sensitivity: float,
-              bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> Calibration:
-    """Temperature scaling fitted on (validation) ``images``; every figure from the float32 probabilities the model gives
-    at that temperature (as :meth:`LoadedModel.predict_proba`), the threshold re-chosen on them.
+def calibrate(
+    loaded,
+    images: np.ndarray,
+    y: np.ndarray,
+    target_sensitivity: float,
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+) -> Calibration:
+    """Temperature scaling fitted on (validation) ``images``; every figure from the float32 probabilities the model
+    gives at that temperature (as :meth:`LoadedModel.predict_proba`), the threshold re-chosen on them.
 
     A fitted temperature at a bound of its search means the likelihood has no optimum inside it, with a warning: at the
     lower bound validation is perfectly separated (T -> 0 would make every probability 0 or 1), so the temperature is
-    left at 1; at the upper bound the logits hold no signal (T -> infinity), so it is clamped there. It is also left at
-    1 where the fitted one would merge float32 probabilities of a model with some spread and lose ranking (lower AUC)."""
+    left at 1; at the upper bound the logits hold no signal (T -> infinity), so it is clamped there. It is also left
+    at 1 where the fitted one would merge float32 probabilities of a model with some spread and lose ranking (lower
+    AUC)."""
     z = _logits(loaded, images)  # float32, with the checkpoint's test-time augmentation
     pos = loaded.info.positive_index
     name = loaded.info.backbone
@@ -262,30 +285,53 @@ def calibrate(loaded, images: np.ndarray, y: np.ndarray, target_sensitivity: flo
     before = _probs(z, 1.0, pos)
     t, note = fitted, "fitted"
     if fitted <= bounds[0] * 1.001:
-        note = (f"fitted temperature {fitted:.4g} at the lower bound of its search {list(bounds)} (validation perfectly separated: "
-                "every probability would be 0 or 1): temperature 1 kept")
+        note = (
+            f"fitted temperature {fitted:.4g} at the lower bound of its search {list(bounds)} (validation perfectly "
+            "separated: "
+            "every probability would be 0 or 1): temperature 1 kept"
+        )
         log.warning("%s: %s", name, note)
         t = 1.0
     elif fitted >= bounds[1] / 1.001:
-        note = (f"fitted temperature {fitted:.4g} at the upper bound of its search {list(bounds)} (no signal in the logits: "
-                "every probability pulled towards the base rate): clamped there")
+        note = (
+            f"fitted temperature {fitted:.4g} at the upper bound of its search {list(bounds)} (no signal in the "
+            "logits: "
+            "every probability pulled towards the base rate): clamped there"
+        )
         log.warning("%s: %s", name, note)
-    if t != 1.0 and len(np.unique(y)) == 2 and np.ptp(before) >= MIN_SPREAD:  # (a constant output has no ranking to lose)
+    if (
+        t != 1.0 and len(np.unique(y)) == 2 and np.ptp(before) >= MIN_SPREAD
+    ):  # (a constant output has no ranking to lose)
         from sklearn.metrics import roc_auc_score
 
         if roc_auc_score(y, _probs(z, t, pos)) < roc_auc_score(y, before):
-            note = f"fitted temperature {fitted:.4g} merges float32 probabilities (lower validation AUC): temperature 1 kept"
+            note = (
+                f"fitted temperature {fitted:.4g} merges float32 probabilities (lower validation AUC): "
+                "temperature 1 kept"
+            )
             log.warning("%s: %s", name, note)
             t = 1.0
     after = before if t == 1.0 else _probs(z, t, pos)
     f = validation_figures(y, after, target_sensitivity)
-    return Calibration(temperature=float(t), ece_before=expected_calibration_error(y, before), ece_after=f["ece"], threshold=f["threshold"],
-                       sensitivity=f["sensitivity"], specificity=f["specificity"], auc=f["auc"], n=int(len(y)), fitted_temperature=float(fitted),
-                       note=note, separates=f["separates"], spread=f["spread"])
+    return Calibration(
+        temperature=float(t),
+        ece_before=expected_calibration_error(y, before),
+        ece_after=f["ece"],
+        threshold=f["threshold"],
+        sensitivity=f["sensitivity"],
+        specificity=f["specificity"],
+        auc=f["auc"],
+        n=int(len(y)),
+        fitted_temperature=float(fitted),
+        note=note,
+        separates=f["separates"],
+        spread=f["spread"],
+    )
 
 
-def export_calibrated(checkpoint_dir: str, images: np.ndarray, y: np.ndarray, target_sensitivity: float, output: str,
-                      provenance: dict) -> tuple[ModelInfo, Calibration, np.ndarray]:
+def export_calibrated(
+    checkpoint_dir: str, images: np.ndarray, y: np.ndarray, target_sensitivity: float, output: str, provenance: dict
+) -> tuple[ModelInfo, Calibration, np.ndarray]:
     """Calibrate the checkpoint in ``checkpoint_dir`` on validation and save it to ``output`` with its temperature and
     new threshold; returns the saved info, the calibration and the validation probabilities of the export.
 
@@ -301,20 +347,47 @@ def export_calibrated(checkpoint_dir: str, images: np.ndarray, y: np.ndarray, ta
     save_checkpoint(loaded.model, info, output)
     probs = predict(load_checkpoint(output), images)  # through the exported checkpoint itself, as scoring loads it
     f = validation_figures(y, probs, target_sensitivity)
-    cal.threshold, cal.specificity, cal.sensitivity, cal.auc = f["threshold"], f["specificity"], f["sensitivity"], f["auc"]
+    cal.threshold, cal.specificity, cal.sensitivity, cal.auc = (
+        f["threshold"],
+        f["specificity"],
+        f["sensitivity"],
+        f["auc"],
+    )
     cal.ece_after, cal.separates, cal.spread = f["ece"], f["separates"], f["spread"]
     info.threshold, info.weights_sha256 = cal.threshold, ""
-    info.provenance = {**provenance, "calibration": {
-        "method": "temperature scaling fitted on validation (NLL)", "temperature": cal.temperature, "fitted_temperature": cal.fitted_temperature,
-        "temperature_bounds": list(TEMPERATURE_BOUNDS), "note": cal.note,
-        "ece_before": cal.ece_before, "ece_after": cal.ece_after, "n": cal.n, "ece_bins": 15}}
-    info.provenance.setdefault("validation", {}).update({
-        "val_auc": cal.auc, "val_spec_at_target": cal.specificity, "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold,
-        "separates_classes": cal.separates, "probability_spread": cal.spread,
-        "figures_from": "float32 probabilities of this checkpoint as exported (load_checkpoint, as scoring loads it)"})
-    info.provenance["threshold_rule"] = f"highest threshold keeping validation sensitivity >= {target_sensitivity} (calibrated probabilities)"
+    info.provenance = {
+        **provenance,
+        "calibration": {
+            "method": "temperature scaling fitted on validation (NLL)",
+            "temperature": cal.temperature,
+            "fitted_temperature": cal.fitted_temperature,
+            "temperature_bounds": list(TEMPERATURE_BOUNDS),
+            "note": cal.note,
+            "ece_before": cal.ece_before,
+            "ece_after": cal.ece_after,
+            "n": cal.n,
+            "ece_bins": 15,
+        },
+    }
+    info.provenance.setdefault("validation", {}).update(
+        {
+            "val_auc": cal.auc,
+            "val_spec_at_target": cal.specificity,
+            "val_sens_at_threshold": cal.sensitivity,
+            "val_threshold": cal.threshold,
+            "separates_classes": cal.separates,
+            "probability_spread": cal.spread,
+            "figures_from": "float32 probabilities of this checkpoint as exported "
+            "(load_checkpoint, as scoring loads it)",
+        }
+    )
+    info.provenance["threshold_rule"] = (
+        f"highest threshold keeping validation sensitivity >= {target_sensitivity} (calibrated probabilities)"
+    )
     if not cal.separates:
-        info.provenance["validation"]["warning"] = "its validation probabilities do not separate the classes: it learned nothing"
+        info.provenance["validation"]["warning"] = (
+            "its validation probabilities do not separate the classes: it learned nothing"
+        )
     info = save_checkpoint(loaded.model, info, output)
     return info, cal, probs
 
@@ -346,19 +419,34 @@ def trial_rows(results, epochs: int) -> list[dict]:
         df = r.metrics_dataframe
         trial_id = os.path.basename(r.path).split("_")[1] if r.path and "_" in os.path.basename(r.path) else ""
         trial_id = (r.metrics or {}).get("trial_id", trial_id)
-        base = {"trial_id": trial_id, "status": status.get(trial_id, "unknown"), "backbone": r.config.get("backbone"), "lr": r.config.get("lr"),
-                "covid_weight_scale": r.config.get("covid_weight_scale"), "error": "" if r.error is None else type(r.error).__name__}
+        base = {
+            "trial_id": trial_id,
+            "status": status.get(trial_id, "unknown"),
+            "backbone": r.config.get("backbone"),
+            "lr": r.config.get("lr"),
+            "covid_weight_scale": r.config.get("covid_weight_scale"),
+            "error": "" if r.error is None else type(r.error).__name__,
+        }
         if df is None or df.empty or "epoch" not in df:
             rows.append({**base, "epochs_run": 0, "history": []})
             continue
         history = df.to_dict("records")
         best = max(history, key=lambda h: (*rank_key(h), -int(h["epoch"])))
-        rows.append({
-            **base, "epochs_run": int(df["epoch"].max()) + 1, "stopped_early": bool(status.get(trial_id) == "TERMINATED" and df["epoch"].max() + 1 < epochs),
-            "best_epoch": int(best["epoch"]), **{k: best.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
-            "seconds_per_epoch": float(df["epoch_seconds"].mean()), "train_images_per_s": float(df["train_images_per_s"].mean()),
-            "history": history,
-        })
+        rows.append(
+            {
+                **base,
+                "epochs_run": int(df["epoch"].max()) + 1,
+                "stopped_early": bool(status.get(trial_id) == "TERMINATED" and df["epoch"].max() + 1 < epochs),
+                "best_epoch": int(best["epoch"]),
+                **{
+                    k: best.get(k)
+                    for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")
+                },
+                "seconds_per_epoch": float(df["epoch_seconds"].mean()),
+                "train_images_per_s": float(df["train_images_per_s"].mean()),
+                "history": history,
+            }
+        )
     rows.sort(key=lambda row: rank_key(row), reverse=True)
     for i, row in enumerate(rows, 1):
         row["rank"] = i
@@ -368,9 +456,34 @@ def trial_rows(results, epochs: int) -> list[dict]:
 # --------------------------------------------------------------------------- leaderboard
 
 
-LEADERBOARD_COLUMNS = ["rank", "kind", "status", "backbone", "weights", "trial_id", "lr", "covid_weight_scale", "covid_weight", "epochs_run", "stopped_early",
-                       "best_epoch", "val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss",
-                       "seconds_per_epoch", "train_images_per_s", "temperature", "ece_before", "ece_after", "separates", "exported_to", "members", "error"]
+LEADERBOARD_COLUMNS = [
+    "rank",
+    "kind",
+    "status",
+    "backbone",
+    "weights",
+    "trial_id",
+    "lr",
+    "covid_weight_scale",
+    "covid_weight",
+    "epochs_run",
+    "stopped_early",
+    "best_epoch",
+    "val_auc",
+    "val_spec_at_target",
+    "val_sens_at_threshold",
+    "val_threshold",
+    "val_loss",
+    "seconds_per_epoch",
+    "train_images_per_s",
+    "temperature",
+    "ece_before",
+    "ece_after",
+    "separates",
+    "exported_to",
+    "members",
+    "error",
+]
 
 
 def write_leaderboard(rows: list[dict], output: str) -> None:
@@ -389,8 +502,11 @@ def plot_leaderboard(models: list[dict], output: str) -> None:
     from matplotlib.figure import Figure
 
     names = [m["backbone"] + ("\n(learned nothing)" if m.get("separates") is False else "") for m in models]
-    figures = [("val_auc", "ROC AUC"), ("val_spec_at_target", "specificity at target sensitivity"),
-               ("val_sens_at_threshold", "sensitivity at threshold")]
+    figures = [
+        ("val_auc", "ROC AUC"),
+        ("val_spec_at_target", "specificity at target sensitivity"),
+        ("val_sens_at_threshold", "sensitivity at threshold"),
+    ]
     fig = Figure(figsize=(11, 4.2))
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
     x = np.arange(len(names))
@@ -433,30 +549,133 @@ def _stored_config(output: str, settings) -> dict | None:
 
 
 def run_search(cfg: SearchConfig) -> SearchResult:
-    """Run (or resume) the search, then calibrate and export. Raises InputError for unusable data."""
-    import ray
+    """Run (or resume) the search, then calibrate and export. Raises InputError for unusable data.
 
-    from .runtime import ensure_ray
-    from .train import _storage_location
-
+    Phases: check or resume the stored search (:func:`_open_search`); decode the data once and plan the trials;
+    run them with Ray Tune (:func:`_tuner`); collect the trials (:func:`_collect_trials`); calibrate and export
+    the best model per backbone and their ensemble; write the leaderboard and summary (:func:`_write_summary`)."""
     tune, ASHAScheduler = _tune_imports()
     started = time.perf_counter()
     settings = storage.s3_settings()
     cfg.check()
+    experiment, tune_path, tune_fs, resumed = _open_search(cfg, settings, tune)
+    base = _base_config(cfg)
+    weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
+    data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
+    cpus, concurrent = _plan_search(cfg, base)
+
+    runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
+    fail_marker = os.path.join(
+        tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16]
+    )
+    crash = crash_at_epoch()  # the test-only crash hook, passed to the trials (they do not see this environment)
+    if crash is None and os.path.exists(fail_marker):
+        os.remove(fail_marker)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            data=data,
+            base=asdict(base),
+            weights=weights,
+            runs_path=runs_path,
+            runs_fs=runs_fs,
+            fail_marker=fail_marker,
+            crash_at_epoch=crash,
+        ),
+        {"CPU": DRIVER_CPUS},
+    )
+    tuner = _tuner(cfg, trainable, experiment, tune_path, tune_fs, resumed, concurrent)
+    results = tuner.fit()
+    _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
+    rows, errors, unfinished = _collect_trials(results, cfg, data, weights)
+    exported, models, val_probs = _export(cfg, data, rows, results, settings)
+    ensemble_uri, y = None, None
+    usable, no_ensemble = usable_members(models)
+    if exported:
+        if no_ensemble:
+            log.warning("no ensemble exported: %s", no_ensemble)
+        else:
+            images, y = validation_arrays(data)
+            ensemble_uri, ens_row = _export_ensemble(
+                cfg, data, exported, {b: val_probs[b] for b in usable}, y, settings
+            )
+            models.append(ens_row)
+            rows.append(ens_row)
+        plot_leaderboard(models, cfg.output)
+    write_leaderboard(rows, cfg.output)
+    seconds = time.perf_counter() - started
+    summary = _write_summary(
+        cfg, settings, rows, models, ensemble_uri, no_ensemble, errors, unfinished, seconds, resumed, concurrent, cpus
+    )
+    return SearchResult(
+        cfg.output,
+        rows,
+        exported,
+        ensemble_uri,
+        summary["trials"],
+        errors,
+        seconds,
+        resumed,
+        unfinished,
+        summary["models"],
+    )
+
+
+def _plan_search(cfg: SearchConfig, base: TrainConfig) -> tuple[float, int]:
+    """CPUs per trial and trials at a time for the cluster up now (:func:`plan_trials`), set into ``base``;
+    logged. Returns (CPUs per trial, concurrent trials)."""
+    import ray
+
+    from .runtime import ensure_ray
+
+    ensure_ray()
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus, concurrent = plan_trials(
+        node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent
+    )
+    base.cpus_per_worker = cpus
+    base.threads_per_worker = max(1, math.ceil(cpus))
+    trials = len(cfg.backbones) * cfg.num_samples
+    log.info(
+        "search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver "
+        "%.2f CPU)",
+        len(cfg.backbones),
+        cfg.num_samples,
+        trials,
+        cfg.epochs,
+        concurrent,
+        cpus,
+        cfg.gpus_per_trial,
+        DRIVER_CPUS,
+    )
+    return cpus, concurrent
+
+
+def _open_search(cfg: SearchConfig, settings, tune) -> tuple[str, str, object, bool]:
+    """Where the search lives, and whether an interrupted one is resumed there: a stored search with other
+    settings is refused (OutputError); a resumed one takes its stored settings; a new one checks its data and
+    ImageNet weights first (InputError, CheckpointError) and stores its settings. Returns (experiment path,
+    Tune storage path, its filesystem, resumed)."""
     tune_fs, tune_path = storage.filesystem(storage.join(cfg.output, "_tune"), settings)
     tune_path = tune_path if storage.is_s3(cfg.output) else os.path.abspath(tune_path)
     tune_fs = tune_fs if storage.is_s3(cfg.output) else None
-    experiment = (tune_path.rstrip("/") + "/" + SEARCH_NAME)
+    experiment = tune_path.rstrip("/") + "/" + SEARCH_NAME
     stored = _stored_config(cfg.output, settings)
     resumed = stored is not None and tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
     if resumed:
-        changed = {k: (stored[k], getattr(cfg, k)) for k in _SEARCH_KEYS if k in stored and json.loads(json.dumps(getattr(cfg, k))) != stored[k]}
+        changed = {
+            k: (stored[k], getattr(cfg, k))
+            for k in _SEARCH_KEYS
+            if k in stored and json.loads(json.dumps(getattr(cfg, k))) != stored[k]
+        }
         if changed:
-            from .score import OutputError
+            from .errors import OutputError
 
             raise OutputError(
-                f"{cfg.output} holds a search with other settings ({'; '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in changed.items())}); "
-                "run it with its own settings (search_config.json) to resume it, or give another --output")
+                f"{cfg.output} holds a search with other settings "
+                f"({'; '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in changed.items())}); "
+                "run it with its own settings (search_config.json) to resume it, or give another --output"
+            )
         for k in _SEARCH_KEYS:
             if k in stored:
                 setattr(cfg, k, tuple(stored[k]) if k.endswith("_range") or (k == "crop" and stored[k]) else stored[k])
@@ -467,57 +686,88 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
         labelled_files(cfg.data, "train", settings)  # bad data fails here (InputError), before anything is written
         check_imagenet_weights(list(cfg.backbones), cfg.weights)  # so do missing ImageNet weights (CheckpointError)
-        storage.write_bytes(storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings)
+        storage.write_bytes(
+            storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings
+        )
 
-    base = TrainConfig(data=cfg.data, output=cfg.output, weights=cfg.weights, epochs=cfg.epochs, oversample=cfg.oversample,
-                       batch_size=cfg.batch_size, image_size=cfg.image_size, crop=cfg.crop, equalize=cfg.equalize,
-                       tta=cfg.tta, val_fraction=cfg.val_fraction,
-                       target_sensitivity=cfg.target_sensitivity, gpu=cfg.gpus_per_trial > 0, seed=cfg.seed,
-                       max_failures=cfg.max_failures, fail_once_at_epoch=cfg.fail_once_at_epoch)
-    weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
-    data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
-    ensure_ray()
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    cpus, concurrent = plan_trials(node_cpus, ray.cluster_resources().get("GPU", 0.0), cfg.cpus_per_trial, cfg.gpus_per_trial, cfg.max_concurrent)
-    base.cpus_per_worker = cpus
-    base.threads_per_worker = max(1, math.ceil(cpus))
-    trials = len(cfg.backbones) * cfg.num_samples
-    log.info("search: %d backbones x %d samples = %d trials, %d epochs, %d at a time (%.2f CPU + %.2g GPU each, driver %.2f CPU)",
-             len(cfg.backbones), cfg.num_samples, trials, cfg.epochs, concurrent, cpus, cfg.gpus_per_trial, DRIVER_CPUS)
+    return experiment, tune_path, tune_fs, resumed
 
-    runs_path, runs_fs = _storage_location(storage.join(cfg.output, "_tune", "runs"), settings)
-    fail_marker = os.path.join(tempfile.gettempdir(), "cxr-tune-fail-" + hashlib.sha256(experiment.encode()).hexdigest()[:16])
-    if cfg.fail_once_at_epoch is None and os.path.exists(fail_marker):
-        os.remove(fail_marker)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, data=data, base=asdict(base), weights=weights, runs_path=runs_path, runs_fs=runs_fs,
-                             fail_marker=fail_marker),
-        {"CPU": DRIVER_CPUS},
+
+def _base_config(cfg: SearchConfig) -> TrainConfig:
+    """The training configuration every trial starts from (each trial sets its backbone, weights, learning rate
+    and class weight)."""
+    return TrainConfig(
+        data=cfg.data,
+        output=cfg.output,
+        weights=cfg.weights,
+        epochs=cfg.epochs,
+        oversample=cfg.oversample,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        crop=cfg.crop,
+        equalize=cfg.equalize,
+        tta=cfg.tta,
+        val_fraction=cfg.val_fraction,
+        target_sensitivity=cfg.target_sensitivity,
+        gpu=cfg.gpus_per_trial > 0,
+        seed=cfg.seed,
+        max_failures=cfg.max_failures,
     )
+
+
+def _tuner(cfg: SearchConfig, trainable, experiment: str, tune_path: str, tune_fs, resumed: bool, concurrent: int):
+    """The Tuner: restored from ``experiment`` (unfinished and errored trials run again), or a new ASHA search."""
+    tune, ASHAScheduler = _tune_imports()
     if resumed:
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=tune_fs)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=tune_fs
+        )
     else:
         # max_t one past the last epoch: a trial that reaches it is stopped by Tune at once, killing its Train
         # controller before it releases its resource reservation (held for minutes, starving Ray Data). Trials
         # that run all epochs end by themselves instead.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs + 1, grace_period=min(cfg.grace_period, cfg.epochs),
-                                  reduction_factor=cfg.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.epochs + 1,
+            grace_period=min(cfg.grace_period, cfg.epochs),
+            reduction_factor=cfg.reduction_factor,
+        )
         tuner = tune.Tuner(
             trainable,
-            param_space={"backbone": tune.grid_search(list(cfg.backbones)), "lr": tune.loguniform(*cfg.lr_range),
-                         "covid_weight_scale": tune.loguniform(*cfg.covid_weight_range)},
-            tune_config=tune.TuneConfig(metric="val_score", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=tune_path, storage_filesystem=tune_fs,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures)),
+            param_space={
+                "backbone": tune.grid_search(list(cfg.backbones)),
+                "lr": tune.loguniform(*cfg.lr_range),
+                "covid_weight_scale": tune.loguniform(*cfg.covid_weight_range),
+            },
+            tune_config=tune.TuneConfig(
+                metric="val_score",
+                mode="max",
+                scheduler=scheduler,
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=SEARCH_NAME,
+                storage_path=tune_path,
+                storage_filesystem=tune_fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
+            ),
         )
-    results = tuner.fit()
-    _remove_leaked_train_groups({"CPU": cpus, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})})
+    return tuner
+
+
+def _collect_trials(results, cfg: SearchConfig, data, weights: dict) -> tuple[list[dict], int, int]:
+    """The leaderboard rows of the trials (with the class weight and ImageNet weights each used), and how many
+    failed and how many did not finish (each with a warning)."""
     rows = trial_rows(results, cfg.epochs)
     errors = sum(1 for r in rows if r["error"])
     unfinished = sum(1 for r in rows if r["status"] not in ("TERMINATED", "ERROR"))
     if unfinished:
-        log.warning("%d of %d trials did not finish (interrupted); run the same command again to resume them", unfinished, len(rows))
+        log.warning(
+            "%d of %d trials did not finish (interrupted); run the same command again to resume them",
+            unfinished,
+            len(rows),
+        )
     for row in rows:
         row["kind"] = "trial"
         if row.get("covid_weight_scale") is not None:
@@ -527,29 +777,60 @@ def run_search(cfg: SearchConfig) -> SearchResult:
 
     for row in rows:
         row["weights"] = weights.get(row.get("backbone"), "")
-    exported, models, val_probs = _export(cfg, data, rows, results, settings)
-    ensemble_uri, y = None, None
-    usable, no_ensemble = usable_members(models)
-    if exported:
-        if no_ensemble:
-            log.warning("no ensemble exported: %s", no_ensemble)
-        else:
-            images, y = validation_arrays(data)
-            ensemble_uri, ens_row = _export_ensemble(cfg, data, exported, {b: val_probs[b] for b in usable}, y, settings)
-            models.append(ens_row)
-            rows.append(ens_row)
-        plot_leaderboard(models, cfg.output)
-    write_leaderboard(rows, cfg.output)
-    seconds = time.perf_counter() - started
-    summary = {"trials": len(rows) - (1 if ensemble_uri else 0), "errors": errors, "unfinished": unfinished, "seconds": round(seconds, 1), "resumed": resumed,
-               "concurrent_trials": concurrent, "cpus_per_trial": cpus, "gpus_per_trial": cfg.gpus_per_trial,
-               "models": {m["backbone"]: {k: m.get(k) for k in ("exported_to", "val_auc", "val_spec_at_target", "val_sens_at_threshold",
-                                                                  "val_threshold", "temperature", "ece_before", "ece_after", "separates")}
-                          for m in models},
-               "ensemble": {"exported_to": ensemble_uri, "members": next((m["members"].split("+") for m in models if m["kind"] == "ensemble"), []),
-                            "reason": None if ensemble_uri else (no_ensemble or "no model was exported")}}
-    storage.write_bytes(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings)
-    return SearchResult(cfg.output, rows, exported, ensemble_uri, summary["trials"], errors, seconds, resumed, unfinished, summary["models"])
+    return rows, errors, unfinished
+
+
+def _write_summary(
+    cfg: SearchConfig,
+    settings,
+    rows: list[dict],
+    models: list[dict],
+    ensemble_uri: str | None,
+    no_ensemble: str | None,
+    errors: int,
+    unfinished: int,
+    seconds: float,
+    resumed: bool,
+    concurrent: int,
+    cpus: float,
+) -> dict:
+    """summary.json in the output: the search's counts, resources, the exported models and the ensemble."""
+    summary = {
+        "trials": len(rows) - (1 if ensemble_uri else 0),
+        "errors": errors,
+        "unfinished": unfinished,
+        "seconds": round(seconds, 1),
+        "resumed": resumed,
+        "concurrent_trials": concurrent,
+        "cpus_per_trial": cpus,
+        "gpus_per_trial": cfg.gpus_per_trial,
+        "models": {
+            m["backbone"]: {
+                k: m.get(k)
+                for k in (
+                    "exported_to",
+                    "val_auc",
+                    "val_spec_at_target",
+                    "val_sens_at_threshold",
+                    "val_threshold",
+                    "temperature",
+                    "ece_before",
+                    "ece_after",
+                    "separates",
+                )
+            }
+            for m in models
+        },
+        "ensemble": {
+            "exported_to": ensemble_uri,
+            "members": next((m["members"].split("+") for m in models if m["kind"] == "ensemble"), []),
+            "reason": None if ensemble_uri else (no_ensemble or "no model was exported"),
+        },
+    }
+    storage.write_bytes(
+        storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), settings
+    )
+    return summary
 
 
 def _remove_leaked_train_groups(bundle: dict, grace_s: float = 5.0) -> int:
@@ -592,7 +873,11 @@ def _checkpoint_of(history: list[dict], best_epoch: int, fs) -> str | None:
 
 
 def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, settings):
-    """Per backbone: the best trial's best checkpoint, calibrated on validation, to ``models/<backbone>/``."""
+    """Per backbone: the best trial's best checkpoint, calibrated on validation, to ``models/<backbone>/``.
+
+    Long on purpose: one loop over the backbones whose body is the export of one model (best trial, its
+    checkpoint, calibration, the checkpoint written, its leaderboard row), sharing the validation arrays across
+    backbones."""
     import ray.train
 
     from .data import class_counts, fingerprint
@@ -618,37 +903,98 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
                 images, y = validation_arrays(data)
             out = storage.join(cfg.output, "models", backbone)
             provenance = {
-                "data": {"uri": cfg.data, "fingerprint": fingerprint(data.files), "counts": data.counts,
-                         "train": class_counts(data.train_files), "validation": class_counts(data.val_files), "undecodable": data.undecodable},
-                "training": {"backbone": backbone, "weights": row["weights"], "epochs": cfg.epochs, "lr": row["lr"], "covid_weight": row["covid_weight"],
-                             "oversample": cfg.oversample, "batch_size": cfg.batch_size, "image_size": cfg.image_size, "seed": cfg.seed,
-                             "tta": cfg.tta, "best_epoch": row["best_epoch"], "epochs_run": row["epochs_run"]},
-                "tune": {"trial_id": row["trial_id"], "rank": row["rank"], "trials": len(rows), "selection": "specificity at target sensitivity, ties by ROC AUC"},
-                "validation": {k: row.get(k) for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")},
+                "data": {
+                    "uri": cfg.data,
+                    "fingerprint": fingerprint(data.files),
+                    "counts": data.counts,
+                    "train": class_counts(data.train_files),
+                    "validation": class_counts(data.val_files),
+                    "undecodable": data.undecodable,
+                },
+                "training": {
+                    "backbone": backbone,
+                    "weights": row["weights"],
+                    "epochs": cfg.epochs,
+                    "lr": row["lr"],
+                    "covid_weight": row["covid_weight"],
+                    "oversample": cfg.oversample,
+                    "batch_size": cfg.batch_size,
+                    "image_size": cfg.image_size,
+                    "seed": cfg.seed,
+                    "tta": cfg.tta,
+                    "best_epoch": row["best_epoch"],
+                    "epochs_run": row["epochs_run"],
+                },
+                "tune": {
+                    "trial_id": row["trial_id"],
+                    "rank": row["rank"],
+                    "trials": len(rows),
+                    "selection": "specificity at target sensitivity, ties by ROC AUC",
+                },
+                "validation": {
+                    k: row.get(k)
+                    for k in ("val_auc", "val_spec_at_target", "val_sens_at_threshold", "val_threshold", "val_loss")
+                },
             }
             with tempfile.TemporaryDirectory() as d:
                 ray.train.Checkpoint(path, filesystem=runs_fs).to_directory(d)
                 info, cal, probs = export_calibrated(d, images, y, cfg.target_sensitivity, out, provenance)
-            write_metrics_csv([{k: v for k, v in h.items() if not str(k).startswith("config/")} for h in row["history"]],
-                              storage.join(out, "metrics.csv"))
+            write_metrics_csv(
+                [{k: v for k, v in h.items() if not str(k).startswith("config/")} for h in row["history"]],
+                storage.join(out, "metrics.csv"),
+            )
             import io
 
             buf = io.BytesIO()
             np.save(buf, np.stack([probs, y.astype(np.float32)]))
             storage.write_bytes(storage.join(out, "val_scores.npy"), buf.getvalue(), settings)
-            row.update({"temperature": cal.temperature, "ece_before": cal.ece_before, "ece_after": cal.ece_after, "exported_to": out,
-                        "separates": cal.separates})
-            log.info("exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f at sensitivity %.3f "
-                     "(threshold %.6g) -> %s", backbone, row["trial_id"], row["best_epoch"], cal.temperature,
-                     "" if cal.note == "fitted" else " (not as fitted: see the warning above)", cal.ece_before, cal.ece_after,
-                     cal.auc, cal.specificity, cal.sensitivity, cal.threshold, out)
+            row.update(
+                {
+                    "temperature": cal.temperature,
+                    "ece_before": cal.ece_before,
+                    "ece_after": cal.ece_after,
+                    "exported_to": out,
+                    "separates": cal.separates,
+                }
+            )
+            log.info(
+                "exported %s (trial %s, epoch %d): T=%.3f%s, ECE %.4f -> %.4f, validation AUC %.3f, specificity %.3f "
+                "at sensitivity %.3f "
+                "(threshold %.6g) -> %s",
+                backbone,
+                row["trial_id"],
+                row["best_epoch"],
+                cal.temperature,
+                "" if cal.note == "fitted" else " (not as fitted: see the warning above)",
+                cal.ece_before,
+                cal.ece_after,
+                cal.auc,
+                cal.specificity,
+                cal.sensitivity,
+                cal.threshold,
+                out,
+            )
             if not cal.separates:
-                log.warning("%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread %.2g); "
-                            "exported for inspection, left out of the ensemble", backbone, cal.auc, cal.spread)
+                log.warning(
+                    "%s learned nothing: its validation probabilities do not separate the classes (AUC %.3f, spread "
+                    "%.2g); "
+                    "exported for inspection, left out of the ensemble",
+                    backbone,
+                    cal.auc,
+                    cal.spread,
+                )
             exported[backbone] = out
             val_probs[backbone] = probs
-            models.append({**row, "kind": "model", "val_auc": cal.auc, "val_spec_at_target": cal.specificity,
-                           "val_sens_at_threshold": cal.sensitivity, "val_threshold": cal.threshold})
+            models.append(
+                {
+                    **row,
+                    "kind": "model",
+                    "val_auc": cal.auc,
+                    "val_spec_at_target": cal.specificity,
+                    "val_sens_at_threshold": cal.sensitivity,
+                    "val_threshold": cal.threshold,
+                }
+            )
             break
         else:
             log.warning("no checkpoint to export for %s", backbone)
@@ -657,11 +1003,19 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
 
 def ensemble_figures(p: np.ndarray, y: np.ndarray, target: float) -> dict:
     f = validation_figures(y, p, target)
-    return {"val_auc": f["auc"], "val_spec_at_target": f["specificity"], "val_sens_at_threshold": f["sensitivity"],
-            "val_threshold": f["threshold"], "val_ece": f["ece"], "separates": f["separates"]}
+    return {
+        "val_auc": f["auc"],
+        "val_spec_at_target": f["specificity"],
+        "val_sens_at_threshold": f["sensitivity"],
+        "val_threshold": f["threshold"],
+        "val_ece": f["ece"],
+        "separates": f["separates"],
+    }
 
 
-def choose_members(val_probs: dict[str, np.ndarray], y: np.ndarray, target: float) -> tuple[list[str], dict, list[dict]]:
+def choose_members(
+    val_probs: dict[str, np.ndarray], y: np.ndarray, target: float
+) -> tuple[list[str], dict, list[dict]]:
     """The subset of two or more models whose mean probability ranks best on validation (:func:`rank_key`; ties:
     more members). Exhaustive: at most 26 subsets for five backbones. ``val_probs`` should hold only models that
     separate the classes (:func:`usable_members`); a weak one is still left out where it would lower the ranking.
@@ -674,7 +1028,9 @@ def choose_members(val_probs: dict[str, np.ndarray], y: np.ndarray, target: floa
     tried = []
     for k in range(2, len(names) + 1):
         for subset in combinations(names, k):
-            figures = ensemble_figures(np.stack([val_probs[n] for n in subset]).mean(axis=0).astype(np.float32), y, target)
+            figures = ensemble_figures(
+                np.stack([val_probs[n] for n in subset]).mean(axis=0).astype(np.float32), y, target
+            )
             tried.append({"members": list(subset), **figures})
     best = max(tried, key=lambda t: (*rank_key(t), len(t["members"])))
     return best["members"], {k: v for k, v in best.items() if k != "members"}, tried
@@ -688,8 +1044,10 @@ def usable_members(models: list[dict]) -> tuple[list[str], str | None]:
     if len(usable) >= 2:
         return usable, None
     left_out = [m["backbone"] for m in singles if not m.get("separates", True)]
-    reason = (f"an ensemble needs two or more exported models that separate the classes on validation; "
-              f"{len(usable)} did ({', '.join(usable) or 'none'})")
+    reason = (
+        f"an ensemble needs two or more exported models that separate the classes on validation; "
+        f"{len(usable)} did ({', '.join(usable) or 'none'})"
+    )
     if left_out:
         reason += f"; learned nothing: {', '.join(left_out)}"
     return usable, reason
@@ -698,18 +1056,55 @@ def usable_members(models: list[dict]) -> tuple[list[str], str | None]:
 def _export_ensemble(cfg: SearchConfig, data: PreparedData, exported: dict, val_probs: dict, y: np.ndarray, settings):
     members, validation, tried = choose_members(val_probs, y, cfg.target_sensitivity)
     out = storage.join(cfg.output, "ensemble")
-    info = save_ensemble({m: exported[m] for m in members}, out, validation["val_threshold"], {
-        "members": members, "combination": "mean of the members' calibrated probabilities",
-        "member_selection": "the subset of the exported models ranking best on validation (specificity at target sensitivity, ties ROC AUC)",
-        "subsets_tried": [{"members": t["members"], "val_spec_at_target": t["val_spec_at_target"], "val_auc": t["val_auc"]} for t in tried],
-        "threshold_rule": f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}",
-        "validation": validation, "data": {"uri": cfg.data, "validation_n": int(len(y))}}, settings)
-    log.info("exported the ensemble of %s: validation specificity %.3f at sensitivity %.3f (threshold %.4f) -> %s",
-             ", ".join(members), validation["val_spec_at_target"], validation["val_sens_at_threshold"], validation["val_threshold"], out)
-    row = {"kind": "ensemble", "backbone": "ensemble", "rank": "", **validation, "exported_to": out, "members": "+".join(members),
-           "seconds_per_epoch": None, "trial_id": info.model_id}
+    info = save_ensemble(
+        {m: exported[m] for m in members},
+        out,
+        validation["val_threshold"],
+        {
+            "members": members,
+            "combination": "mean of the members' calibrated probabilities",
+            "member_selection": "the subset of the exported models ranking best on validation "
+            "(specificity at target sensitivity, ties ROC AUC)",
+            "subsets_tried": [
+                {"members": t["members"], "val_spec_at_target": t["val_spec_at_target"], "val_auc": t["val_auc"]}
+                for t in tried
+            ],
+            "threshold_rule": f"highest threshold keeping validation sensitivity >= {cfg.target_sensitivity}",
+            "validation": validation,
+            "data": {"uri": cfg.data, "validation_n": int(len(y))},
+        },
+        settings,
+    )
+    log.info(
+        "exported the ensemble of %s: validation specificity %.3f at sensitivity %.3f (threshold %.4f) -> %s",
+        ", ".join(members),
+        validation["val_spec_at_target"],
+        validation["val_sens_at_threshold"],
+        validation["val_threshold"],
+        out,
+    )
+    row = {
+        "kind": "ensemble",
+        "backbone": "ensemble",
+        "rank": "",
+        **validation,
+        "exported_to": out,
+        "members": "+".join(members),
+        "seconds_per_epoch": None,
+        "trial_id": info.model_id,
+    }
     return out, row
 
 
-__all__ = ["SearchConfig", "SearchResult", "Calibration", "run_search", "calibrate", "export_calibrated", "plan_trials", "rank_key",
-           "trial_rows", "CheckpointError"]
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "Calibration",
+    "run_search",
+    "calibrate",
+    "export_calibrated",
+    "plan_trials",
+    "rank_key",
+    "trial_rows",
+    "CheckpointError",
+]

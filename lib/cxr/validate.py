@@ -57,21 +57,48 @@ import pyarrow as pa
 from . import storage
 from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files, patient_id
 from .decode import decode, is_non_frontal, sniff_kind
-from .sources import InputError, table_dataset
+from .errors import InputError
+from .sources import table_dataset
 
 log = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "MONOCHROME1", "MONOCHROME2")
-_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16, "I;16B": 16,
-         "I;16L": 16, "I": 32, "F": 32}
+_BITS = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I;16B": 16,
+    "I;16L": 16,
+    "I": 32,
+    "F": 32,
+}
 _EXT_KIND = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom"}
 
-INSPECT_SCHEMA = pa.schema([
-    ("path", pa.string()), ("split", pa.string()), ("label", pa.int8()),
-    ("size_bytes", pa.int64()), ("ext", pa.string()), ("format", pa.string()), ("mode", pa.string()),
-    ("bits", pa.int16()), ("width", pa.int32()), ("height", pa.int32()), ("view", pa.string()), ("sha256", pa.string()),
-    ("phash", pa.string()), ("dhash", pa.string()), ("error", pa.string()),
-])
+INSPECT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int8()),
+        ("size_bytes", pa.int64()),
+        ("ext", pa.string()),
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("bits", pa.int16()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("view", pa.string()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+        ("dhash", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 # --------------------------------------------------------------------------- per file (Ray tasks)
@@ -107,9 +134,21 @@ def _hashes(image: np.ndarray) -> tuple[str, str]:
 def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) -> dict:
     """Every property the checks need, for one file: never raises."""
     ext = posixpath.splitext(path)[1].lower()
-    row = {"path": path, "size_bytes": None if data is None else len(data), "ext": ext, "format": None,
-           "mode": None, "bits": None, "width": None, "height": None, "view": None, "sha256": None, "phash": None,
-           "dhash": None, "error": read_error}
+    row = {
+        "path": path,
+        "size_bytes": None if data is None else len(data),
+        "ext": ext,
+        "format": None,
+        "mode": None,
+        "bits": None,
+        "width": None,
+        "height": None,
+        "view": None,
+        "sha256": None,
+        "phash": None,
+        "dhash": None,
+        "error": read_error,
+    }
     if data is None:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
@@ -137,11 +176,13 @@ def inspect_batch(batch: pa.Table, settings: storage.S3Settings) -> pa.Table:
         rows = list(pool.map(lambda p: _inspect_one(p, settings), paths))
     cols = {name: [r[name] for r in rows] for name in INSPECT_SCHEMA.names if name not in ("split", "label")}
     cols["split"], cols["label"] = batch["split"].to_pylist(), batch["label"].to_pylist()
-    return pa.table({n: pa.array(cols[n], INSPECT_SCHEMA.field(n).type) for n in INSPECT_SCHEMA.names}, schema=INSPECT_SCHEMA)
+    return pa.table(
+        {n: pa.array(cols[n], INSPECT_SCHEMA.field(n).type) for n in INSPECT_SCHEMA.names}, schema=INSPECT_SCHEMA
+    )
 
 
 def _split_of(path: str, root: str) -> str:
-    rel = path[len(root):].lstrip("/") if path.startswith(root) else path
+    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
     first = rel.split("/", 1)[0].lower()
     return first if first in SPLIT_NAMES else "all"
 
@@ -153,8 +194,13 @@ def list_labelled(uri: str, settings: storage.S3Settings | None = None) -> pa.Ta
         raise InputError(f"no labelled images in {uri}")
     fs, root = storage.filesystem(uri, settings)
     root = storage.to_uri(fs, root).rstrip("/")
-    return pa.table({"path": [f.path for f in files], "split": [_split_of(f.path, root) for f in files],
-                     "label": pa.array([f.label for f in files], pa.int8())})
+    return pa.table(
+        {
+            "path": [f.path for f in files],
+            "split": [_split_of(f.path, root) for f in files],
+            "label": pa.array([f.label for f in files], pa.int8()),
+        }
+    )
 
 
 def inspect_files(files: pa.Table, settings: storage.S3Settings | None = None, *, batch_size: int = 64) -> pa.Table:
@@ -165,8 +211,9 @@ def inspect_files(files: pa.Table, settings: storage.S3Settings | None = None, *
 
     settings = settings or storage.s3_settings()
     ensure_ray()
-    ds = table_dataset(files).map_batches(inspect_batch, fn_args=(settings,), batch_size=batch_size,
-                                          batch_format="pyarrow", num_cpus=1)
+    ds = table_dataset(files).map_batches(
+        inspect_batch, fn_args=(settings,), batch_size=batch_size, batch_format="pyarrow", num_cpus=1
+    )
     refs = ds.to_arrow_refs()
     return pa.concat_tables(ray.get(refs)).cast(INSPECT_SCHEMA)
 
@@ -183,8 +230,14 @@ class Finding:
     count: int = 0
 
     def to_dict(self) -> dict:
-        return {"severity": self.severity, "check": self.check, "message": self.message, "count": self.count,
-                "files": self.files[:50], "files_truncated": max(0, len(self.files) - 50)}
+        return {
+            "severity": self.severity,
+            "check": self.check,
+            "message": self.message,
+            "count": self.count,
+            "files": self.files[:50],
+            "files_truncated": max(0, len(self.files) - 50),
+        }
 
 
 def near_duplicate_pairs(hashes: list[int | None], max_distance: int = 4) -> list[tuple[int, int, int]]:
@@ -224,6 +277,8 @@ def _cls(label) -> str:
 
 
 def integrity_findings(rows: list[dict], min_side: int, max_pixels: int) -> list[Finding]:
+    """The integrity checks as one list of findings, one block per check (unreadable, tiny, huge, odd modes, ...):
+    long, but flat."""
     out = []
     bad = [r for r in rows if r["error"]]
     if bad:
@@ -231,41 +286,89 @@ def integrity_findings(rows: list[dict], min_side: int, max_pixels: int) -> list
         for r in bad:
             reasons[r["error"].split(":")[0]] += 1
         summary = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        out.append(Finding("error", "unreadable", f"{len(bad)} file(s) cannot be decoded ({summary})",
-                           [f"{r['path']}: {r['error']}" for r in bad], len(bad)))
+        out.append(
+            Finding(
+                "error",
+                "unreadable",
+                f"{len(bad)} file(s) cannot be decoded ({summary})",
+                [f"{r['path']}: {r['error']}" for r in bad],
+                len(bad),
+            )
+        )
     wrong = []
     for r in rows:
         expected = _EXT_KIND.get(r["ext"])
         if r["format"] and expected and r["format"] != expected:
             wrong.append(f"{r['path']}: {r['format'].upper()} content with a {r['ext']} extension")
     if wrong:
-        out.append(Finding("warning", "wrong_extension", f"{len(wrong)} file(s) whose content does not match their extension", wrong, len(wrong)))
+        out.append(
+            Finding(
+                "warning",
+                "wrong_extension",
+                f"{len(wrong)} file(s) whose content does not match their extension",
+                wrong,
+                len(wrong),
+            )
+        )
     odd = [r for r in rows if not r["error"] and r["mode"] and r["mode"] not in GRAYSCALE_MODES]
     if odd:
         modes = defaultdict(lambda: defaultdict(int))
         for r in odd:
             modes[r["mode"]][_cls(r["label"])] += 1
-        detail = "; ".join(f"{m}: " + ", ".join(f"{n} {c}" for c, n in sorted(by.items())) for m, by in sorted(modes.items()))
-        out.append(Finding("warning", "unexpected_mode", f"{len(odd)} image(s) are not 8/16-bit grayscale ({detail})",
-                           [f"{r['path']}: mode {r['mode']}" for r in odd], len(odd)))
+        detail = "; ".join(
+            f"{m}: " + ", ".join(f"{n} {c}" for c, n in sorted(by.items())) for m, by in sorted(modes.items())
+        )
+        out.append(
+            Finding(
+                "warning",
+                "unexpected_mode",
+                f"{len(odd)} image(s) are not 8/16-bit grayscale ({detail})",
+                [f"{r['path']}: mode {r['mode']}" for r in odd],
+                len(odd),
+            )
+        )
     side = [r for r in rows if is_non_frontal(r.get("view"))]
     if side:
-        views = ", ".join(f"{n} {v}" for v, n in sorted(Counter(r["view"] for r in side).items(), key=lambda kv: -kv[1]))
-        out.append(Finding("warning", "not_frontal", f"{len(side)} DICOM file(s) are lateral or oblique views ({views}): training "
-                           "leaves them out, scoring gives them error rows unless --all-views", [f"{r['path']}: ViewPosition {r['view']}"
-                           for r in side], len(side)))
+        views = ", ".join(
+            f"{n} {v}" for v, n in sorted(Counter(r["view"] for r in side).items(), key=lambda kv: -kv[1])
+        )
+        out.append(
+            Finding(
+                "warning",
+                "not_frontal",
+                f"{len(side)} DICOM file(s) are lateral or oblique views ({views}): training "
+                "leaves them out, scoring gives them error rows unless --all-views",
+                [f"{r['path']}: ViewPosition {r['view']}" for r in side],
+                len(side),
+            )
+        )
     tiny = [r for r in rows if r["width"] and r["height"] and min(r["width"], r["height"]) < min_side]
     if tiny:
-        out.append(Finding("warning", "tiny_image", f"{len(tiny)} image(s) with a side shorter than {min_side} px",
-                           [f"{r['path']}: {r['width']}x{r['height']}" for r in tiny], len(tiny)))
+        out.append(
+            Finding(
+                "warning",
+                "tiny_image",
+                f"{len(tiny)} image(s) with a side shorter than {min_side} px",
+                [f"{r['path']}: {r['width']}x{r['height']}" for r in tiny],
+                len(tiny),
+            )
+        )
     huge = [r for r in rows if r["width"] and r["height"] and r["width"] * r["height"] > max_pixels]
     if huge:
-        out.append(Finding("warning", "huge_image", f"{len(huge)} image(s) larger than {max_pixels:,} pixels",
-                           [f"{r['path']}: {r['width']}x{r['height']}" for r in huge], len(huge)))
+        out.append(
+            Finding(
+                "warning",
+                "huge_image",
+                f"{len(huge)} image(s) larger than {max_pixels:,} pixels",
+                [f"{r['path']}: {r['width']}x{r['height']}" for r in huge],
+                len(huge),
+            )
+        )
     return out
 
 
 def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Finding], dict]:
+    """Exact and near duplicates within and across splits as findings, one block per kind: long, but flat."""
     out = []
     by_hash = defaultdict(list)
     for r in rows:
@@ -277,32 +380,78 @@ def duplicate_findings(rows: list[dict], near_distance: int) -> tuple[list[Findi
     conflict = [g for g in groups if len({r["label"] for r in g}) > 1]
     paths = lambda g: [r["path"] for r in g]  # noqa: E731
     if across:
-        out.append(Finding("error", "duplicate_across_splits",
-                           f"{len(across)} file(s) appear byte-identical in more than one split (leakage: test images seen in training)",
-                           [paths(g) for g in across], len(across)))
+        out.append(
+            Finding(
+                "error",
+                "duplicate_across_splits",
+                f"{len(across)} file(s) appear byte-identical in more than one split (leakage: test images seen in "
+                "training)",
+                [paths(g) for g in across],
+                len(across),
+            )
+        )
     if conflict:
-        out.append(Finding("error", "label_conflict", f"{len(conflict)} identical file(s) are filed under both classes",
-                           [paths(g) for g in conflict], len(conflict)))
+        out.append(
+            Finding(
+                "error",
+                "label_conflict",
+                f"{len(conflict)} identical file(s) are filed under both classes",
+                [paths(g) for g in conflict],
+                len(conflict),
+            )
+        )
     if within:
-        out.append(Finding("warning", "duplicate_within_split", f"{len(within)} group(s) of byte-identical files within one split",
-                           [paths(g) for g in within], len(within)))
+        out.append(
+            Finding(
+                "warning",
+                "duplicate_within_split",
+                f"{len(within)} group(s) of byte-identical files within one split",
+                [paths(g) for g in within],
+                len(within),
+            )
+        )
     hashes = [int(r["phash"], 16) if r["phash"] else None for r in rows]
     dhash = lambda r: int(r["dhash"], 16)  # noqa: E731
-    near = [(i, j, d) for i, j, d in near_duplicate_pairs(hashes, near_distance) if rows[i]["sha256"] != rows[j]["sha256"]
-            and rows[i]["dhash"] and rows[j]["dhash"] and (dhash(rows[i]) ^ dhash(rows[j])).bit_count() <= near_distance]
+    near = [
+        (i, j, d)
+        for i, j, d in near_duplicate_pairs(hashes, near_distance)
+        if rows[i]["sha256"] != rows[j]["sha256"]
+        and rows[i]["dhash"]
+        and rows[j]["dhash"]
+        and (dhash(rows[i]) ^ dhash(rows[j])).bit_count() <= near_distance
+    ]
     near_across = [(i, j, d) for i, j, d in near if rows[i]["split"] != rows[j]["split"]]
     near_within = [(i, j, d) for i, j, d in near if rows[i]["split"] == rows[j]["split"]]
     fmt = lambda i, j, d: [rows[i]["path"], rows[j]["path"], f"{d} bits"]  # noqa: E731
     if near_across:
-        out.append(Finding("error", "near_duplicate_across_splits",
-                           f"{len(near_across)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) in different splits (leakage)",
-                           [fmt(*p) for p in near_across], len(near_across)))
+        out.append(
+            Finding(
+                "error",
+                "near_duplicate_across_splits",
+                f"{len(near_across)} pair(s) of near-identical images (perceptual and difference hashes within "
+                f"{near_distance} bits) in different splits (leakage)",
+                [fmt(*p) for p in near_across],
+                len(near_across),
+            )
+        )
     if near_within:
-        out.append(Finding("warning", "near_duplicate_within_split",
-                           f"{len(near_within)} pair(s) of near-identical images (perceptual and difference hashes within {near_distance} bits) within one split",
-                           [fmt(*p) for p in near_within], len(near_within)))
-    stats = {"exact_groups": len(groups), "exact_groups_across_splits": len(across), "near_pairs": len(near),
-             "near_pairs_across_splits": len(near_across), "near_distance_bits": near_distance}
+        out.append(
+            Finding(
+                "warning",
+                "near_duplicate_within_split",
+                f"{len(near_within)} pair(s) of near-identical images (perceptual and difference hashes within "
+                f"{near_distance} bits) within one split",
+                [fmt(*p) for p in near_within],
+                len(near_within),
+            )
+        )
+    stats = {
+        "exact_groups": len(groups),
+        "exact_groups_across_splits": len(across),
+        "near_pairs": len(near),
+        "near_pairs_across_splits": len(near_across),
+        "near_distance_bits": near_distance,
+    }
     return out, stats
 
 
@@ -312,13 +461,23 @@ def patient_findings(rows: list[dict]) -> tuple[list[Finding], dict]:
         if (pid := patient_id(r["path"])) is not None:
             splits[pid].add(r["split"])
     shared = sorted(p for p, s in splits.items() if len(s) > 1)
-    stats = {"files_with_patient_id": sum(1 for r in rows if patient_id(r["path"])), "patients": len(splits),
-             "patients_in_several_splits": len(shared)}
+    stats = {
+        "files_with_patient_id": sum(1 for r in rows if patient_id(r["path"])),
+        "patients": len(splits),
+        "patients_in_several_splits": len(shared),
+    }
     if not shared:
         return [], stats
     examples = [f"{p}: {', '.join(sorted(splits[p]))}" for p in shared]
-    return [Finding("error", "patient_overlap", f"{len(shared)} patient(s) have images in more than one split (leakage)",
-                    examples, len(shared))], stats
+    return [
+        Finding(
+            "error",
+            "patient_overlap",
+            f"{len(shared)} patient(s) have images in more than one split (leakage)",
+            examples,
+            len(shared),
+        )
+    ], stats
 
 
 def balance(rows: list[dict]) -> tuple[list[Finding], dict]:
@@ -330,13 +489,26 @@ def balance(rows: list[dict]) -> tuple[list[Finding], dict]:
         total = sum(c.values())
         smallest = min(c, key=c.get)
         if total and c[smallest] == 0:
-            out.append(Finding("warning", "class_imbalance",
-                               f"split {split}: only {max(c, key=c.get)} images (one class: nothing to train a classifier on, "
-                               "and only sensitivity or the false-positive rate to evaluate)", [], 0))
+            out.append(
+                Finding(
+                    "warning",
+                    "class_imbalance",
+                    f"split {split}: only {max(c, key=c.get)} images (one class: nothing to train a classifier on, "
+                    "and only sensitivity or the false-positive rate to evaluate)",
+                    [],
+                    0,
+                )
+            )
         elif total and c[smallest] / total < 0.10:
-            out.append(Finding("warning", "class_imbalance",
-                               f"split {split}: {smallest} is {c[smallest]} of {total} images ({100 * c[smallest] / total:.1f}%)",
-                               [], c[smallest]))
+            out.append(
+                Finding(
+                    "warning",
+                    "class_imbalance",
+                    f"split {split}: {smallest} is {c[smallest]} of {total} images ({100 * c[smallest] / total:.1f}%)",
+                    [],
+                    c[smallest],
+                )
+            )
     return out, {k: dict(v) for k, v in counts.items()}
 
 
@@ -345,7 +517,15 @@ def _describe(values) -> dict:
     if a.size == 0:
         return {"n": 0}
     q = np.percentile(a, [0, 5, 50, 95, 100])
-    return {"n": int(a.size), "min": q[0], "p5": q[1], "median": q[2], "p95": q[3], "max": q[4], "mean": float(a.mean())}
+    return {
+        "n": int(a.size),
+        "min": q[0],
+        "p5": q[1],
+        "median": q[2],
+        "p95": q[3],
+        "max": q[4],
+        "mean": float(a.mean()),
+    }
 
 
 def distributions(rows: list[dict]) -> dict:
@@ -356,14 +536,29 @@ def distributions(rows: list[dict]) -> dict:
         for r in sel:
             modes[r["mode"] or "?"] += 1
             formats[r["format"] or "?"] += 1
-        out[name] = {"width": _describe(r["width"] for r in sel), "height": _describe(r["height"] for r in sel),
-                     "size_bytes": _describe(r["size_bytes"] for r in sel), "mode": dict(modes), "format": dict(formats)}
+        out[name] = {
+            "width": _describe(r["width"] for r in sel),
+            "height": _describe(r["height"] for r in sel),
+            "size_bytes": _describe(r["size_bytes"] for r in sel),
+            "mode": dict(modes),
+            "format": dict(formats),
+        }
     return out
 
 
 # --------------------------------------------------------------------------- metadata-only baseline
 
-METADATA_FEATURES = ("width", "height", "aspect", "log_pixels", "log_size_bytes", "bytes_per_pixel", "bits", "mode", "format")
+METADATA_FEATURES = (
+    "width",
+    "height",
+    "aspect",
+    "log_pixels",
+    "log_size_bytes",
+    "bytes_per_pixel",
+    "bits",
+    "mode",
+    "format",
+)
 
 
 def metadata_frame(rows: list[dict]):
@@ -372,15 +567,19 @@ def metadata_frame(rows: list[dict]):
     import pandas as pd
 
     ok = [r for r in rows if not r["error"] and r["width"] and r["height"]]
-    df = pd.DataFrame({
-        "width": [r["width"] for r in ok], "height": [r["height"] for r in ok],
-        "aspect": [r["width"] / r["height"] for r in ok],
-        "log_pixels": [math.log(r["width"] * r["height"]) for r in ok],
-        "log_size_bytes": [math.log1p(r["size_bytes"]) for r in ok],
-        "bytes_per_pixel": [r["size_bytes"] / (r["width"] * r["height"]) for r in ok],
-        "bits": [r["bits"] or 0 for r in ok],
-        "mode": [r["mode"] or "?" for r in ok], "format": [r["format"] or "?" for r in ok],
-    })
+    df = pd.DataFrame(
+        {
+            "width": [r["width"] for r in ok],
+            "height": [r["height"] for r in ok],
+            "aspect": [r["width"] / r["height"] for r in ok],
+            "log_pixels": [math.log(r["width"] * r["height"]) for r in ok],
+            "log_size_bytes": [math.log1p(r["size_bytes"]) for r in ok],
+            "bytes_per_pixel": [r["size_bytes"] / (r["width"] * r["height"]) for r in ok],
+            "bits": [r["bits"] or 0 for r in ok],
+            "mode": [r["mode"] or "?" for r in ok],
+            "format": [r["format"] or "?" for r in ok],
+        }
+    )
     return df, np.array([int(r["label"]) for r in ok]), ok
 
 
@@ -403,16 +602,30 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     counts = np.bincount(y, minlength=2) if len(y) else np.zeros(2, int)
     n_folds = int(min(folds, counts.min()))
     if n_folds < 2:
-        return {"auc": None, "reason": f"needs at least 2 readable images of each class (have {dict(zip(CLASS_NAMES, counts.tolist()))})"}
+        return {
+            "auc": None,
+            "reason": "needs at least 2 readable images of each class "
+            f"(have {dict(zip(CLASS_NAMES, counts.tolist()))})",
+        }
     groups = [patient_id(r["path"]) or r["path"] for r in ok]
     numeric = [c for c in METADATA_FEATURES if c not in ("mode", "format")]
-    encode = lambda scale: ColumnTransformer([  # noqa: E731
-        ("num", StandardScaler() if scale else "passthrough", numeric),
-        ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"])])
+
+    def encode(scale):
+        return ColumnTransformer(
+            [
+                ("num", StandardScaler() if scale else "passthrough", numeric),
+                ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"]),
+            ]
+        )
+
     models = {
         "logistic_regression": make_pipeline(encode(True), LogisticRegression(max_iter=2000, class_weight="balanced")),
-        "random_forest": make_pipeline(encode(False), RandomForestClassifier(n_estimators=200, min_samples_leaf=2, class_weight="balanced",
-                                                                             random_state=seed, n_jobs=1)),
+        "random_forest": make_pipeline(
+            encode(False),
+            RandomForestClassifier(
+                n_estimators=200, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+            ),
+        ),
     }
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     aucs = {}
@@ -423,10 +636,19 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     rf = models["random_forest"].fit(df, y)
     names = list(rf[0].get_feature_names_out())
     # the features the forest splits on, strongest first (one that never varies, e.g. every width 96, has importance 0)
-    importance = sorted(((n.split("__", 1)[-1], round(v, 3)) for n, v in zip(names, rf[-1].feature_importances_.tolist())),
-                        key=lambda kv: -kv[1])
-    return {"auc": aucs[best], "best_model": best, "auc_by_model": aucs, "folds": n_folds, "n": int(len(y)),
-            "features": list(METADATA_FEATURES), "top_features": [kv for kv in importance if kv[1] > 0][:8]}
+    importance = sorted(
+        ((n.split("__", 1)[-1], round(v, 3)) for n, v in zip(names, rf[-1].feature_importances_.tolist())),
+        key=lambda kv: -kv[1],
+    )
+    return {
+        "auc": aucs[best],
+        "best_model": best,
+        "auc_by_model": aucs,
+        "folds": n_folds,
+        "n": int(len(y)),
+        "features": list(METADATA_FEATURES),
+        "top_features": [kv for kv in importance if kv[1] > 0][:8],
+    }
 
 
 def metadata_finding(baseline: dict, threshold: float = 0.8) -> list[Finding]:
@@ -434,10 +656,17 @@ def metadata_finding(baseline: dict, threshold: float = 0.8) -> list[Finding]:
     if auc is None or auc < threshold:
         return []
     top = ", ".join(n for n, _ in baseline.get("top_features", [])[:3]) or "no single feature"
-    return [Finding("warning", "metadata_shortcut",
-                    f"file properties alone predict the label with cross-validated ROC AUC {auc:.3f} "
-                    f"({baseline['best_model'].replace('_', ' ')}; strongest: {top}): a model can score well on this data "
-                    "without looking at the lungs", [], 1)]
+    return [
+        Finding(
+            "warning",
+            "metadata_shortcut",
+            f"file properties alone predict the label with cross-validated ROC AUC {auc:.3f} "
+            f"({baseline['best_model'].replace('_', ' ')}; strongest: {top}): a model can score well on this data "
+            "without looking at the lungs",
+            [],
+            1,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- job
@@ -456,14 +685,18 @@ class ValidationResult:
     def line(self) -> str:
         s = self.summary
         auc = s["metadata_baseline"].get("auc")
-        return (f"validated {s['files']} files: {s['unreadable']} unreadable, {s['duplicates']['exact_groups']} exact duplicate group(s), "
-                f"{s['duplicates']['near_pairs']} near-duplicate pair(s), {len(self.errors)} error finding(s), "
-                f"{sum(1 for f in self.findings if f.severity == 'warning')} warning(s); metadata-only AUC "
-                f"{'n/a' if auc is None else f'{auc:.3f}'} -> {self.files['report_html']}")
+        return (
+            f"validated {s['files']} files: {s['unreadable']} unreadable, {s['duplicates']['exact_groups']} exact "
+            "duplicate group(s), "
+            f"{s['duplicates']['near_pairs']} near-duplicate pair(s), {len(self.errors)} error finding(s), "
+            f"{sum(1 for f in self.findings if f.severity == 'warning')} warning(s); metadata-only AUC "
+            f"{'n/a' if auc is None else f'{auc:.3f}'} -> {self.files['report_html']}"
+        )
 
 
-def check_rows(rows: list[dict], *, near_distance: int = 4, min_side: int = 128, max_pixels: int = 40_000_000,
-               seed: int = 0) -> tuple[list[Finding], dict]:
+def check_rows(
+    rows: list[dict], *, near_distance: int = 4, min_side: int = 128, max_pixels: int = 40_000_000, seed: int = 0
+) -> tuple[list[Finding], dict]:
     """All checks on inspected rows (no I/O): findings (errors first) and the summary figures."""
     findings = integrity_findings(rows, min_side, max_pixels)
     dup, dup_stats = duplicate_findings(rows, near_distance)
@@ -472,20 +705,36 @@ def check_rows(rows: list[dict], *, near_distance: int = 4, min_side: int = 128,
     baseline = metadata_baseline(rows, seed=seed)
     findings += dup + pat + bal + metadata_finding(baseline)
     findings.sort(key=lambda f: f.severity != "error")
-    summary = {"files": len(rows), "unreadable": sum(1 for r in rows if r["error"]), "counts": counts,
-               "duplicates": dup_stats, "patients": pat_stats, "distributions": distributions(rows),
-               "metadata_baseline": baseline, "settings": {"near_distance_bits": near_distance, "min_side": min_side, "max_pixels": max_pixels}}
+    summary = {
+        "files": len(rows),
+        "unreadable": sum(1 for r in rows if r["error"]),
+        "counts": counts,
+        "duplicates": dup_stats,
+        "patients": pat_stats,
+        "distributions": distributions(rows),
+        "metadata_baseline": baseline,
+        "settings": {"near_distance_bits": near_distance, "min_side": min_side, "max_pixels": max_pixels},
+    }
     return findings, summary
 
 
-def validate(data: str, output_dir: str, *, near_distance: int = 4, min_side: int = 128, max_pixels: int = 40_000_000,
-             seed: int = 0, batch_size: int = 64, overwrite: bool = False) -> ValidationResult:
+def validate(
+    data: str,
+    output_dir: str,
+    *,
+    near_distance: int = 4,
+    min_side: int = 128,
+    max_pixels: int = 40_000_000,
+    seed: int = 0,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> ValidationResult:
     """Validate the labelled dataset at ``data`` (folder or s3:// prefix); write the report to ``output_dir``.
 
     ``result.errors`` lists the error findings (what ``--strict`` turns into exit code 6). A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first.
     """
-    from .score import prepare_output
+    from .output import prepare_output
 
     settings = storage.s3_settings()
     start = time.perf_counter()
@@ -496,7 +745,9 @@ def validate(data: str, output_dir: str, *, near_distance: int = 4, min_side: in
     if table.num_rows != files.num_rows:
         raise RuntimeError(f"inspected {table.num_rows} rows for {files.num_rows} files")
     rows = sorted(table.to_pylist(), key=lambda r: r["path"])
-    findings, summary = check_rows(rows, near_distance=near_distance, min_side=min_side, max_pixels=max_pixels, seed=seed)
+    findings, summary = check_rows(
+        rows, near_distance=near_distance, min_side=min_side, max_pixels=max_pixels, seed=seed
+    )
     summary.update({"data": data, "seconds": round(time.perf_counter() - start, 1)})
     import pyarrow.parquet as pq
 
@@ -515,9 +766,10 @@ def dumps(obj) -> str:
 
 
 def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
+    """The validation report's figures, one block per figure: long, but flat."""
     from matplotlib.figure import Figure
 
-    from .report import _COLOURS, _save
+    from .pages import COLOURS, save_figure
 
     ok = [r for r in rows if not r["error"] and r["width"]]
     images = []
@@ -526,8 +778,14 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
     for label, name in enumerate(CLASS_NAMES):
         sel = [r for r in ok if r["label"] == label]
         if sel:
-            ax.scatter([r["width"] for r in sel], [r["height"] for r in sel], s=10, alpha=0.5, color=_COLOURS[name],
-                       label=f"{name} (n={len(sel)})")
+            ax.scatter(
+                [r["width"] for r in sel],
+                [r["height"] for r in sel],
+                s=10,
+                alpha=0.5,
+                color=COLOURS[name],
+                label=f"{name} (n={len(sel)})",
+            )
     ax.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="Image size by class")
     if ok:  # a margin around the points, also when every image has one size (log axes give no room then)
         from matplotlib.ticker import FuncFormatter
@@ -537,13 +795,20 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
             setter(lo / 1.3, hi * 1.3)
             every = hi / lo < 4  # a narrow range: every minor tick named; else 1, 2, 3, 5 of each decade
             axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 640, not 6.4 x 10^2
-            axis.set_minor_formatter(FuncFormatter(lambda v, _, every=every: f"{v:.0f}" if every or f"{v:.0f}"[0] in "1235" else ""))
+            axis.set_minor_formatter(
+                FuncFormatter(lambda v, _, every=every: f"{v:.0f}" if every or f"{v:.0f}"[0] in "1235" else "")
+            )
         if len({(r["width"], r["height"]) for r in ok}) == 1:
-            ax.annotate(f"every image {ok[0]['width']} x {ok[0]['height']} px", (ok[0]["width"], ok[0]["height"]),
-                        textcoords="offset points", xytext=(8, 8), fontsize=9)
+            ax.annotate(
+                f"every image {ok[0]['width']} x {ok[0]['height']} px",
+                (ok[0]["width"], ok[0]["height"]),
+                textcoords="offset points",
+                xytext=(8, 8),
+                fontsize=9,
+            )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, out / "size_by_class.png")
+    save_figure(fig, out / "size_by_class.png")
     images.append((out / "size_by_class.png", "Image size by class (a class that differs by size is a shortcut)"))
 
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
@@ -554,10 +819,18 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
         for label, name in enumerate(CLASS_NAMES):
             sel = [r["size_bytes"] for r in ok if r["label"] == label]
             if sel:
-                ax.hist(sel, bins=bins, histtype="step", lw=1.5, color=_COLOURS[name], label=f"{name} (n={len(sel)})", density=True)
+                ax.hist(
+                    sel,
+                    bins=bins,
+                    histtype="step",
+                    lw=1.5,
+                    color=COLOURS[name],
+                    label=f"{name} (n={len(sel)})",
+                    density=True,
+                )
         ax.set(xscale="log", xlabel="file size (bytes)", ylabel="density", title="File size by class")
         ax.legend(fontsize=8)
-    _save(fig, out / "file_size_by_class.png")
+    save_figure(fig, out / "file_size_by_class.png")
     images.append((out / "file_size_by_class.png", "File size by class"))
 
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
@@ -566,55 +839,81 @@ def _plots(rows: list[dict], out: Path) -> list[tuple[Path, str]]:
     x = np.arange(len(keys))
     for k, (label, name) in enumerate(enumerate(CLASS_NAMES)):
         sel = [r for r in ok if r["label"] == label]
-        share = [sum(1 for r in sel if f"{r['format'] or '?'} {r['mode'] or '?'}" == key) / max(1, len(sel)) for key in keys]
-        ax.bar(x + (k - 0.5) * 0.4, share, width=0.4, color=_COLOURS[name], label=f"{name} (n={len(sel)})")
+        share = [
+            sum(1 for r in sel if f"{r['format'] or '?'} {r['mode'] or '?'}" == key) / max(1, len(sel)) for key in keys
+        ]
+        ax.bar(x + (k - 0.5) * 0.4, share, width=0.4, color=COLOURS[name], label=f"{name} (n={len(sel)})")
     ax.set_xticks(x, labels=keys, rotation=30, ha="right")
     ax.set(ylabel="share of the class", ylim=(0, 1.05), title="Format and mode by class")
     ax.legend(fontsize=8)
-    _save(fig, out / "format_mode_by_class.png")
+    save_figure(fig, out / "format_mode_by_class.png")
     images.append((out / "format_mode_by_class.png", "Format and colour mode by class"))
     return images
 
 
 def _findings_table(findings: list[Finding]) -> str:
-    from .report import _esc
+    from .pages import esc
 
     if not findings:
-        return '<p><b>No problems found.</b></p>'
-    rows = ['<table><tr><th>severity</th><th>check</th><th style="text-align:left">finding</th><th style="text-align:left">examples</th></tr>']
+        return "<p><b>No problems found.</b></p>"
+    rows = [
+        '<table><tr><th>severity</th><th>check</th><th style="text-align:left">finding</th><th '
+        'style="text-align:left">examples</th></tr>'
+    ]
     for f in findings:
         ex = [" | ".join(x) if isinstance(x, list) else str(x) for x in f.files[:5]]
         more = f" (+{len(f.files) - 5} more in validation.json)" if len(f.files) > 5 else ""
         colour = "#b00020" if f.severity == "error" else "#8a5a00"
-        rows.append(f'<tr><td style="color:{colour};font-weight:600">{_esc(f.severity)}</td><td>{_esc(f.check)}</td>'
-                    f'<td style="text-align:left">{_esc(f.message)}</td>'
-                    f'<td style="text-align:left;font-size:.85em">{"<br>".join(_esc(e) for e in ex)}{_esc(more)}</td></tr>')
+        rows.append(
+            f'<tr><td style="color:{colour};font-weight:600">{esc(f.severity)}</td><td>{esc(f.check)}</td>'
+            f'<td style="text-align:left">{esc(f.message)}</td>'
+            f'<td style="text-align:left;font-size:.85em">{"<br>".join(esc(e) for e in ex)}{esc(more)}</td></tr>'
+        )
     rows.append("</table>")
     return "\n".join(rows)
 
 
 def _distribution_table(dist: dict) -> str:
-    from .report import _esc
+    from .pages import esc
 
-    rows = ["<table><tr><th>class</th><th>width median [p5–p95]</th><th>height median [p5–p95]</th>"
-            "<th>file size median [p5–p95]</th><th>modes</th><th>formats</th></tr>"]
+    rows = [
+        "<table><tr><th>class</th><th>width median [p5–p95]</th><th>height median [p5–p95]</th>"
+        "<th>file size median [p5–p95]</th><th>modes</th><th>formats</th></tr>"
+    ]
     for name, d in dist.items():
+
         def rng(x, unit=""):
             return "n/a" if not x.get("n") else f"{x['median']:,.0f}{unit} [{x['p5']:,.0f}–{x['p95']:,.0f}]"
-        rows.append(f"<tr><td>{_esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td><td>{rng(d['size_bytes'], ' B')}</td>"
-                    f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['mode'].items())))}</td>"
-                    f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(d['format'].items())))}</td></tr>")
+
+        rows.append(
+            f"<tr><td>{esc(name)}</td><td>{rng(d['width'])}</td><td>{rng(d['height'])}</td>"
+            f"<td>{rng(d['size_bytes'], ' B')}</td>"
+            f"<td>{esc(', '.join(f'{k} {v}' for k, v in sorted(d['mode'].items())))}</td>"
+            f"<td>{esc(', '.join(f'{k} {v}' for k, v in sorted(d['format'].items())))}</td></tr>"
+        )
     rows.append("</table>")
     return "\n".join(rows)
 
 
+def _baseline_line(base: dict) -> str:
+    """The metadata baseline's cross-validated AUC per model and its strongest features, in two sentences."""
+    aucs = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in base["auc_by_model"].items())
+    features = ", ".join(f"{n} ({v})" for n, v in base["top_features"][:5])
+    return f"Cross-validated ROC AUC by model: {aucs}. Strongest features: {features}."
+
+
 def write_validation_report(summary: dict, findings: list[Finding], rows: list[dict], out: Path) -> dict[str, str]:
-    """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``."""
-    from .report import _CSS, _card, _esc, _img_tag
+    """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``.
+
+    Long on purpose: the page written top to bottom, one section after another."""
+    from .pages import CSS, card, esc, img_tag
 
     out.mkdir(parents=True, exist_ok=True)
-    payload = {**summary, "findings": [f.to_dict() for f in findings],
-               "ok": not any(f.severity == "error" for f in findings)}
+    payload = {
+        **summary,
+        "findings": [f.to_dict() for f in findings],
+        "ok": not any(f.severity == "error" for f in findings),
+    }
     (out / "validation.json").write_text(dumps(payload) + "\n", encoding="utf-8")
     images = _plots(rows, out)
     errors = [f for f in findings if f.severity == "error"]
@@ -622,36 +921,70 @@ def write_validation_report(summary: dict, findings: list[Finding], rows: list[d
     base = summary["metadata_baseline"]
     auc = base.get("auc")
     counts = summary["counts"]
-    verdict = ("Errors found: fix them before training or evaluating on this data." if errors else
-               "No integrity errors or leakage found." + (" Warnings below deserve a look." if warnings else ""))
-    cards = "".join([
-        _card("Files", f"{summary['files']:,}", f"{summary['unreadable']} unreadable"),
-        _card("Errors", str(len(errors)), "leakage, corrupt files, label conflicts"),
-        _card("Warnings", str(len(warnings)), "modes, sizes, duplicates within a split, imbalance, shortcut"),
-        _card("Exact duplicate groups", str(summary["duplicates"]["exact_groups"]), f"{summary['duplicates']['exact_groups_across_splits']} across splits"),
-        _card("Near-duplicate pairs", str(summary["duplicates"]["near_pairs"]), f"{summary['duplicates']['near_pairs_across_splits']} across splits"),
-        _card("Metadata-only ROC AUC", "n/a" if auc is None else f"{auc:.3f}", "file properties alone; 0.5 = no shortcut"),
-    ])
-    balance_rows = "".join(f"<tr><td>{_esc(s)}</td>" + "".join(f"<td>{c.get(n, 0):,}</td>" for n in CLASS_NAMES) + "</tr>"
-                           for s, c in sorted(counts.items()))
-    html = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Data validation: {_esc(summary.get('data', ''))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Data validation</h1><p class=\"sub\">{_esc(summary.get('data', ''))}</p>",
-        f"<p><b>{_esc(verdict)}</b></p>",
-        f'<div class="cards">{cards}</div>',
-        "<h2>Findings</h2>", _findings_table(findings),
-        "<h2>Class balance</h2>",
-        "<table><tr><th>split</th>" + "".join(f"<th>{_esc(n)}</th>" for n in CLASS_NAMES) + "</tr>" + balance_rows + "</table>",
-        "<h2>Per-class file properties</h2>", _distribution_table(summary["distributions"]),
-        "<h2>Metadata-only baseline</h2>",
-        f"<p>{_esc(base.get('reason') or 'Cross-validated ROC AUC by model: ' + ', '.join(f'{k.replace(chr(95), chr(32))} {v:.3f}' for k, v in base['auc_by_model'].items()) + '. Strongest features: ' + ', '.join(f'{n} ({v})' for n, v in base['top_features'][:5]) + '.')}</p>",
-        '<p class="sub">Features: width, height, aspect ratio, pixel count, file size, bytes per pixel, bit depth, colour mode, '
-        "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 means a model "
-        "can separate the classes without looking at the lungs.</p>",
-        "<h2>Figures</h2>", '<div class="figs">' + "".join(_img_tag(p, alt) for p, alt in images) + "</div>",
-        "<footer>Generated by cxr.validate. Research tool, not a medical device.</footer></body></html>",
-    ])
+    verdict = (
+        "Errors found: fix them before training or evaluating on this data."
+        if errors
+        else "No integrity errors or leakage found." + (" Warnings below deserve a look." if warnings else "")
+    )
+    cards = "".join(
+        [
+            card("Files", f"{summary['files']:,}", f"{summary['unreadable']} unreadable"),
+            card("Errors", str(len(errors)), "leakage, corrupt files, label conflicts"),
+            card("Warnings", str(len(warnings)), "modes, sizes, duplicates within a split, imbalance, shortcut"),
+            card(
+                "Exact duplicate groups",
+                str(summary["duplicates"]["exact_groups"]),
+                f"{summary['duplicates']['exact_groups_across_splits']} across splits",
+            ),
+            card(
+                "Near-duplicate pairs",
+                str(summary["duplicates"]["near_pairs"]),
+                f"{summary['duplicates']['near_pairs_across_splits']} across splits",
+            ),
+            card(
+                "Metadata-only ROC AUC",
+                "n/a" if auc is None else f"{auc:.3f}",
+                "file properties alone; 0.5 = no shortcut",
+            ),
+        ]
+    )
+    balance_rows = "".join(
+        f"<tr><td>{esc(s)}</td>" + "".join(f"<td>{c.get(n, 0):,}</td>" for n in CLASS_NAMES) + "</tr>"
+        for s, c in sorted(counts.items())
+    )
+    html = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>Data validation: {esc(summary.get('data', ''))}</title><style>{CSS}</style></head><body>",
+            f'<h1>Data validation</h1><p class="sub">{esc(summary.get("data", ""))}</p>',
+            f"<p><b>{esc(verdict)}</b></p>",
+            f'<div class="cards">{cards}</div>',
+            "<h2>Findings</h2>",
+            _findings_table(findings),
+            "<h2>Class balance</h2>",
+            "<table><tr><th>split</th>"
+            + "".join(f"<th>{esc(n)}</th>" for n in CLASS_NAMES)
+            + "</tr>"
+            + balance_rows
+            + "</table>",
+            "<h2>Per-class file properties</h2>",
+            _distribution_table(summary["distributions"]),
+            "<h2>Metadata-only baseline</h2>",
+            f"<p>{esc(base.get('reason') or _baseline_line(base))}</p>",
+            '<p class="sub">Features: width, height, aspect ratio, pixel count, file size, bytes per pixel, bit '
+            "depth, colour mode, "
+            "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 "
+            "means a model "
+            "can separate the classes without looking at the lungs.</p>",
+            "<h2>Figures</h2>",
+            '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
+            "<footer>Generated by cxr.validate. Research tool, not a medical device.</footer></body></html>",
+        ]
+    )
     (out / "report.html").write_text(html, encoding="utf-8")
-    return {"validation_json": str(out / "validation.json"), "report_html": str(out / "report.html"),
-            **{p.stem: str(p) for p, _ in images}}
+    return {
+        "validation_json": str(out / "validation.json"),
+        "report_html": str(out / "report.html"),
+        **{p.stem: str(p) for p, _ in images},
+    }

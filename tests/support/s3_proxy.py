@@ -15,13 +15,17 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream: str, fail_first: int = 0, always_fail: tuple[str, ...] = (), hold: tuple[str, ...] = ()):
+    def __init__(
+        self, upstream: str, fail_first: int = 0, always_fail: tuple[str, ...] = (), hold: tuple[str, ...] = ()
+    ):
         up = urlparse(upstream)
         self.upstream = (up.hostname, up.port)
         self.fail_first = fail_first

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import dicom_bytes, jpeg_bytes, png_bytes
+from .images import dicom_bytes, jpeg_bytes, png_bytes
 
 
 def chest_like(h: int, w: int, seed: int, finding: bool = False, marker: bool = False) -> np.ndarray:
@@ -30,11 +30,11 @@ def chest_like(h: int, w: int, seed: int, finding: bool = False, marker: bool = 
     # a soft patch inside a lung: bright (an opacity) with the finding, dark otherwise, so that both
     # classes compress alike and file size says nothing about the label
     cx, cy = rng.choice([0.32, 0.68]) + rng.uniform(-0.04, 0.04), rng.uniform(0.4, 0.6)
-    img = img + (55 if finding else -55) * np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.07 ** 2)))
+    img = img + (55 if finding else -55) * np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.07**2)))
     img = img + rng.normal(0, 5, (h, w))
     if marker:  # a burnt-in label: a bright square in the top-left corner
         s = max(4, int(0.16 * min(h, w)))
-        img[2:2 + s, 2:2 + s] = 250
+        img[2 : 2 + s, 2 : 2 + s] = 250
     return np.clip(img, 5, 250).astype(np.uint8)
 
 
@@ -51,7 +51,10 @@ def clean_tree(root: Path, n_train: int = 12, n_test: int = 6, size: int = 64, s
         for cls in ("covid", "non"):
             for i in range(n):
                 k += 1
-                write_png(root / split / cls / f"{cls}-{split}-{i}.png", chest_like(size, size, seed * 100_000 + k, finding=cls == "covid"))
+                write_png(
+                    root / split / cls / f"{cls}-{split}-{i}.png",
+                    chest_like(size, size, seed * 100_000 + k, finding=cls == "covid"),
+                )
     return root
 
 
@@ -62,7 +65,10 @@ def planted_tree(root: Path, seed: int = 1) -> tuple[Path, dict]:
         for cls, (h, w) in (("covid", (96, 80)), ("non", (64, 64))):  # covid images are larger: a size shortcut
             for i in range(n):
                 k += 1
-                write_png(root / split / cls / f"{cls}-{split}-{i}.png", chest_like(h, w, seed * 100_000 + k, finding=cls == "covid"))
+                write_png(
+                    root / split / cls / f"{cls}-{split}-{i}.png",
+                    chest_like(h, w, seed * 100_000 + k, finding=cls == "covid"),
+                )
     good = (root / "train" / "non" / "non-train-0.png").read_bytes()
     planted = {
         "truncated": write_png(root / "train" / "non" / "truncated.png", chest_like(64, 64, 7)),
@@ -70,8 +76,12 @@ def planted_tree(root: Path, seed: int = 1) -> tuple[Path, dict]:
         "wrong_extension": root / "train" / "non" / "really-a-jpeg.png",
         "exact_dup": root / "test" / "covid" / "copy-of-train-covid-3.png",
         "near_dup": root / "test" / "non" / "recompressed-train-non-5.jpg",
-        "patient_train": write_png(root / "train" / "non" / "Atelectasis-patient00042-study1-view1_frontal.png", chest_like(64, 64, 4242)),
-        "patient_test": write_png(root / "test" / "non" / "No Finding-patient00042-study2-view1_frontal.png", chest_like(64, 64, 4343)),
+        "patient_train": write_png(
+            root / "train" / "non" / "Atelectasis-patient00042-study1-view1_frontal.png", chest_like(64, 64, 4242)
+        ),
+        "patient_test": write_png(
+            root / "test" / "non" / "No Finding-patient00042-study2-view1_frontal.png", chest_like(64, 64, 4343)
+        ),
         "rgb": root / "train" / "non" / "colour.png",
         "tiny": write_png(root / "train" / "non" / "tiny.png", chest_like(20, 20, 99)),
         "lateral": root / "train" / "non" / "lateral-view.dcm",
@@ -80,7 +90,9 @@ def planted_tree(root: Path, seed: int = 1) -> tuple[Path, dict]:
     planted["empty"].write_bytes(b"")
     planted["wrong_extension"].write_bytes(jpeg_bytes(chest_like(64, 64, 77)))
     planted["exact_dup"].write_bytes((root / "train" / "covid" / "covid-train-3.png").read_bytes())
-    near = np.clip(np.asarray(Image.open(root / "train" / "non" / "non-train-5.png")).astype(int) + 6, 0, 255).astype(np.uint8)
+    near = np.clip(np.asarray(Image.open(root / "train" / "non" / "non-train-5.png")).astype(int) + 6, 0, 255).astype(
+        np.uint8
+    )
     planted["near_dup"].write_bytes(jpeg_bytes(near))
     planted["rgb"].write_bytes(png_bytes(np.stack([chest_like(64, 64, 555)] * 3, -1)))
     planted["lateral"].write_bytes(dicom_bytes(chest_like(64, 64, 321).astype(np.uint16) * 16, view="LL"))

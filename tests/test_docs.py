@@ -21,13 +21,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD = ROOT / "lib" / "cxr" / "assets" / "models" / "default" / "MODEL_CARD.md"
-JOBS = tuple(sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_")))  # score, nightly, train, tune, ... (a new job needs a page)
+JOBS = tuple(
+    sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_"))
+)  # score, nightly, train, tune, ... (a new job needs a page)
 MAX_BYTES = 10 * 1024
 
 
 def doc_files() -> list[Path]:
-    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", MODEL_CARD, ROOT / "cluster" / "README.md",
-             *sorted((ROOT / "docs").rglob("*.md"))]
+    files = [
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+        MODEL_CARD,
+        ROOT / "cluster" / "README.md",
+        *sorted((ROOT / "docs").rglob("*.md")),
+    ]
     return [f for f in files if f.is_file()]
 
 
@@ -79,14 +86,21 @@ def broken_links(doc: Path, text: str | None = None) -> list[str]:
 
 @pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_and_image_resolves(doc):
-    assert link_targets(doc.read_text()) or doc.name in {"CHANGELOG.md"}, f"{doc} links nowhere: the parser missed them?"
+    assert link_targets(doc.read_text()) or doc.name in {"CHANGELOG.md"}, (
+        f"{doc} links nowhere: the parser missed them?"
+    )
     assert broken_links(doc) == [], f"{doc.relative_to(ROOT)}: links to files that do not exist"
 
 
 def test_the_docs_the_readme_promises_exist():
-    expected = [ROOT / "docs" / "jobs" / f"{job}.md" for job in JOBS] + [
-        ROOT / "docs" / f"{name}.md" for name in ("operations", "performance", "checkpoint-format", "architecture",
-                                                   "development", "experiments")] + [ROOT / "CHANGELOG.md", MODEL_CARD]
+    expected = (
+        [ROOT / "docs" / "jobs" / f"{job}.md" for job in JOBS]
+        + [
+            ROOT / "docs" / f"{name}.md"
+            for name in ("operations", "performance", "checkpoint-format", "architecture", "development", "experiments")
+        ]
+        + [ROOT / "CHANGELOG.md", MODEL_CARD]
+    )
     assert [p for p in expected if not p.is_file()] == []
     readme = (ROOT / "README.md").read_text()
     for job in JOBS:
@@ -97,14 +111,20 @@ def links_leaving(doc: Path, text: str | None = None) -> list[str]:
     """Relative targets of ``doc`` outside its own folder: they break once the package is installed."""
     text = doc.read_text() if text is None else text
     here = doc.parent.resolve()
-    return [t for t in link_targets(text) if not re.match(r"^([a-z][a-z0-9+.-]*:|#)", t, re.I)
-            and here not in (here / unquote(t.split("#", 1)[0])).resolve().parents]
+    return [
+        t
+        for t in link_targets(text)
+        if not re.match(r"^([a-z][a-z0-9+.-]*:|#)", t, re.I)
+        and here not in (here / unquote(t.split("#", 1)[0])).resolve().parents
+    ]
 
 
 def test_model_card_links_work_from_the_installed_package(tmp_path):
     assert links_leaving(MODEL_CARD) == [], "the model card ships in the wheel: link only files beside it"
     assert "assets/**/*" in (ROOT / "pyproject.toml").read_text()  # package-data: what lies beside it ships
-    assert links_leaving(tmp_path / "card.md", "![x](rates.png) [y](../../docs/audit/x.png)") == ["../../docs/audit/x.png"]
+    assert links_leaving(tmp_path / "card.md", "![x](rates.png) [y](../../docs/audit/x.png)") == [
+        "../../docs/audit/x.png"
+    ]
 
 
 def test_link_check_can_fail(tmp_path):
@@ -112,14 +132,25 @@ def test_link_check_can_fail(tmp_path):
     (tmp_path / "sub").mkdir()
     doc = tmp_path / "doc.md"
     (tmp_path / "other.md").write_text("# Other page\n## `jobs/x.py`: options (all)\n")
-    text = ("# Top\n[ok](there.png) ![ok](./there.png) [ok](sub/) [web](https://example.org/x.md)\n"
-            "[in page](#top) [there](other.md#other-page) [code](other.md#jobsxpy-options-all)\n"
-            "`[in code](gone.md)`\n```\n[in a block](gone.md)\n```\n")
+    text = (
+        "# Top\n[ok](there.png) ![ok](./there.png) [ok](sub/) [web](https://example.org/x.md)\n"
+        "[in page](#top) [there](other.md#other-page) [code](other.md#jobsxpy-options-all)\n"
+        "`[in code](gone.md)`\n```\n[in a block](gone.md)\n```\n"
+    )
     assert broken_links(doc, text) == []
-    text += ("[gone](missing.md) ![gone](img/missing.png) [anchored](missing.md#part) <img src=\"nope.png\">\n"
-             "[no heading](other.md#options) [not here](#bottom)\n[ref]: gone-ref.md\n")
-    assert broken_links(doc, text) == ["missing.md", "img/missing.png", "missing.md#part", "other.md#options",
-                                       "#bottom", "gone-ref.md", "nope.png"]
+    text += (
+        '[gone](missing.md) ![gone](img/missing.png) [anchored](missing.md#part) <img src="nope.png">\n'
+        "[no heading](other.md#options) [not here](#bottom)\n[ref]: gone-ref.md\n"
+    )
+    assert broken_links(doc, text) == [
+        "missing.md",
+        "img/missing.png",
+        "missing.md#part",
+        "other.md#options",
+        "#bottom",
+        "gone-ref.md",
+        "nope.png",
+    ]
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -134,8 +165,17 @@ def test_readme_and_model_card_stay_short(doc):
 def test_model_card_keeps_its_standard_sections_intended_use_first():
     text = MODEL_CARD.read_text()
     headings = [h.lower() for h in re.findall(r"^## (.+)$", text, re.M)]
-    wanted = ["model details", "intended use", "factors", "metrics", "training data", "evaluation data",
-              "quantitative analyses", "ethical considerations", "caveats and recommendations"]
+    wanted = [
+        "model details",
+        "intended use",
+        "factors",
+        "metrics",
+        "training data",
+        "evaluation data",
+        "quantitative analyses",
+        "ethical considerations",
+        "caveats and recommendations",
+    ]
     found = [next((i for i, h in enumerate(headings) if h.startswith(w)), None) for w in wanted]
     assert None not in found, f"missing sections: {[w for w, i in zip(wanted, found) if i is None]}"
     assert found[1] <= 1, "intended use comes first (right after the model details)"
@@ -151,19 +191,30 @@ SCRIPT = re.compile(r"(?<![\w./-])[\w./-]*\.py\b")  # jobs/score.py, train.py, b
 
 def script_owner(script: str) -> str | None:
     """The job a script name stands for (``jobs/train.py``, ``train.py``); None for any other script."""
-    name = script[len("jobs/"):] if script.startswith("jobs/") else script
+    name = script[len("jobs/") :] if script.startswith("jobs/") else script
     return name[:-3] if name[:-3] in JOBS and "/" not in name else None
 
 
 @lru_cache(maxsize=1)
 def job_flags() -> dict[str, frozenset[str]]:
     """Every job's options, read from its own ``--help`` as a user would run it (PYTHONPATH=lib)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "lib"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
     def help_of(job: str) -> tuple[str, str]:
-        out = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, f"jobs/{job}.py --help failed: {out.stderr[-2000:]}"
         return job, out.stdout
 
@@ -194,13 +245,19 @@ def unknown_flags(text: str, page_job: str | None, known: dict[str, frozenset[st
 @pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_flag_the_docs_give_a_job_is_in_its_help(doc):
     page_job = doc.stem if doc.parent == ROOT / "docs" / "jobs" else None
-    assert unknown_flags(doc.read_text(), page_job, job_flags()) == [], f"{doc.relative_to(ROOT)} names options the job lacks"
+    assert unknown_flags(doc.read_text(), page_job, job_flags()) == [], (
+        f"{doc.relative_to(ROOT)} names options the job lacks"
+    )
 
 
 def test_every_job_page_names_its_options():
     flags = job_flags()
     for job in JOBS:
-        named = {flag for owner, flag in flags_by_job((ROOT / "docs" / "jobs" / f"{job}.md").read_text(), job) if owner == job}
+        named = {
+            flag
+            for owner, flag in flags_by_job((ROOT / "docs" / "jobs" / f"{job}.md").read_text(), job)
+            if owner == job
+        }
         missing = sorted(flags[job] - named - {"--help"})
         assert missing == [], f"docs/jobs/{job}.md does not document {missing}"
 
@@ -208,7 +265,9 @@ def test_every_job_page_names_its_options():
 def test_flag_check_can_fail():
     known = job_flags()
     assert "--input" in known["score"] and "--table" in known["nightly"] and "--input" not in known["train"]
-    good = "`--input URI` and `--all-views`; train with `train.py --crop lung`, then `python jobs/score.py --model runs/x`"
+    good = (
+        "`--input URI` and `--all-views`; train with `train.py --crop lung`, then `python jobs/score.py --model runs/x`"
+    )
     assert unknown_flags(good, "score", known) == []
     assert unknown_flags("`ray job submit --working-dir .`", None, known) == []
     assert unknown_flags("`benchmarks/score.py --data d` then `score.py --input i`", "train", known) == []

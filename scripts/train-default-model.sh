@@ -4,7 +4,7 @@
 # (--crop lung: side markers and text at the borders identified the source, see MODEL_CARD.md), 128 px, the
 # threshold chosen on the pooled out-of-fold scores of 5 patient-grouped folds (5 trainings; 22.5 min on 2 CPUs for v3). Needs the
 # data set at $DATA (default ../shared/data/covid-xray-5k, laid out train/{covid,non}). Extra arguments go to the train job, e.g.
-# `--seeds 3` for a 3-seed ensemble (3x the time; see MODEL_CARD.md for what it gains).
+# `--seeds 3` for a 3-seed ensemble (3x the time; docs/experiments.md says what it gained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/covid-xray-5k}

@@ -1,10 +1,13 @@
 """Nightly incremental scoring: score only new or changed images into a table that grows run after run.
 
-    python jobs/nightly.py --input s3://pacs-export/archive/ --table s3://results/cxr-scores/ --model default
+    python jobs/nightly.py --input s3://pacs-export/archive/ --table nightly.scores --warehouse /data/cxr-tables
+    python jobs/nightly.py --input s3://pacs-export/archive/ --table nightly.scores --warehouse s3://results/tables \
+        --catalog-uri sqlite:////var/lib/cxr/catalog.db
 
-Each run is one partition run_date=YYYY-MM-DD/run_id=... of the table, committed atomically (readers use
-cxr.incremental.read_table); a run that died is resumed by the next one. The run's report is printed and
-written to <table>/_reports/<run_id>.json.
+--table namespace.table: an Apache Iceberg table (one current row per image and model, upserted; every run's
+snapshots carry its report), committed every --commit-every images; a run that died is resumed by the next one.
+--table FOLDER or s3:// prefix: the earlier Parquet table format (_committed.json; migrate it with
+jobs/table.py migrate). The run's report is printed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True, metavar="URI",
                    help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable")
-    p.add_argument("--table", required=True, metavar="URI", help="directory or s3:// prefix of the incremental table (created if missing)")
+    p.add_argument("--table", required=True, metavar="NAME|URI",
+                   help="Iceberg table namespace.table (created if missing); or a folder / s3:// prefix: the earlier Parquet format")
+    cli.add_catalog(p)
+    p.add_argument("--commit-every", type=cli.positive_int, metavar="N",
+                   help="Iceberg: images per commit, the most a killed run scores again (default: 1/10 of the run, 1,000 to 20,000)")
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
     cli.add_scoring_resources(p)
     p.add_argument("--rows-per-file", type=cli.positive_int, help="rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)")
@@ -40,6 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
+    from cxr.table import CatalogConfig, is_identifier, run_nightly
+
+    if is_identifier(args.table):
+        report = run_nightly(
+            args.input, args.table, args.model, catalog=CatalogConfig(args.catalog, args.warehouse, args.catalog_uri),
+            batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor,
+            commit_every=args.commit_every, drift_threshold=args.drift_threshold, all_views=args.all_views,
+        )
+        print(report.line())
+        print(json.dumps({"report": report.__dict__}))
+        return cli.DRIFT if args.fail_on_drift and report.drift else cli.OK
     from cxr.incremental import run_incremental
 
     report = run_incremental(

@@ -45,7 +45,7 @@ def run(main: Callable[[], int]) -> None:
         code = main()
     except tuple(codes) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = codes[type(exc)]
+        code = next(c for t, c in codes.items() if isinstance(exc, t))  # subclasses too (table.ConcurrentRunError)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
@@ -158,3 +158,13 @@ def add_scoring_resources(p: argparse.ArgumentParser) -> None:
                    "the model's share of a node, measured on a sample of the inputs)")
     p.add_argument("--gpus-per-actor", type=non_negative_float, help="GPUs per predictor actor (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--threads-per-actor", type=positive_int, help="torch threads per actor (default: ceil(cpus-per-actor))")
+
+
+def add_catalog(p: argparse.ArgumentParser) -> None:
+    """Where an Iceberg table's catalog is (jobs that take --table namespace.table): cxr.table.CatalogConfig."""
+    p.add_argument("--warehouse", metavar="URI", help="Iceberg: folder or s3:// prefix of the table data; with a folder and no "
+                   "--catalog-uri the catalog is the SQLite file <warehouse>/catalog.db (nothing to run)")
+    p.add_argument("--catalog-uri", metavar="URI", help="Iceberg: sqlite:////path/catalog.db or a REST catalog's https:// URL "
+                   "(default: <warehouse>/catalog.db; needed for an s3:// warehouse)")
+    p.add_argument("--catalog", default="cxr", metavar="NAME", help="Iceberg: catalog name; without --warehouse/--catalog-uri "
+                   "its settings come from PyIceberg's configuration (.pyiceberg.yaml, PYICEBERG_CATALOG__<NAME>__*: REST, Glue, ...)")

@@ -222,7 +222,25 @@ def drift_check(pos: int, n: int, prev_pos: int, prev_n: int, threshold: float, 
     return shifted, f"positive share {p:.3f} vs {q:.3f} over the previous runs (|diff| {abs(p - q):.3f}, threshold {threshold}, p={p_value:.2g})"
 
 
-def _distribution(prob: pa.Array) -> tuple[dict, list]:
+def classify(wanted: pa.Table, done: dict, all_views: bool = False) -> pa.Array:
+    """What a run does with each input image (a row of :func:`input_infos`): ``new``, ``changed`` (other
+    size or modification time), ``retried`` (its last row is a read failure, or a view left out when
+    ``all_views``) or ``skipped``. ``done`` maps a path to its current row's (size, mtime in ns, error)."""
+    kinds = []
+    for p, s, m in zip(wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()):
+        before = done.get(p)
+        if before is None:
+            kinds.append("new")
+        elif (before[0], before[1]) != (s, m):
+            kinds.append("changed")
+        elif before[2] is not None and (before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)):
+            kinds.append("retried")
+        else:
+            kinds.append("skipped")
+    return pa.array(kinds, pa.string())
+
+
+def distribution(prob: pa.Array) -> tuple[dict, list]:
     values = prob.drop_null().to_numpy(zero_copy_only=False)
     if not len(values):
         return {}, []
@@ -357,18 +375,7 @@ def run_incremental(
         for p, s, m, e in zip(current["path"].to_pylist(), current["source_size"].to_pylist(),
                               current["source_mtime"].cast(pa.int64()).to_pylist(), current["error"].to_pylist())
     }
-    kinds = []
-    for p, s, m in zip(wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()):
-        before = done.get(p)
-        if before is None:
-            kinds.append("new")
-        elif (before[0], before[1]) != (s, m):
-            kinds.append("changed")
-        elif before[2] is not None and (before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)):
-            kinds.append("retried")
-        else:
-            kinds.append("skipped")
-    kinds = pa.array(kinds, pa.string())
+    kinds = classify(wanted, done, all_views)
     todo = wanted.filter(pc.not_equal(kinds, "skipped"))
     todo_keys = {(p, s, m) for p, s, m in zip(todo["path"].to_pylist(), todo["source_size"].to_pylist(), todo["source_mtime_ns"].to_pylist())}
 
@@ -432,7 +439,7 @@ def run_incremental(
     prev_ok = sum(r["counts"]["ok"] for r in previous)
     prev_pos = sum(r["counts"]["predicted_positive"] for r in previous)
     drift, note = drift_check(positive, n_ok, prev_pos, prev_ok, drift_threshold)
-    quantiles, histogram = _distribution(stats["prob_covid"])
+    quantiles, histogram = distribution(stats["prob_covid"])
     report = RunReport(
         run_id=rid, run_date=run_date, model=info.model_id, table=table, inputs=len(wanted), new=counts["new"],
         changed=counts["changed"], retried=counts["retried"], skipped=counts["skipped"], reused=len(reused_paths),

@@ -1,0 +1,120 @@
+"""The nightly result table as an Iceberg table (cxr.table, jobs/nightly.py --table ns.table), read back by PyIceberg
+and Polars directly: the project's own readers are not used to check what the table holds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from conftest import png_bytes, run_job, xray_like
+from pyiceberg.catalog.sql import SqlCatalog
+
+from cxr.checkpoint import load_checkpoint
+from cxr.table import CatalogConfig, run_nightly
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def write_images(root: Path, names, seed: int = 0) -> None:
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(xray_like(40, 40, seed=seed * 1000 + i, blob=i % 2 == 0)))
+
+
+def iceberg_table(warehouse: Path, identifier: str = "nightly.scores"):
+    """The table as any PyIceberg user opens it: the SQLite catalog (named cxr) beside the warehouse."""
+    catalog = SqlCatalog("cxr", uri=f"sqlite:///{warehouse}/catalog.db", warehouse=f"file://{warehouse}")
+    return catalog.load_table(identifier)
+
+
+def summaries(tbl) -> list[dict]:
+    snaps = sorted(tbl.snapshots(), key=lambda s: s.sequence_number)
+    return [{"id": s.snapshot_id, "parent": s.parent_snapshot_id, **s.summary.additional_properties} for s in snaps]
+
+
+def assert_one_row_per_image(rows: pa.Table, expected: set[str], model_id: str) -> None:
+    paths = rows["path"].to_pylist()
+    assert len(paths) == len(set(paths)), "duplicate rows"
+    assert set(paths) == expected
+    assert set(rows["model"].to_pylist()) == {model_id}
+
+
+def test_nightly_runs_upsert_into_an_iceberg_table_read_by_pyiceberg_and_polars(ray_driver, tiny_model, tmp_path):
+    import polars as pl
+
+    images, warehouse = tmp_path / "archive", tmp_path / "warehouse"
+    catalog = CatalogConfig(warehouse=str(warehouse))
+    model_id = load_checkpoint(tiny_model).info.model_id
+    write_images(images, [f"day1/{i:02d}.png" for i in range(10)])
+    (images / "day1" / "broken.png").write_bytes(b"not a png")
+
+    first = run_nightly([str(images)], "nightly.scores", tiny_model, catalog=catalog, batch_size=4, commit_every=4)
+    assert (first.inputs, first.new, first.scored, first.errors, first.resumed) == (11, 11, 11, 1, False)
+    tbl = iceberg_table(warehouse)
+    day1 = tbl.scan().to_arrow()
+    assert_one_row_per_image(day1, {str(p) for p in images.rglob("*.png")}, model_id)
+    assert set(day1["run_id"].to_pylist()) == {first.run_id} and set(day1["run_date"].to_pylist()) == {first.run_date}
+    # committed in chunks of >= 4 images, each a snapshot carrying the run's properties; the last one the report
+    runs = summaries(tbl)
+    assert len(runs) >= 2 and all(s["cxr.run-id"] == first.run_id and s["cxr.model"] == model_id for s in runs)
+    assert [s["cxr.run-complete"] for s in runs] == ["false"] * (len(runs) - 1) + ["true"]
+    assert sum(int(s["cxr.rows"]) for s in runs) == 11 and all(int(s["cxr.rows"]) >= 4 for s in runs[:-1])
+    report = json.loads(runs[-1]["cxr.report"])
+    assert report["scored"] == 11 and report["errors"] == 1 and report["drift"] is False
+    first_snapshot = runs[-1]["id"]
+
+    # night 2: two new images, one replaced by new content, one only touched
+    write_images(images, ["day2/a.png", "day2/b.png"], seed=7)
+    write_images(images, ["day1/03.png"], seed=99)
+    os.utime(images / "day1" / "05.png", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    second = run_nightly([str(images)], "nightly.scores", tiny_model, catalog=catalog, batch_size=4)
+    assert (second.new, second.changed, second.skipped, second.scored) == (2, 2, 9, 4)
+    assert second.previous_positive_share == pytest.approx(first.positive_share)
+    tbl.refresh()
+    now = tbl.scan().to_arrow()
+    assert_one_row_per_image(now, {str(p) for p in images.rglob("*.png")}, model_id)
+    by_path = {r["path"]: r for r in now.to_pylist()}
+    assert by_path[str(images / "day1/03.png")]["run_id"] == second.run_id
+    assert by_path[str(images / "day1/03.png")]["source_size"] == (images / "day1/03.png").stat().st_size
+    assert by_path[str(images / "day1/00.png")]["run_id"] == first.run_id
+    # time travel: the first night's snapshot still holds the old score of the replaced image
+    then = {r["path"]: r for r in tbl.scan(snapshot_id=first_snapshot).to_arrow().to_pylist()}
+    assert len(then) == 11 and then[str(images / "day1/03.png")]["run_id"] == first.run_id
+
+    # Polars reads the same current rows, with no project code
+    frame = pl.scan_iceberg(tbl).collect()
+    assert frame.height == now.num_rows == 13
+    assert frame.filter(pl.col("path") == str(images / "day1/03.png"))["run_id"].to_list() == [second.run_id]
+
+    # night 3: nothing changed -> nothing scored; the empty run is still a snapshot with its report
+    third = run_nightly([str(images)], "nightly.scores", tiny_model, catalog=catalog, batch_size=4)
+    assert (third.new, third.changed, third.skipped, third.scored, third.plan) == (0, 0, 13, 0, None)
+    tbl.refresh()
+    last = summaries(tbl)[-1]
+    assert last["cxr.run-id"] == third.run_id and last["cxr.run-complete"] == "true" and last["total-records"] == "13"
+    assert json.loads(last["cxr.report"])["skipped"] == 13
+
+
+def test_nightly_job_writes_the_table_and_fails_cleanly(tiny_model, tmp_path):
+    write_images(tmp_path / "in", ["a.png", "b.png"])
+    warehouse = tmp_path / "wh"
+    ok = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--warehouse", str(warehouse),
+                 "--model", tiny_model, "--batch-size", "2")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads(next(line for line in ok.stdout.splitlines() if line.startswith('{"report"')))["report"]
+    assert report["scored"] == 2 and report["table"] == "nightly.scores"
+    assert iceberg_table(warehouse).scan().to_arrow().num_rows == 2
+    s3_no_catalog = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores",
+                            "--warehouse", "s3://bucket/wh", "--model", tiny_model)
+    assert s3_no_catalog.returncode == 5 and "--catalog-uri" in s3_no_catalog.stderr
+    (tmp_path / "afile").write_text("x")
+    bad = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--warehouse",
+                  str(tmp_path / "afile"), "--model", tiny_model)
+    assert bad.returncode == 5 and "is a file" in bad.stderr
+    no_catalog = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--model", tiny_model,
+                         env={"PYICEBERG_HOME": str(tmp_path)})
+    assert no_catalog.returncode == 5 and "catalog" in no_catalog.stderr

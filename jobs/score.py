@@ -1,6 +1,10 @@
 """Score chest X-rays (folders, s3:// prefixes, manifests) into a Parquet result table.
 
     python jobs/score.py --input data/ --output out/scores --model default
+    python jobs/score.py --input data/ --table nightly.scores --warehouse /data/cxr-tables   # into an Iceberg table
+
+With --table namespace.table the rows are upserted into that Iceberg table (one row per image and model, see
+docs/tables.md) instead of a new Parquet folder: every input is scored again, in one run id.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True, metavar="URI",
                    help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; repeatable")
-    p.add_argument("--output", required=True, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
+    target.add_argument("--table", metavar="NAME", help="Iceberg table namespace.table to upsert the rows into (created if missing)")
+    cli.add_catalog(p)
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
     p.add_argument("--overwrite", action="store_true", help="delete what the output holds before writing")
     cli.add_scoring_resources(p)
@@ -32,12 +39,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--explain-positive", action="store_true",
                    help="after scoring, write Grad-CAM heatmaps, a gallery and focus scores for the images predicted covid to OUTPUT/_heatmaps/")
     p.add_argument("--explain-limit", type=cli.positive_int, metavar="N", help="with --explain-positive: only the N most probable positives")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.table and (args.explain_positive or args.overwrite):
+        p.error("--explain-positive and --overwrite go with --output, not --table")
+    return args
 
 
 def main() -> int:
     args = parse_args()
     cli.setup_logging(args.verbose)
+    if args.table:
+        from cxr.table import CatalogConfig, run_nightly
+
+        report = run_nightly(
+            args.input, args.table, args.model, catalog=CatalogConfig(args.catalog, args.warehouse, args.catalog_uri),
+            batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor, threads_per_actor=args.threads_per_actor, run_id=args.run_id,
+            all_views=args.all_views, everything=True,
+        )
+        print(report.line())
+        print(json.dumps({"report": report.__dict__}))
+        return cli.OK
     from cxr.score import score
 
     summary = score(

@@ -299,10 +299,13 @@ def run_nightly(
     drift_window: int = 7,
     run_id: str | None = None,
     all_views: bool = False,
+    everything: bool = False,
 ):
     """Score what is new or changed under ``inputs`` into the Iceberg table ``identifier``, committing every
     ``commit_every`` images (default :func:`default_chunk`) and resuming a run of the same model that died;
     returns the run's report (a :class:`cxr.incremental.RunReport`, also in the last snapshot's summary).
+    ``everything``: a one-off run (jobs/score.py --table) that scores every input again, whatever the table holds;
+    its snapshots say ``cxr.operation-kind=score`` and a nightly run never resumes it.
 
     Raises InputError, CheckpointError or OutputError before any work when it cannot run, and
     ConcurrentRunError when another writer commits to the table meanwhile."""
@@ -322,8 +325,9 @@ def run_nightly(
     history = snapshots(tbl)
 
     # -- the run: resume this model's run that never completed, or start one
-    mine = [s for s in history if s.get("model") == info.model_id and s.get("operation-kind", "nightly") == "nightly"]
-    resumed = bool(mine) and mine[-1].get("run-complete") == "false"
+    kind = "score" if everything else "nightly"
+    mine = [s for s in history if s.get("model") == info.model_id and s.get("operation-kind") == kind]
+    resumed = not everything and bool(mine) and mine[-1].get("run-complete") == "false"
     if resumed:
         rid, run_date = mine[-1]["run-id"], mine[-1]["run-date"]
         log.info("resuming run %s of %s (%s chunks committed)", rid, run_date, sum(s.get("run-id") == rid for s in mine))
@@ -340,7 +344,7 @@ def run_nightly(
     us_mtime = pc.multiply(pc.divide(wanted["source_mtime_ns"], 1000), 1000)
     kinds = classify(wanted.set_column(2, "source_mtime_ns", us_mtime), done, all_views)
     kinds = pa.array(["reused" if p in reused_paths else k for p, k in zip(wanted["path"].to_pylist(), kinds.to_pylist())])
-    todo = wanted.filter(pc.is_in(kinds, pa.array(["new", "changed", "retried"])))
+    todo = wanted if everything else wanted.filter(pc.is_in(kinds, pa.array(["new", "changed", "retried"])))
     kind_of = dict(zip(wanted["path"].to_pylist(), kinds.to_pylist()))
     counts = {k: pc.sum(pc.equal(kinds, k)).as_py() or 0 for k in ("new", "changed", "retried", "skipped", "reused")}
     for k in ("new", "changed", "retried"):  # what the dead attempt did counts for the run
@@ -350,7 +354,7 @@ def run_nightly(
              rid, len(wanted), counts["new"], counts["changed"], counts["retried"], counts["skipped"], len(reused_paths),
              len(todo), chunk)
 
-    base = {"operation-kind": "nightly", "run-id": rid, "run-date": run_date, "model": info.model_id, "model-uri": model}
+    base = {"operation-kind": kind, "run-id": rid, "run-date": run_date, "model": info.model_id, "model-uri": model}
     expected = tbl.current_snapshot().snapshot_id if tbl.current_snapshot() else None
     number = len(earlier)
     totals = {"rows": 0, "ok": 0, "errors": 0, "predicted-positive": 0}
@@ -451,7 +455,8 @@ def read_current(identifier: str, catalog: CatalogConfig | None = None, columns:
 class MaintenanceReport:
     table: str
     snapshots_before: int
-    snapshots_expired: int
+    snapshots_expired: int  # the compaction's own intermediate snapshot included
+    snapshots_after: int
     data_files_before: int
     data_files_after: int
     files_deleted: int
@@ -461,7 +466,8 @@ class MaintenanceReport:
     seconds: float
 
     def line(self) -> str:
-        return (f"{self.table}: expired {self.snapshots_expired} of {self.snapshots_before} snapshots; compacted "
+        return (f"{self.table}: expired {self.snapshots_expired} snapshots ({self.snapshots_before} before, "
+                f"{self.snapshots_after} kept); compacted "
                 f"{self.data_files_before} data files into {self.data_files_after} ({self.rows} rows, "
                 f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB); deleted {self.files_deleted} "
                 f"unreferenced files in {self.seconds:.1f}s")
@@ -499,7 +505,7 @@ def maintain(identifier: str, catalog: CatalogConfig | None = None, *, older_tha
     if compact and len(before) > max(1, math.ceil(rows / target_file_rows)):
         data = tbl.scan().to_arrow()
         data = data.sort_by([("path", "ascending"), ("model", "ascending")])
-        tbl.overwrite(data, snapshot_properties={PREFIX + "operation-kind": "compact", PREFIX + "rows": str(data.num_rows)})
+        tbl.overwrite(data, snapshot_properties={PREFIX + "operation-kind": "compact", PREFIX + "compacted-rows": str(data.num_rows)})
     keep = {s.snapshot_id for s in sorted(tbl.snapshots(), key=lambda s: s.timestamp_ms)[-retain_last:]}
     keep.add(tbl.current_snapshot().snapshot_id) if tbl.current_snapshot() else None
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
@@ -516,7 +522,7 @@ def maintain(identifier: str, catalog: CatalogConfig | None = None, *, older_tha
         except OSError as exc:
             log.warning("could not delete %s: %s", path, exc)
     after = _live_files(tbl)
-    return MaintenanceReport(identifier, n_snaps, len(old), len(before), len(after), deleted,
+    return MaintenanceReport(identifier, n_snaps, len(old), len(tbl.snapshots()), len(before), len(after), deleted,
                              sum(f.file_size_in_bytes for f in before), sum(f.file_size_in_bytes for f in after),
                              sum(f.record_count for f in after), time.perf_counter() - start)
 

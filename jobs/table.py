@@ -26,11 +26,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     migrate = sub.add_parser("migrate", help="copy a table of the _committed.json format into the Iceberg table")
-    migrate.add_argument("--from", dest="source", required=True, metavar="URI", help="folder or s3:// prefix of the old table")
-    maintain = sub.add_parser("maintain", help="compact the current rows, expire old snapshots, delete unreferenced files")
-    maintain.add_argument("--older-than-days", type=cli.non_negative_float, default=30.0,
-                          help="expire snapshots older than this (time travel reaches back this far)")
-    maintain.add_argument("--retain-last", type=cli.positive_int, default=10, help="always keep this many newest snapshots")
+    migrate.add_argument(
+        "--from", dest="source", required=True, metavar="URI", help="folder or s3:// prefix of the old table"
+    )
+    maintain = sub.add_parser(
+        "maintain", help="compact the current rows, expire old snapshots, delete unreferenced files"
+    )
+    maintain.add_argument(
+        "--older-than-days",
+        type=cli.non_negative_float,
+        default=30.0,
+        help="expire snapshots older than this (time travel reaches back this far)",
+    )
+    maintain.add_argument(
+        "--retain-last", type=cli.positive_int, default=10, help="always keep this many newest snapshots"
+    )
     maintain.add_argument("--no-compact", action="store_true", help="only expire snapshots and delete files")
     runs = sub.add_parser("runs", help="print the reports of the runs the table's snapshots keep (JSON lines)")
     for s in (migrate, maintain, runs):
@@ -52,8 +62,13 @@ def main() -> int:
             print(f"run {run['run_id']}: " + ("already migrated, skipped" if run["skipped"] else f"{run['rows']} rows"))
         print(json.dumps({"migrated": done}))
     elif args.command == "maintain":
-        report = table.maintain(args.table, catalog, older_than_days=args.older_than_days, retain_last=args.retain_last,
-                                compact=not args.no_compact)
+        report = table.maintain(
+            args.table,
+            catalog,
+            older_than_days=args.older_than_days,
+            retain_last=args.retain_last,
+            compact=not args.no_compact,
+        )
         print(report.line())
         print(json.dumps({"maintenance": report.__dict__}))
     else:

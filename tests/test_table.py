@@ -100,7 +100,9 @@ def test_nightly_runs_upsert_into_an_iceberg_table_read_by_pyiceberg_and_polars(
     assert json.loads(last["cxr.report"])["skipped"] == 13
 
     # a one-off score run (jobs/score.py --table) into the same table scores every image again, as its own run
-    one_off = run_nightly([str(images / "day2")], "nightly.scores", tiny_model, catalog=catalog, batch_size=4, everything=True)
+    one_off = run_nightly(
+        [str(images / "day2")], "nightly.scores", tiny_model, catalog=catalog, batch_size=4, everything=True
+    )
     assert (one_off.inputs, one_off.skipped, one_off.scored) == (2, 2, 2)
     tbl.refresh()
     assert summaries(tbl)[-1]["cxr.operation-kind"] == "score" and tbl.scan().to_arrow().num_rows == 13
@@ -110,16 +112,39 @@ def test_nightly_runs_upsert_into_an_iceberg_table_read_by_pyiceberg_and_polars(
 def test_nightly_job_writes_the_table_and_fails_cleanly(ray_cluster, tiny_model, tmp_path):
     write_images(tmp_path / "in", ["a.png", "b.png"])
     warehouse = tmp_path / "wh"
-    ok = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--warehouse", str(warehouse),
-                 "--model", tiny_model, "--batch-size", "2", env={"RAY_ADDRESS": ray_cluster.address})
+    ok = run_job(
+        "nightly.py",
+        "--input",
+        str(tmp_path / "in"),
+        "--table",
+        "nightly.scores",
+        "--warehouse",
+        str(warehouse),
+        "--model",
+        tiny_model,
+        "--batch-size",
+        "2",
+        env={"RAY_ADDRESS": ray_cluster.address},
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     report = json.loads(next(line for line in ok.stdout.splitlines() if line.startswith('{"report"')))["report"]
     assert report["scored"] == 2 and report["table"] == "nightly.scores"
     assert iceberg_table(warehouse).scan().to_arrow().num_rows == 2
-    s3_no_catalog = run_job("nightly.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores",
-                            "--warehouse", "s3://bucket/wh", "--model", tiny_model)
+    s3_no_catalog = run_job(
+        "nightly.py",
+        "--input",
+        str(tmp_path / "in"),
+        "--table",
+        "nightly.scores",
+        "--warehouse",
+        "s3://bucket/wh",
+        "--model",
+        tiny_model,
+    )
     assert s3_no_catalog.returncode == 5 and "--catalog-uri" in s3_no_catalog.stderr
-    both = run_job("score.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--output", str(tmp_path / "o"))
+    both = run_job(
+        "score.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--output", str(tmp_path / "o")
+    )
     assert both.returncode == 2 and "not allowed with" in both.stderr
     overwrite = run_job("score.py", "--input", str(tmp_path / "in"), "--table", "nightly.scores", "--overwrite")
     assert overwrite.returncode == 2 and "go with --output" in overwrite.stderr
@@ -134,5 +159,9 @@ def test_catalog_settings_that_cannot_work_are_one_line_errors(tmp_path, monkeyp
         CatalogConfig("nowhere").load()
     assert CatalogConfig(warehouse=str(tmp_path / "wh")).properties()["uri"] == f"sqlite:///{tmp_path}/wh/catalog.db"
     rest = CatalogConfig(warehouse="s3://b/wh", uri="https://catalog.example/api").properties()
-    assert rest["type"] == "rest" and rest["warehouse"] == "s3://b/wh" and rest["s3.endpoint"] == os.environ["AWS_ENDPOINT_URL"]
+    assert (
+        rest["type"] == "rest"
+        and rest["warehouse"] == "s3://b/wh"
+        and rest["s3.endpoint"] == os.environ["AWS_ENDPOINT_URL"]
+    )
     assert is_identifier("nightly.scores") and not is_identifier("s3://b/t") and not is_identifier("out/table")

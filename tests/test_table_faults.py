@@ -28,8 +28,12 @@ CHUNK = 8  # --commit-every in these tests
 
 
 def open_table(catalog_db: Path, warehouse: str):
-    catalog = SqlCatalog("cxr", uri=f"sqlite:///{catalog_db}", warehouse=warehouse,
-                         **{"s3.endpoint": os.environ["AWS_ENDPOINT_URL"], "s3.region": "us-east-1"})
+    catalog = SqlCatalog(
+        "cxr",
+        uri=f"sqlite:///{catalog_db}",
+        warehouse=warehouse,
+        **{"s3.endpoint": os.environ["AWS_ENDPOINT_URL"], "s3.region": "us-east-1"},
+    )
     return catalog.load_table(TABLE)
 
 
@@ -56,9 +60,28 @@ def assert_exactly_once(tbl, uris: list[str], model_id: str) -> None:
 
 
 def nightly_cmd(prefix: str, warehouse: str, catalog_db: Path, model: str, *extra: str) -> list[str]:
-    return [str(ROOT / "jobs" / "nightly.py"), "--input", prefix, "--table", TABLE, "--warehouse", warehouse,
-            "--catalog-uri", f"sqlite:///{catalog_db}", "--model", model, "--batch-size", "4",
-            "--commit-every", str(CHUNK), "--actors", "1", "--cpus-per-actor", "0.5", *extra]
+    return [
+        str(ROOT / "jobs" / "nightly.py"),
+        "--input",
+        prefix,
+        "--table",
+        TABLE,
+        "--warehouse",
+        warehouse,
+        "--catalog-uri",
+        f"sqlite:///{catalog_db}",
+        "--model",
+        model,
+        "--batch-size",
+        "4",
+        "--commit-every",
+        str(CHUNK),
+        "--actors",
+        "1",
+        "--cpus-per-actor",
+        "0.5",
+        *extra,
+    ]
 
 
 def start(ray_cluster, proxy, cmd: list[str], log: Path) -> subprocess.Popen:
@@ -66,8 +89,9 @@ def start(ray_cluster, proxy, cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([PYTHON, *cmd], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
 
-def test_killed_driver_leaves_whole_chunks_and_the_next_run_resumes_exactly_once(ray_cluster, s3_bucket, tiny_model,
-                                                                                   tmp_path):
+def test_killed_driver_leaves_whole_chunks_and_the_next_run_resumes_exactly_once(
+    ray_cluster, s3_bucket, tiny_model, tmp_path
+):
     bucket, client = s3_bucket
     uris = upload_images(client, bucket, "incoming", N)
     proxy = FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], hold=tuple(f"/{bucket}/incoming/{i:03d}.png" for i in HELD))
@@ -76,8 +100,11 @@ def test_killed_driver_leaves_whole_chunks_and_the_next_run_resumes_exactly_once
     try:
         job = start(ray_cluster, proxy, cmd, tmp_path / "job1.log")
         try:
-            wait_for(lambda: proxy.held > 0 and committed_rows(db, warehouse) >= CHUNK, "a chunk committed while the "
-                     "last block is held", proc=job)
+            wait_for(
+                lambda: proxy.held > 0 and committed_rows(db, warehouse) >= CHUNK,
+                "a chunk committed while the last block is held",
+                proc=job,
+            )
         finally:
             job.send_signal(signal.SIGKILL)  # the driver dies, mid-run
             job.wait(30)
@@ -91,8 +118,9 @@ def test_killed_driver_leaves_whole_chunks_and_the_next_run_resumes_exactly_once
         proxy.release()
 
         env = {"RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": proxy.url}
-        rerun = subprocess.run([PYTHON, *cmd], capture_output=True, text=True, timeout=300, env={**os.environ, **env},
-                               cwd=str(ROOT))
+        rerun = subprocess.run(
+            [PYTHON, *cmd], capture_output=True, text=True, timeout=300, env={**os.environ, **env}, cwd=str(ROOT)
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     finally:
         proxy.close()
@@ -114,7 +142,9 @@ def test_two_runs_on_one_table_one_wins_the_other_fails_cleanly(ray_cluster, s3_
     jobs = []
     try:
         jobs.append(start(ray_cluster, proxy, cmd, tmp_path / "a.log"))
-        wait_for(lambda: proxy.held > 0 and committed_rows(db, warehouse) >= CHUNK, "run A committed a chunk", proc=jobs[0])
+        wait_for(
+            lambda: proxy.held > 0 and committed_rows(db, warehouse) >= CHUNK, "run A committed a chunk", proc=jobs[0]
+        )
         jobs.append(start(ray_cluster, proxy, cmd, tmp_path / "b.log"))  # B starts while A is mid-run
         wait_for(lambda: "to score" in (tmp_path / "b.log").read_text(), "run B planned its work", proc=jobs[1])
         proxy.release()
@@ -144,8 +174,10 @@ def test_s3_answering_503_is_retried_and_the_table_on_s3_is_exactly_once(ray_clu
     cmd = nightly_cmd(f"s3://{bucket}/in", warehouse, db, tiny_model)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": proxy.url}
     try:
-        runs = [subprocess.run([PYTHON, *cmd], capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
-                for _ in range(2)]
+        runs = [
+            subprocess.run([PYTHON, *cmd], capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
+            for _ in range(2)
+        ]
     finally:
         proxy.close()
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-3000:] + runs[1].stderr[-3000:]

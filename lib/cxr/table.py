@@ -58,7 +58,9 @@ def iceberg_schema() -> pa.Schema:
     """The table's columns: the score rows, the image identity (Iceberg v2 timestamps are microseconds), run date."""
     from .incremental import TABLE_SCHEMA
 
-    fields = [pa.field("source_mtime", pa.timestamp("us", tz="UTC")) if f.name == "source_mtime" else f for f in TABLE_SCHEMA]
+    fields = [
+        pa.field("source_mtime", pa.timestamp("us", tz="UTC")) if f.name == "source_mtime" else f for f in TABLE_SCHEMA
+    ]
     return pa.schema(fields).append(pa.field("run_date", pa.string()))
 
 
@@ -96,8 +98,10 @@ class CatalogConfig:
             if storage.is_s3(self.warehouse):
                 props["warehouse"] = self.warehouse.rstrip("/")
                 if not self.uri:
-                    raise OutputError(f"a warehouse on S3 ({self.warehouse}) needs --catalog-uri: a SQLite file "
-                                      "(sqlite:////path/catalog.db) or a REST catalog URL")
+                    raise OutputError(
+                        f"a warehouse on S3 ({self.warehouse}) needs --catalog-uri: a SQLite file "
+                        "(sqlite:////path/catalog.db) or a REST catalog URL"
+                    )
             else:
                 folder = os.path.abspath(self.warehouse)
                 if os.path.isfile(folder):
@@ -121,8 +125,10 @@ class CatalogConfig:
         except OutputError:
             raise
         except Exception as exc:  # noqa: BLE001 - PyIceberg raises ValueError/NotInstalledError/... for bad settings
-            raise OutputError(f"cannot open Iceberg catalog {self.name!r}: {exc} (give --warehouse, --catalog-uri, "
-                              "or configure the catalog in .pyiceberg.yaml)") from exc
+            raise OutputError(
+                f"cannot open Iceberg catalog {self.name!r}: {exc} (give --warehouse, --catalog-uri, "
+                "or configure the catalog in .pyiceberg.yaml)"
+            ) from exc
 
 
 def open_table(identifier: str, catalog: CatalogConfig, create: bool = True):
@@ -159,9 +165,15 @@ def snapshots(tbl) -> list[dict]:
     out = []
     for snap in sorted(tbl.snapshots(), key=lambda s: (s.sequence_number or 0, s.timestamp_ms)):
         summary = snap.summary.additional_properties if snap.summary else {}
-        props = {k[len(PREFIX):]: v for k, v in summary.items() if k.startswith(PREFIX)}
-        out.append({"snapshot_id": snap.snapshot_id, "timestamp_ms": snap.timestamp_ms,
-                    "operation": str(snap.summary.operation.value) if snap.summary else None, **props})
+        props = {k[len(PREFIX) :]: v for k, v in summary.items() if k.startswith(PREFIX)}
+        out.append(
+            {
+                "snapshot_id": snap.snapshot_id,
+                "timestamp_ms": snap.timestamp_ms,
+                "operation": str(snap.summary.operation.value) if snap.summary else None,
+                **props,
+            }
+        )
     return out
 
 
@@ -180,8 +192,10 @@ def _current(tbl, model_id: str) -> pa.Table:
 
     if tbl.current_snapshot() is None:
         return iceberg_schema().empty_table().select(["path", "source_size", "source_mtime", "error", "run_id"])
-    return tbl.scan(row_filter=EqualTo("model", model_id),
-                    selected_fields=("path", "source_size", "source_mtime", "error", "run_id")).to_arrow()
+    return tbl.scan(
+        row_filter=EqualTo("model", model_id),
+        selected_fields=("path", "source_size", "source_mtime", "error", "run_id"),
+    ).to_arrow()
 
 
 # --------------------------------------------------------------------------- commits
@@ -211,8 +225,10 @@ def _check_expected(tbl, expected: int | None) -> None:
     if now != expected:
         summary = snap.summary.additional_properties if snap and snap.summary else {}
         who = summary.get(PREFIX + "run-id", "another writer")
-        raise ConcurrentRunError(f"table {'.'.join(tbl.name())} was changed by {who} (snapshot {now}) while this run "
-                                 "was scoring; this run's uncommitted work was dropped, the table is unchanged by it")
+        raise ConcurrentRunError(
+            f"table {'.'.join(tbl.name())} was changed by {who} (snapshot {now}) while this run "
+            "was scoring; this run's uncommitted work was dropped, the table is unchanged by it"
+        )
 
 
 def _is_commit_conflict(exc: BaseException) -> bool:
@@ -227,8 +243,9 @@ def _is_commit_conflict(exc: BaseException) -> bool:
     return False
 
 
-def commit_rows(tbl, identifier: str, catalog: CatalogConfig, rows: pa.Table, properties: dict[str, str],
-                expected: int | None) -> int:
+def commit_rows(
+    tbl, identifier: str, catalog: CatalogConfig, rows: pa.Table, properties: dict[str, str], expected: int | None
+) -> int:
     """Upsert ``rows`` on (path, model) as one snapshot with ``properties`` in its summary, on top of snapshot
     ``expected`` only; returns the new snapshot's id. Rows are written by Ray Data's Iceberg writer; a commit
     with no rows (a run with nothing to score still reports) by PyIceberg."""
@@ -242,8 +259,13 @@ def commit_rows(tbl, identifier: str, catalog: CatalogConfig, rows: pa.Table, pr
             # upsert on (path, model); into a table without any snapshot an append (Ray 2.60's upsert cannot scan
             # a table that has no 'main' branch yet); the expected-snapshot check makes that the same thing
             upsert = {"mode": SaveMode.UPSERT, "upsert_kwargs": {"join_cols": KEYS}} if expected is not None else {}
-            sink = _sink_class()(identifier, catalog_kwargs={"name": catalog.name, **catalog.properties()},
-                                 snapshot_properties=props, expected_snapshot=expected, **upsert)
+            sink = _sink_class()(
+                identifier,
+                catalog_kwargs={"name": catalog.name, **catalog.properties()},
+                snapshot_properties=props,
+                expected_snapshot=expected,
+                **upsert,
+            )
             ray.data.from_arrow(rows).write_datasink(sink)
         else:
             tbl.refresh()
@@ -253,22 +275,29 @@ def commit_rows(tbl, identifier: str, catalog: CatalogConfig, rows: pa.Table, pr
         raise
     except Exception as exc:
         if _is_commit_conflict(exc):
-            raise ConcurrentRunError(f"table {identifier}: another writer committed first ({exc}); this run's "
-                                     "uncommitted work was dropped, the table is unchanged by it") from exc
+            raise ConcurrentRunError(
+                f"table {identifier}: another writer committed first ({exc}); this run's "
+                "uncommitted work was dropped, the table is unchanged by it"
+            ) from exc
         raise
     tbl.refresh()
     snap = tbl.current_snapshot()
     mine = snap.summary.additional_properties if snap.summary else {}
     if snap.parent_snapshot_id != expected or any(mine.get(k) != v for k, v in props.items() if k.startswith(PREFIX)):
-        raise ConcurrentRunError(f"table {identifier}: the commit of run {props.get(PREFIX + 'run-id')} landed on top "
-                                 f"of snapshot {snap.parent_snapshot_id}, not {expected}")
+        raise ConcurrentRunError(
+            f"table {identifier}: the commit of run {props.get(PREFIX + 'run-id')} landed on top "
+            f"of snapshot {snap.parent_snapshot_id}, not {expected}"
+        )
     return snap.snapshot_id
 
 
 def _to_table_rows(batch: pa.Table, run_date: str) -> pa.Table:
     schema = iceberg_schema()
-    batch = batch.set_column(batch.schema.get_field_index("source_mtime"), "source_mtime",
-                             batch["source_mtime"].cast(pa.timestamp("us", tz="UTC"), safe=False))
+    batch = batch.set_column(
+        batch.schema.get_field_index("source_mtime"),
+        "source_mtime",
+        batch["source_mtime"].cast(pa.timestamp("us", tz="UTC"), safe=False),
+    )
     batch = batch.append_column("run_date", pa.array([run_date] * batch.num_rows, pa.string()))
     return batch.select(schema.names).cast(schema)
 
@@ -330,29 +359,52 @@ def run_nightly(
     resumed = not everything and bool(mine) and mine[-1].get("run-complete") == "false"
     if resumed:
         rid, run_date = mine[-1]["run-id"], mine[-1]["run-date"]
-        log.info("resuming run %s of %s (%s chunks committed)", rid, run_date, sum(s.get("run-id") == rid for s in mine))
+        log.info(
+            "resuming run %s of %s (%s chunks committed)", rid, run_date, sum(s.get("run-id") == rid for s in mine)
+        )
     else:
         rid, run_date = run_id or new_run_id(), datetime.now(timezone.utc).strftime("%Y-%m-%d")
     earlier = [s for s in mine if s.get("run-id") == rid]  # chunks a dead attempt of this run committed
 
     # -- what is to do: compare with the current rows of this model (identity to the microsecond)
     current = _current(tbl, info.model_id)
-    done = {p: (s, None if m is None else m * 1000, e) for p, s, m, e in zip(
-        current["path"].to_pylist(), current["source_size"].to_pylist(), current["source_mtime"].cast(pa.int64()).to_pylist(),
-        current["error"].to_pylist())}
+    done = {
+        p: (s, None if m is None else m * 1000, e)
+        for p, s, m, e in zip(
+            current["path"].to_pylist(),
+            current["source_size"].to_pylist(),
+            current["source_mtime"].cast(pa.int64()).to_pylist(),
+            current["error"].to_pylist(),
+        )
+    }
     reused_paths = set(pc.filter(current["path"], pc.equal(current["run_id"], rid)).to_pylist()) if resumed else set()
     us_mtime = pc.multiply(pc.divide(wanted["source_mtime_ns"], 1000), 1000)
     kinds = classify(wanted.set_column(2, "source_mtime_ns", us_mtime), done, all_views)
-    kinds = pa.array(["reused" if p in reused_paths else k for p, k in zip(wanted["path"].to_pylist(), kinds.to_pylist())])
+    kinds = pa.array(
+        [
+            "reused" if k == "skipped" and p in reused_paths else k
+            for p, k in zip(wanted["path"].to_pylist(), kinds.to_pylist())
+        ]
+    )
+    reused_paths = {p for p, k in zip(wanted["path"].to_pylist(), kinds.to_pylist()) if k == "reused"}
     todo = wanted if everything else wanted.filter(pc.is_in(kinds, pa.array(["new", "changed", "retried"])))
     kind_of = dict(zip(wanted["path"].to_pylist(), kinds.to_pylist()))
     counts = {k: pc.sum(pc.equal(kinds, k)).as_py() or 0 for k in ("new", "changed", "retried", "skipped", "reused")}
     for k in ("new", "changed", "retried"):  # what the dead attempt did counts for the run
         counts[k] += sum(int(s.get(k, 0)) for s in earlier)
     chunk = commit_every or default_chunk(len(todo) + len(reused_paths))
-    log.info("run %s: %d inputs: %d new, %d changed, %d retried, %d skipped; %d reused, %d to score, %d per commit",
-             rid, len(wanted), counts["new"], counts["changed"], counts["retried"], counts["skipped"], len(reused_paths),
-             len(todo), chunk)
+    log.info(
+        "run %s: %d inputs: %d new, %d changed, %d retried, %d skipped; %d reused, %d to score, %d per commit",
+        rid,
+        len(wanted),
+        counts["new"],
+        counts["changed"],
+        counts["retried"],
+        counts["skipped"],
+        len(reused_paths),
+        len(todo),
+        chunk,
+    )
 
     base = {"operation-kind": kind, "run-id": rid, "run-date": run_date, "model": info.model_id, "model-uri": model}
     expected = tbl.current_snapshot().snapshot_id if tbl.current_snapshot() else None
@@ -367,8 +419,14 @@ def run_nightly(
         nonlocal expected, number
         c = _counts(rows, info.positive_class)
         chunk_kinds = [kind_of.get(p) for p in rows["path"].to_pylist()]
-        props = {**base, "chunk": number, COMPLETE[len(PREFIX):]: "true" if final else "false", **c,
-                 **{k: chunk_kinds.count(k) for k in ("new", "changed", "retried")}, **(final or {})}
+        props = {
+            **base,
+            "chunk": number,
+            COMPLETE[len(PREFIX) :]: "true" if final else "false",
+            **c,
+            **{k: chunk_kinds.count(k) for k in ("new", "changed", "retried")},
+            **(final or {}),
+        }
         expected = commit_rows(tbl, identifier, catalog, rows, {PREFIX + k: v for k, v in props.items()}, expected)
         number += 1
         log.info("run %s: committed chunk %d (%d rows) as snapshot %s", rid, number, rows.num_rows, expected)
@@ -377,13 +435,31 @@ def run_nightly(
     buffer: list[pa.Table] = []
     if len(todo):
         ensure_ray()
-        plan = measured_plan(todo["path"], loaded, settings, all_views, actors=actors, cpus_per_actor=cpus_per_actor,
-                             gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, batch_size=batch_size)
+        plan = measured_plan(
+            todo["path"],
+            loaded,
+            settings,
+            all_views,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            threads_per_actor=threads_per_actor,
+            batch_size=batch_size,
+        )
         del loaded
         keyed = todo.set_column(1, "source_size", pc.fill_null(todo["source_size"], -1)).set_column(
-            2, "source_mtime_ns", pc.fill_null(todo["source_mtime_ns"], -1))
-        results = score_dataset(table_dataset(keyed), model, info.preprocess, plan, rid, settings,
-                                predictor_cls=KeyedPredictor, all_views=all_views)
+            2, "source_mtime_ns", pc.fill_null(todo["source_mtime_ns"], -1)
+        )
+        results = score_dataset(
+            table_dataset(keyed),
+            model,
+            info.preprocess,
+            plan,
+            rid,
+            settings,
+            predictor_cls=KeyedPredictor,
+            all_views=all_views,
+        )
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = _to_table_rows(batch, run_date)
             buffer.append(rows)
@@ -407,12 +483,28 @@ def run_nightly(
     prev_ok, prev_pos = sum(r["ok"] for r in previous), sum(r["predicted_positive"] for r in previous)
     drift, note = drift_check(totals["predicted-positive"], totals["ok"], prev_pos, prev_ok, drift_threshold)
     report = RunReport(
-        run_id=rid, run_date=run_date, model=info.model_id, table=identifier, inputs=len(wanted), new=counts["new"],
-        changed=counts["changed"], retried=counts["retried"], skipped=counts["skipped"], reused=len(reused_paths),
-        scored=totals["rows"], ok=totals["ok"], errors=totals["errors"], predicted_positive=totals["predicted-positive"],
+        run_id=rid,
+        run_date=run_date,
+        model=info.model_id,
+        table=identifier,
+        inputs=len(wanted),
+        new=counts["new"],
+        changed=counts["changed"],
+        retried=counts["retried"],
+        skipped=counts["skipped"],
+        reused=len(reused_paths),
+        scored=totals["rows"],
+        ok=totals["ok"],
+        errors=totals["errors"],
+        predicted_positive=totals["predicted-positive"],
         positive_share=totals["predicted-positive"] / totals["ok"] if totals["ok"] else None,
-        previous_positive_share=prev_pos / prev_ok if prev_ok else None, drift=drift, drift_note=note,
-        score_quantiles=quantiles, score_histogram=histogram, resumed=resumed, seconds=time.perf_counter() - start,
+        previous_positive_share=prev_pos / prev_ok if prev_ok else None,
+        drift=drift,
+        drift_note=note,
+        score_quantiles=quantiles,
+        score_histogram=histogram,
+        resumed=resumed,
+        seconds=time.perf_counter() - start,
         not_frontal=count_not_frontal(stats["error"]) if stats is not None else 0,
         plan=asdict(plan) if plan else None,
     )
@@ -425,7 +517,9 @@ def _run_rows(tbl, rid: str, scored_now: list[pa.Table]) -> pa.Table | None:
     """This run's rows for its statistics: those committed by a dead attempt and those scored now."""
     from pyiceberg.expressions import EqualTo
 
-    parts = [tbl.scan(row_filter=EqualTo("run_id", rid), selected_fields=("prob_covid", "prediction", "error")).to_arrow()]
+    parts = [
+        tbl.scan(row_filter=EqualTo("run_id", rid), selected_fields=("prob_covid", "prediction", "error")).to_arrow()
+    ]
     parts += scored_now
     return pa.concat_tables([p.cast(parts[0].schema) for p in parts])
 
@@ -433,8 +527,13 @@ def _run_rows(tbl, rid: str, scored_now: list[pa.Table]) -> pa.Table | None:
 # --------------------------------------------------------------------------- reads
 
 
-def read_current(identifier: str, catalog: CatalogConfig | None = None, columns: list[str] | None = None,
-                 snapshot_id: int | None = None, as_of: datetime | None = None) -> pa.Table:
+def read_current(
+    identifier: str,
+    catalog: CatalogConfig | None = None,
+    columns: list[str] | None = None,
+    snapshot_id: int | None = None,
+    as_of: datetime | None = None,
+) -> pa.Table:
     """The table's rows (one per image and model) now, at ``snapshot_id``, or as they were at time ``as_of``."""
     tbl = open_table(identifier, catalog or CatalogConfig(), create=False)
     if as_of is not None:
@@ -466,11 +565,13 @@ class MaintenanceReport:
     seconds: float
 
     def line(self) -> str:
-        return (f"{self.table}: expired {self.snapshots_expired} snapshots ({self.snapshots_before} before, "
-                f"{self.snapshots_after} kept); compacted "
-                f"{self.data_files_before} data files into {self.data_files_after} ({self.rows} rows, "
-                f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB); deleted {self.files_deleted} "
-                f"unreferenced files in {self.seconds:.1f}s")
+        return (
+            f"{self.table}: expired {self.snapshots_expired} snapshots ({self.snapshots_before} before, "
+            f"{self.snapshots_after} kept); compacted "
+            f"{self.data_files_before} data files into {self.data_files_after} ({self.rows} rows, "
+            f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB); deleted {self.files_deleted} "
+            f"unreferenced files in {self.seconds:.1f}s"
+        )
 
 
 def _live_files(tbl) -> list:
@@ -490,8 +591,15 @@ def _all_referenced(tbl) -> set[str]:
     return paths
 
 
-def maintain(identifier: str, catalog: CatalogConfig | None = None, *, older_than_days: float = 30,
-             retain_last: int = 10, compact: bool = True, target_file_rows: int = 1_000_000) -> MaintenanceReport:
+def maintain(
+    identifier: str,
+    catalog: CatalogConfig | None = None,
+    *,
+    older_than_days: float = 30,
+    retain_last: int = 10,
+    compact: bool = True,
+    target_file_rows: int = 1_000_000,
+) -> MaintenanceReport:
     """Compact the current rows into few large files (one overwrite snapshot, same rows), then expire the snapshots
     older than ``older_than_days`` beyond the newest ``retain_last`` (and the current one), and delete the data and
     metadata files no remaining snapshot references. Time travel reaches back as far as the kept snapshots."""
@@ -505,11 +613,18 @@ def maintain(identifier: str, catalog: CatalogConfig | None = None, *, older_tha
     if compact and len(before) > max(1, math.ceil(rows / target_file_rows)):
         data = tbl.scan().to_arrow()
         data = data.sort_by([("path", "ascending"), ("model", "ascending")])
-        tbl.overwrite(data, snapshot_properties={PREFIX + "operation-kind": "compact", PREFIX + "compacted-rows": str(data.num_rows)})
+        tbl.overwrite(
+            data,
+            snapshot_properties={PREFIX + "operation-kind": "compact", PREFIX + "compacted-rows": str(data.num_rows)},
+        )
     keep = {s.snapshot_id for s in sorted(tbl.snapshots(), key=lambda s: s.timestamp_ms)[-retain_last:]}
     keep.add(tbl.current_snapshot().snapshot_id) if tbl.current_snapshot() else None
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
-    old = [s.snapshot_id for s in tbl.snapshots() if s.snapshot_id not in keep and s.timestamp_ms < cutoff.timestamp() * 1000]
+    old = [
+        s.snapshot_id
+        for s in tbl.snapshots()
+        if s.snapshot_id not in keep and s.timestamp_ms < cutoff.timestamp() * 1000
+    ]
     if old:
         tbl.maintenance.expire_snapshots().by_ids(old).commit()
     tbl.refresh()
@@ -522,9 +637,19 @@ def maintain(identifier: str, catalog: CatalogConfig | None = None, *, older_tha
         except OSError as exc:
             log.warning("could not delete %s: %s", path, exc)
     after = _live_files(tbl)
-    return MaintenanceReport(identifier, n_snaps, len(old), len(tbl.snapshots()), len(before), len(after), deleted,
-                             sum(f.file_size_in_bytes for f in before), sum(f.file_size_in_bytes for f in after),
-                             sum(f.record_count for f in after), time.perf_counter() - start)
+    return MaintenanceReport(
+        identifier,
+        n_snaps,
+        len(old),
+        len(tbl.snapshots()),
+        len(before),
+        len(after),
+        deleted,
+        sum(f.file_size_in_bytes for f in before),
+        sum(f.file_size_in_bytes for f in after),
+        sum(f.record_count for f in after),
+        time.perf_counter() - start,
+    )
 
 
 # --------------------------------------------------------------------------- migration from the Parquet format
@@ -552,13 +677,29 @@ def migrate(source: str, identifier: str, catalog: CatalogConfig | None = None) 
             continue
         rows = history.filter(pc.equal(history["run_id"], run["run_id"]))
         rows = _to_table_rows(rows.drop_columns(["run_date"]), run["run_date"])
-        report = {"run_id": run["run_id"], "run_date": run["run_date"], "model": run["model"], "ok": run["counts"]["ok"],
-                  "errors": run["counts"]["errors"], "predicted_positive": run["counts"]["predicted_positive"],
-                  "scored": run["counts"]["rows"], "migrated_from": source}
-        props = {"operation-kind": "nightly", "run-id": run["run_id"], "run-date": run["run_date"], "model": run["model"],
-                 "model-uri": run.get("model_uri", ""), "chunk": 0, "run-complete": "true", "migrated-from": source,
-                 "committed-at": run["committed_at"], "report": json.dumps(report),
-                 **{k.replace("_", "-"): v for k, v in run["counts"].items()}}
+        report = {
+            "run_id": run["run_id"],
+            "run_date": run["run_date"],
+            "model": run["model"],
+            "ok": run["counts"]["ok"],
+            "errors": run["counts"]["errors"],
+            "predicted_positive": run["counts"]["predicted_positive"],
+            "scored": run["counts"]["rows"],
+            "migrated_from": source,
+        }
+        props = {
+            "operation-kind": "nightly",
+            "run-id": run["run_id"],
+            "run-date": run["run_date"],
+            "model": run["model"],
+            "model-uri": run.get("model_uri", ""),
+            "chunk": 0,
+            "run-complete": "true",
+            "migrated-from": source,
+            "committed-at": run["committed_at"],
+            "report": json.dumps(report),
+            **{k.replace("_", "-"): v for k, v in run["counts"].items()},
+        }
         props = {PREFIX + k: str(v) for k, v in props.items()}
         if rows.num_rows:
             tbl.upsert(rows, join_cols=KEYS, snapshot_properties=props)

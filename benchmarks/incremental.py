@@ -88,7 +88,8 @@ def simulate_nights(tmp: str, rows: int, nights: int) -> dict:
     out = {}
     read, out["read_before_s"] = timed(lambda: open_table("bench.nights", catalog).scan().to_arrow())
     out["files_before"] = len(list(open_table("bench.nights", catalog).scan().plan_files()))
-    out["report"], out["maintain_s"] = timed(lambda: maintain("bench.nights", catalog, older_than_days=0, retain_last=7))
+    maintained = timed(lambda: maintain("bench.nights", catalog, older_than_days=0, retain_last=7))
+    out["report"], out["maintain_s"] = maintained
     again, out["read_after_s"] = timed(lambda: open_table("bench.nights", catalog).scan().to_arrow())
     out["files_after"] = len(list(open_table("bench.nights", catalog).scan().plan_files()))
     assert read.num_rows == again.num_rows == per_night * nights
@@ -119,7 +120,8 @@ def main() -> None:
         if not os.path.isdir(images) or not os.listdir(images):
             t = time.perf_counter()
             make_images(images, args.images, args.size)
-            print(f"generated {args.images} PNGs of {args.size}x{args.size} px in {time.perf_counter() - t:.1f}s", flush=True)
+            took = time.perf_counter() - t
+            print(f"generated {args.images} PNGs of {args.size}x{args.size} px in {took:.1f}s", flush=True)
         ensure_ray()
         catalog = CatalogConfig(warehouse=os.path.join(tmp, "warehouse"))
         runs = {
@@ -153,7 +155,8 @@ def main() -> None:
     for fmt in times:
         print(f"{fmt}: re-run / full {times[fmt]['rerun'] / times[fmt]['full']:.4f}")
     print(f"{args.nights} simulated nights: {nights['files_before']} data files, read {nights['read_before_s']:.2f} s; "
-          f"after maintain ({nights['maintain_s']:.1f} s): {nights['files_after']} files, read {nights['read_after_s']:.2f} s "
+          f"after maintain ({nights['maintain_s']:.1f} s): {nights['files_after']} files, "
+          f"read {nights['read_after_s']:.2f} s "
           f"(ratio {nights['read_after_s'] / nights['read_before_s']:.3f})")
     print(nights["report"].line())
 

@@ -580,14 +580,16 @@ def _live_files(tbl) -> list:
 
 
 def _all_referenced(tbl) -> set[str]:
-    """Every file a remaining snapshot or the metadata still needs."""
-    paths = set()
+    """Every file a remaining snapshot still needs (each manifest read once: snapshots share most of them)."""
+    paths, manifests = set(), {}
     for snap in tbl.snapshots():
         paths.add(snap.manifest_list)
         for manifest in snap.manifests(tbl.io):
-            paths.add(manifest.manifest_path)
-            for entry in manifest.fetch_manifest_entry(tbl.io, discard_deleted=True):
-                paths.add(entry.data_file.file_path)
+            manifests[manifest.manifest_path] = manifest
+    for path, manifest in manifests.items():
+        paths.add(path)
+        for entry in manifest.fetch_manifest_entry(tbl.io, discard_deleted=True):
+            paths.add(entry.data_file.file_path)
     return paths
 
 

@@ -165,3 +165,73 @@ def test_catalog_settings_that_cannot_work_are_one_line_errors(tmp_path, monkeyp
         and rest["s3.endpoint"] == os.environ["AWS_ENDPOINT_URL"]
     )
     assert is_identifier("nightly.scores") and not is_identifier("s3://b/t") and not is_identifier("out/table")
+
+
+def test_a_table_of_the_parquet_format_migrates_with_its_history_then_maintenance_compacts_and_expires(
+    ray_driver, tiny_model, tmp_path
+):
+    from cxr.incremental import read_table, run_incremental
+
+    images, old, warehouse = tmp_path / "archive", str(tmp_path / "old"), tmp_path / "warehouse"
+    write_images(images, [f"{i:02d}.png" for i in range(6)])
+    first = run_incremental(
+        [str(images)], old, tiny_model, batch_size=4, rows_per_file=2
+    )  # today's code, today's format
+    write_images(images, ["03.png"], seed=5)  # replaced
+    write_images(images, ["new.png"], seed=6)
+    second = run_incremental([str(images)], old, tiny_model, batch_size=4)
+    assert (second.new, second.changed) == (1, 1)
+
+    out = run_job("table.py", "migrate", "--from", old, "--table", "nightly.scores", "--warehouse", str(warehouse))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [(r["run_id"], r["rows"]) for r in json.loads(out.stdout.splitlines()[-1])["migrated"]] == [
+        (first.run_id, 6),
+        (second.run_id, 2),
+    ]
+    tbl = iceberg_table(warehouse)
+    columns = ["path", "model", "prob_covid", "prediction", "error", "run_id", "run_date", "source_size"]
+    key = [("path", "ascending")]
+    assert (
+        tbl.scan(selected_fields=tuple(columns)).to_arrow().sort_by(key).to_pylist()
+        == read_table(old, columns).sort_by(key).to_pylist()
+    )
+    # history order kept: the runs' snapshots in commit order, the first one holds the first night as it was
+    runs = [s for s in summaries(tbl) if s.get("cxr.run-complete") == "true"]
+    assert [s["cxr.run-id"] for s in runs][0] == first.run_id and runs[-1]["cxr.run-id"] == second.run_id
+    night1 = tbl.scan(snapshot_id=runs[0]["id"]).to_arrow()
+    assert night1.num_rows == 6 and set(night1["run_id"].to_pylist()) == {first.run_id}
+    again = run_job("table.py", "migrate", "--from", old, "--table", "nightly.scores", "--warehouse", str(warehouse))
+    assert again.returncode == 0 and "already migrated, skipped" in again.stdout
+    assert len(iceberg_table(warehouse).snapshots()) == len(tbl.snapshots())  # nothing committed twice
+
+    # maintenance: compact into one file, expire every snapshot but the newest, delete what nothing references
+    files_before = {f.file.file_path for f in tbl.scan().plan_files()}
+    assert len(files_before) > 1
+    current = tbl.scan().to_arrow().sort_by(key)
+    done = run_job(
+        "table.py",
+        "maintain",
+        "--table",
+        "nightly.scores",
+        "--warehouse",
+        str(warehouse),
+        "--older-than-days",
+        "0",
+        "--retain-last",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])["maintenance"]
+    tbl = iceberg_table(warehouse)
+    assert report["data_files_before"] == len(files_before) and report["data_files_after"] == 1
+    assert (
+        report["snapshots_after"] == len(tbl.snapshots()) == 1
+        and report["snapshots_expired"] >= report["snapshots_before"]
+    )
+    assert report["files_deleted"] >= len(files_before) and not any(
+        os.path.exists(p[len("file://") :]) for p in files_before
+    )
+    assert tbl.scan().to_arrow().sort_by(key).to_pylist() == current.to_pylist()  # the same rows
+    assert (
+        f"expired {report['snapshots_expired']} snapshots ({report['snapshots_before']} before, 1 kept)" in done.stdout
+    )

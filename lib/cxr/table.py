@@ -524,29 +524,6 @@ def _run_rows(tbl, rid: str, scored_now: list[pa.Table]) -> pa.Table | None:
     return pa.concat_tables([p.cast(parts[0].schema) for p in parts])
 
 
-# --------------------------------------------------------------------------- reads
-
-
-def read_current(
-    identifier: str,
-    catalog: CatalogConfig | None = None,
-    columns: list[str] | None = None,
-    snapshot_id: int | None = None,
-    as_of: datetime | None = None,
-) -> pa.Table:
-    """The table's rows (one per image and model) now, at ``snapshot_id``, or as they were at time ``as_of``."""
-    tbl = open_table(identifier, catalog or CatalogConfig(), create=False)
-    if as_of is not None:
-        snap = tbl.snapshot_as_of_timestamp(int(as_of.timestamp() * 1000))
-        if snap is None:
-            return iceberg_schema().empty_table()
-        snapshot_id = snap.snapshot_id
-    if tbl.current_snapshot() is None:
-        return iceberg_schema().empty_table()
-    scan = tbl.scan(snapshot_id=snapshot_id, selected_fields=tuple(columns) if columns else ("*",))
-    return scan.to_arrow()
-
-
 # --------------------------------------------------------------------------- maintenance
 
 

@@ -235,3 +235,17 @@ def test_a_table_of_the_parquet_format_migrates_with_its_history_then_maintenanc
     assert (
         f"expired {report['snapshots_expired']} snapshots ({report['snapshots_before']} before, 1 kept)" in done.stdout
     )
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("nightly.py", ["--input", "x", "--table", "a.b", "--commit-every", "0"], "--commit-every must be at least 1"),
+        ("table.py", ["maintain", "--table", "a.b", "--retain-last", "0"], "--retain-last must be at least 1"),
+        ("table.py", ["maintain", "--table", "a.b", "--older-than-days", "-1"], "--older-than-days must be at least 0"),
+    ],
+)
+def test_bad_table_options_are_one_line_usage_errors(script, args, message, tmp_path):
+    proc = run_job(script, *args, "--warehouse", str(tmp_path / "wh"), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
+    assert not (tmp_path / "wh").exists()  # nothing created

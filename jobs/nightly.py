@@ -30,10 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Iceberg table namespace.table (created if missing); or a folder / s3:// prefix: the earlier Parquet format")
     cli.add_catalog(p)
     p.add_argument("--commit-every", type=cli.positive_int, metavar="N",
-                   help="Iceberg: images per commit, the most a killed run scores again (default: 1/10 of the run, 1,000 to 20,000)")
+                   help="Iceberg: images per commit; a killed run scores the one in flight again (default: 1/10 of the run, 1,000 to 20,000)")
     p.add_argument("--model", default="default", metavar="URI", help="checkpoint directory or s3:// prefix; 'default' = the shipped model")
     cli.add_scoring_resources(p)
-    p.add_argument("--rows-per-file", type=cli.positive_int, help="rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)")
+    p.add_argument("--rows-per-file", type=cli.positive_int, help="folder tables (earlier format): rows per Parquet file, the unit of work a resumed run keeps (default: ~1/20 of the run)")
     p.add_argument("--drift-threshold", type=cli.fraction, default=0.1,
                    help="flag a change of the share predicted positive of at least this much (absolute; also tested for significance)")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with code 7 when the drift flag is raised (the run is committed)")

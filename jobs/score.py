@@ -1,86 +1,15 @@
-"""Score chest X-rays (folders, s3:// prefixes, manifests) into a Parquet result table.
-
-python jobs/score.py --input data/ --output out/scores --model default
+"""``python jobs/score.py``: the job ``cxr.jobs.score`` (installed as the command ``cxr-score``) run from a
+checkout, also under ``ray job submit --working-dir .``. Options: ``python jobs/score.py --help``.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-from cxr import cli
+from cxr.jobs.score import main, parse_args, run
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        metavar="URI",
-        help="folder (recursive), s3://bucket/prefix, single image, or .parquet/.csv manifest with a 'path' column; "
-        "repeatable",
-    )
-    cli.add_output_options(p, metavar="URI", help="directory or s3:// prefix for the Parquet table (must be empty)")
-    cli.add_model_option(p)
-    cli.add_scoring_resources(p)
-    p.add_argument("--run-id", help="identifier written to every row (default: UTC time + random suffix)")
-    p.add_argument(
-        "--all-views",
-        action="store_true",
-        help="also score lateral and oblique DICOM views (ViewPosition LL, RL, ...); by default they are error rows "
-        "'not a frontal view': the models read PA/AP chest X-rays",
-    )
-    cli.add_general_options(p)
-    # --- explain post-step (cxr.explain): Grad-CAM heatmaps for the images predicted positive ---
-    p.add_argument(
-        "--explain-positive",
-        action="store_true",
-        help="after scoring, write Grad-CAM heatmaps, a gallery and focus scores for the images predicted covid to "
-        "OUTPUT/_heatmaps/",
-    )
-    p.add_argument(
-        "--explain-limit",
-        type=cli.positive_int,
-        metavar="N",
-        help="with --explain-positive: only the N most probable positives",
-    )
-    return p.parse_args(argv)
-
-
-def main() -> int:
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    from cxr.score import score
-
-    summary = score(
-        args.input,
-        args.output,
-        args.model,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor,
-        threads_per_actor=args.threads_per_actor,
-        overwrite=args.overwrite,
-        run_id=args.run_id,
-        all_views=args.all_views,
-    )
-    print(summary.line())
-    print(json.dumps({"summary": summary.__dict__}))
-    if args.explain_positive:  # post-step on the finished table; the score output above is already complete
-        from cxr.explain import explain_positives
-
-        explained = explain_positives(
-            args.output, args.model, limit=args.explain_limit, batch_size=16, actors=args.actors
-        )
-        print(explained.line() if explained else "no image predicted covid: no heatmaps")
-    return cli.OK
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

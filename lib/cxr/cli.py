@@ -290,3 +290,28 @@ def add_training_options(p: argparse.ArgumentParser, config: type, *, what: str)
     )
     add_batch_size(train, default=default("batch_size"), help="images per training step of each worker")
     return {"data": data, "preprocessing": prep, "training": train}
+
+
+def add_catalog(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Where an Iceberg table's catalog is (jobs that take --table namespace.table): cxr.table.CatalogConfig."""
+    group = p.add_argument_group("Iceberg catalog (with --table namespace.table)")
+    group.add_argument(
+        "--warehouse",
+        metavar="URI",
+        help="folder or s3:// prefix of the table data; with a folder and no --catalog-uri the catalog is the "
+        "SQLite file <warehouse>/catalog.db (nothing to run)",
+    )
+    group.add_argument(
+        "--catalog-uri",
+        metavar="URI",
+        help="sqlite:////path/catalog.db or a REST catalog's https:// URL (default: <warehouse>/catalog.db; needed "
+        "for an s3:// warehouse)",
+    )
+    group.add_argument(
+        "--catalog",
+        default="cxr",
+        metavar="NAME",
+        help="catalog name; without --warehouse/--catalog-uri its settings come from PyIceberg's configuration "
+        "(.pyiceberg.yaml, PYICEBERG_CATALOG__<NAME>__*: REST, Glue, ...)",
+    )
+    return group

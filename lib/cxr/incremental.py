@@ -50,17 +50,10 @@ import pyarrow.parquet as pq
 from . import storage
 from .checkpoint import load_checkpoint
 from .decode import NOT_FRONTAL
+from .output import OutputError, new_run_id
+from .resources import WRITE_TASKS
 from .runtime import ensure_ray
-from .score import (
-    OUTPUT_SCHEMA,
-    WRITE_TASKS,
-    OutputError,
-    Predictor,
-    count_not_frontal,
-    measured_plan,
-    new_run_id,
-    score_dataset,
-)
+from .score import OUTPUT_SCHEMA, Predictor, count_not_frontal, measured_plan, score_dataset
 from .sources import InputError, input_paths, is_manifest, list_image_infos, table_dataset
 
 log = logging.getLogger(__name__)
@@ -256,7 +249,29 @@ def drift_check(
     )
 
 
-def _distribution(prob: pa.Array) -> tuple[dict, list]:
+def classify(wanted: pa.Table, done: dict, all_views: bool = False) -> pa.Array:
+    """What a run does with each input image (a row of :func:`input_infos`): ``new``, ``changed`` (other
+    size or modification time), ``retried`` (its last row is a read failure, or a view left out when
+    ``all_views``) or ``skipped``. ``done`` maps a path to its current row's (size, mtime in ns, error)."""
+    kinds = []
+    for p, s, m in zip(
+        wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()
+    ):
+        before = done.get(p)
+        if before is None:
+            kinds.append("new")
+        elif (before[0], before[1]) != (s, m):
+            kinds.append("changed")
+        elif before[2] is not None and (
+            before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)
+        ):
+            kinds.append("retried")
+        else:
+            kinds.append("skipped")
+    return pa.array(kinds, pa.string())
+
+
+def distribution(prob: pa.Array) -> tuple[dict, list]:
     values = prob.drop_null().to_numpy(zero_copy_only=False)
     if not len(values):
         return {}, []
@@ -341,6 +356,11 @@ def run_incremental(
     ``not a frontal view``).
 
     Raises InputError, CheckpointError or OutputError before any work when it cannot run.
+
+    Long on purpose: one run's phases (claim or resume the run, classify the inputs, reuse staged files, score,
+    publish, commit the manifest, report) share the run's id, folders and counts, and the order of its writes is the
+    commit protocol; read top to bottom, the protocol is visible in one place. New tables should use the Iceberg
+    format (:func:`cxr.table.run_nightly`); this one is kept for folder tables and their migration.
     """
     settings = storage.s3_settings()
     loaded = load_checkpoint(model, settings=settings)  # validates it before any work; sizes the plan below
@@ -401,22 +421,7 @@ def run_incremental(
             current["error"].to_pylist(),
         )
     }
-    kinds = []
-    for p, s, m in zip(
-        wanted["path"].to_pylist(), wanted["source_size"].to_pylist(), wanted["source_mtime_ns"].to_pylist()
-    ):
-        before = done.get(p)
-        if before is None:
-            kinds.append("new")
-        elif (before[0], before[1]) != (s, m):
-            kinds.append("changed")
-        elif before[2] is not None and (
-            before[2].startswith(READ_FAILED) or all_views and before[2].startswith(NOT_FRONTAL)
-        ):
-            kinds.append("retried")
-        else:
-            kinds.append("skipped")
-    kinds = pa.array(kinds, pa.string())
+    kinds = classify(wanted, done, all_views)
     todo = wanted.filter(pc.not_equal(kinds, "skipped"))
     todo_keys = {
         (p, s, m)
@@ -526,7 +531,7 @@ def run_incremental(
     prev_ok = sum(r["counts"]["ok"] for r in previous)
     prev_pos = sum(r["counts"]["predicted_positive"] for r in previous)
     drift, note = drift_check(positive, n_ok, prev_pos, prev_ok, drift_threshold)
-    quantiles, histogram = _distribution(stats["prob_covid"])
+    quantiles, histogram = distribution(stats["prob_covid"])
     report = RunReport(
         run_id=rid,
         run_date=run_date,

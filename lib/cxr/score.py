@@ -25,7 +25,6 @@ import pyarrow as pa
 from . import storage
 from .checkpoint import load_checkpoint
 from .decode import NOT_FRONTAL, decode
-from .output import OutputError as OutputError  # re-exported: cxr.incremental imports it from here
 from .output import new_run_id, prepare_output
 from .preprocess import PreprocessSpec, preprocess
 from .resources import WRITE_TASKS, ResourcePlan, cluster_resources, default_gpus_per_actor, plan_resources

@@ -579,8 +579,8 @@ def check_weights(cfg: TrainConfig) -> None:
         if why:
             raise CheckpointError(
                 f"ImageNet weights of {cfg.backbone} not available ({why}): use --weights none (train from scratch), "
-                "pass "
-                "--weights PATH, or put the file in the hub cache or a folder named by CXR_WEIGHTS_DIR (docs/jobs/train.md)"
+                "pass --weights PATH, or put the file in the hub cache or a folder named by CXR_WEIGHTS_DIR "
+                "(docs/jobs/train.md)"
             )
         return
     try:

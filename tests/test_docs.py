@@ -186,6 +186,7 @@ def test_model_card_keeps_its_standard_sections_intended_use_first():
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # an option's own line in --help (indented 2-4 spaces, in any argument group), not a mention in help text
 OPTION_LINE = re.compile(r"^ {2,4}(?:-\w, )?(--[a-z][a-z0-9-]*)", re.M)
+SUBCOMMANDS = re.compile(r"^ {2}\{([\w,-]+)\}$", re.M)  # argparse's line of a job's subcommands
 SCRIPT = re.compile(r"(?<![\w./-])[\w./-]*\.py\b")  # jobs/score.py, train.py, benchmarks/score.py, ...
 
 
@@ -206,17 +207,24 @@ def job_flags() -> dict[str, frozenset[str]]:
         "AWS_EC2_METADATA_DISABLED": "true",
     }
 
-    def help_of(job: str) -> tuple[str, str]:
+    def run_help(job: str, *sub: str) -> str:
         out = subprocess.run(
-            [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"],
+            [sys.executable, str(ROOT / "jobs" / f"{job}.py"), *sub, "--help"],
             env=env,
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert out.returncode == 0, f"jobs/{job}.py --help failed: {out.stderr[-2000:]}"
-        return job, out.stdout
+        assert out.returncode == 0, f"jobs/{job}.py {' '.join(sub)} --help failed: {out.stderr[-2000:]}"
+        return out.stdout
+
+    def help_of(job: str) -> tuple[str, str]:
+        text = run_help(job)
+        commands = SUBCOMMANDS.search(text)  # a job with subcommands (table.py): their options too
+        for sub in commands.group(1).split(",") if commands else ():
+            text += run_help(job, sub)
+        return job, text
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         helps = dict(pool.map(help_of, JOBS))

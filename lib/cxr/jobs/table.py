@@ -19,30 +19,41 @@ from .. import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    migrate = sub.add_parser("migrate", help="copy a table of the _committed.json format into the Iceberg table")
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy a table of the _committed.json format into the Iceberg table",
+        formatter_class=cli.HelpFormatter,
+    )
     migrate.add_argument(
         "--from", dest="source", required=True, metavar="URI", help="folder or s3:// prefix of the old table"
     )
     maintain = sub.add_parser(
-        "maintain", help="compact the current rows, expire old snapshots, delete unreferenced files"
+        "maintain",
+        help="compact the current rows, expire old snapshots, delete unreferenced files",
+        formatter_class=cli.HelpFormatter,
     )
     maintain.add_argument(
         "--older-than-days",
         type=cli.non_negative_float,
         default=30.0,
+        metavar="DAYS",
         help="expire snapshots older than this (time travel reaches back this far)",
     )
     maintain.add_argument(
-        "--retain-last", type=cli.positive_int, default=10, help="always keep this many newest snapshots"
+        "--retain-last", type=cli.positive_int, default=10, metavar="N", help="always keep this many newest snapshots"
     )
     maintain.add_argument("--no-compact", action="store_true", help="only expire snapshots and delete files")
-    runs = sub.add_parser("runs", help="print the reports of the runs the table's snapshots keep (JSON lines)")
+    runs = sub.add_parser(
+        "runs",
+        help="print the reports of the runs the table's snapshots keep (JSON lines)",
+        formatter_class=cli.HelpFormatter,
+    )
     for s in (migrate, maintain, runs):
         s.add_argument("--table", required=True, metavar="NAME", help="Iceberg table namespace.table")
         cli.add_catalog(s)
-        s.add_argument("--verbose", action="store_true")
+        cli.add_general_options(s)
     return p.parse_args(argv)
 
 

@@ -1,5 +1,6 @@
-"""Faults, for real, on the local multi-node cluster: a worker node killed mid-run, the driver killed
-mid-run, and an S3 endpoint that fails requests.
+"""Faults, for real, on the local multi-node cluster: the driver killed mid-run (the folder-format table), and an S3
+endpoint that fails requests. The worker node killed mid-run is in test_table_faults (the Iceberg table), with the
+node helpers it takes from here.
 
 Kills happen at a well-defined point: the images are read from S3 through a proxy (tests/s3_proxy.py)
 that holds the GETs of the last input block, so the run is certainly mid-way (some rows written, some
@@ -153,7 +154,7 @@ def test_killed_driver_run_is_resumed_exactly_once(ray_cluster, s3_bucket, tiny_
     assert not list((table / "_staging").iterdir())
 
 
-# --------------------------------------------------------------------------- worker node killed
+# --------------------------------------------------------------------------- worker nodes (test_table_faults kills one)
 
 
 def _processes(marker: str) -> dict[int, str]:
@@ -222,50 +223,6 @@ def wait_for_alive_nodes(cluster: LocalCluster, n: int, timeout: float = 120) ->
             return
         time.sleep(2)
     raise AssertionError(f"the cluster did not get back to {n} live nodes")
-
-
-def test_worker_node_killed_mid_run_job_completes_exactly_once(ray_cluster, s3_bucket, tiny_model, tmp_path):
-    bucket, client = s3_bucket
-    uris = upload_images(client, bucket, "archive", N)
-    # A 3-CPU node: the only one where a 2.5-CPU predictor actor (the fixed plan's there, asked for explicitly:
-    # the measured plan would size it by the inputs' costs) fits (head 2 CPUs, worker 1), so killing it
-    # certainly kills the actor and its in-flight batches. The replacement node plays the autoscaler's part.
-    nodes = [ExtraNode(ray_cluster, 3)]
-    proxy = FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], hold=tuple(f"/{bucket}/archive/{i:03d}.png" for i in HELD))
-    table = tmp_path / "table"
-    try:
-        ray_cluster.wait_for_nodes(3)
-        job = start_job(
-            ray_cluster,
-            proxy,
-            f"s3://{bucket}/archive",
-            table,
-            tiny_model,
-            tmp_path / "job.log",
-            "--cpus-per-actor",
-            "2.5",
-        )
-        try:
-            wait_for(
-                lambda: proxy.held > 0 and staged_rows(table) >= 4, "rows staged while the last block is held", proc=job
-            )
-            nodes[0].kill_raylet()
-            nodes.append(ExtraNode(ray_cluster, 3))
-            proxy.release()
-            job.wait(300)
-        finally:
-            if job.poll() is None:
-                job.kill()
-        log = (tmp_path / "job.log").read_text()
-        assert job.returncode == 0, log[-4000:]
-    finally:
-        proxy.close()
-        for node in nodes:
-            node.stop()
-        wait_for_alive_nodes(ray_cluster, 2)  # as the other tests expect it
-    report = report_of(log)
-    assert report["new"] == N and report["scored"] == N and not report["resumed"]
-    assert_exactly_once(str(table), uris, load_checkpoint(tiny_model).info.model_id)
 
 
 # --------------------------------------------------------------------------- S3 failing requests

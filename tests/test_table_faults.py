@@ -1,5 +1,6 @@
-"""The Iceberg nightly table under faults, for real: the driver killed mid-run, two runs on one table at once, and an
-S3 endpoint answering 503. What the table holds is read with PyIceberg directly (SQLite catalog, no project code).
+"""The Iceberg nightly table under faults, for real: the driver killed mid-run, a worker node killed mid-run, two runs
+on one table at once, and an S3 endpoint answering 503. What the table holds is read with PyIceberg directly (SQLite
+catalog, no project code).
 
 As in test_faults, the images are read from S3 through a proxy (tests/s3_proxy.py) that holds the GETs of the last
 input block, so a run is certainly mid-way (some chunks committed, some images not even read) when the fault comes."""
@@ -19,7 +20,7 @@ from pyiceberg.exceptions import NoSuchTableError
 from cxr.checkpoint import load_checkpoint
 from support.jobs import PYTHON, ROOT
 from support.s3_proxy import FaultyS3Proxy
-from test_faults import HELD, N, report_of, upload_images, wait_for
+from test_faults import HELD, ExtraNode, N, report_of, upload_images, wait_for, wait_for_alive_nodes
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
@@ -167,5 +168,44 @@ def test_two_runs_on_one_table_one_wins_the_other_fails_cleanly(ray_cluster, s3_
     loser = logs[codes.index(5)]
     assert "error: table nightly.scores" in loser and "this run's uncommitted work was dropped" in loser, loser[-3000:]
     tbl = open_table(db, warehouse)  # never corrupt: reads whole, each image once, one run complete
+    assert_exactly_once(tbl, uris, load_checkpoint(tiny_model).info.model_id)
+    assert [s["cxr.run-complete"] for s in history(tbl)].count("true") == 1
+
+
+def test_worker_node_killed_mid_run_the_job_completes_exactly_once(ray_cluster, s3_bucket, tiny_model, tmp_path):
+    bucket, client = s3_bucket
+    uris = upload_images(client, bucket, "archive", N)
+    # A 3-CPU node: the only one where a 2.5-CPU predictor actor fits (head 2 CPUs, worker 1), so killing it certainly
+    # kills the actor and its in-flight batches. The replacement node plays the autoscaler's part.
+    nodes = [ExtraNode(ray_cluster, 3)]
+    proxy = FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], hold=tuple(f"/{bucket}/archive/{i:03d}.png" for i in HELD))
+    warehouse, db = str(tmp_path / "wh"), tmp_path / "catalog.db"
+    cmd = nightly_cmd(f"s3://{bucket}/archive", warehouse, db, tiny_model, "--cpus-per-actor", "2.5")
+    try:
+        ray_cluster.wait_for_nodes(3)
+        job = start(ray_cluster, proxy, cmd, tmp_path / "job.log")
+        try:
+            wait_for(
+                lambda: proxy.held > 0 and committed_rows(db, warehouse) >= CHUNK,
+                "a chunk committed while the last block is held",
+                proc=job,
+            )
+            nodes[0].kill_raylet()
+            nodes.append(ExtraNode(ray_cluster, 3))
+            proxy.release()
+            job.wait(300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        log = (tmp_path / "job.log").read_text()
+        assert job.returncode == 0, log[-4000:]
+    finally:
+        proxy.close()
+        for node in nodes:
+            node.stop()
+        wait_for_alive_nodes(ray_cluster, 2)  # as the other tests expect it
+    report = report_of(log)
+    assert report["new"] == N and report["scored"] == N and not report["resumed"]
+    tbl = open_table(db, warehouse)
     assert_exactly_once(tbl, uris, load_checkpoint(tiny_model).info.model_id)
     assert [s["cxr.run-complete"] for s in history(tbl)].count("true") == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +15,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 from cxr.checkpoint import load_checkpoint
 from cxr.output import OutputError
-from cxr.table import CatalogConfig, is_identifier, run_nightly
+from cxr.table import CatalogConfig, iceberg_schema, is_identifier, maintain, open_table, run_nightly
 from support.images import png_bytes, xray_like
 from support.jobs import run_job
 
@@ -236,6 +238,9 @@ def test_a_table_of_the_parquet_format_migrates_with_its_history_then_maintenanc
     assert (
         f"expired {report['snapshots_expired']} snapshots ({report['snapshots_before']} before, 1 kept)" in done.stdout
     )
+    # nothing orphaned (every file is younger than the grace period anyway): said so, and no file list in the JSON
+    assert report["orphan_files_deleted"] == 0 and "orphans" not in report
+    assert "nightly.scores: deleted 0 orphan files (0.0 MB) older than 72 h" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -244,9 +249,116 @@ def test_a_table_of_the_parquet_format_migrates_with_its_history_then_maintenanc
         ("nightly.py", ["--input", "x", "--table", "a.b", "--commit-every", "0"], "--commit-every must be at least 1"),
         ("table.py", ["maintain", "--table", "a.b", "--retain-last", "0"], "--retain-last must be at least 1"),
         ("table.py", ["maintain", "--table", "a.b", "--older-than-days", "-1"], "--older-than-days must be at least 0"),
+        (
+            "table.py",
+            ["maintain", "--table", "a.b", "--orphans-older-than-hours", "-1"],
+            "--orphans-older-than-hours must be at least 0",
+        ),
     ],
 )
 def test_bad_table_options_are_one_line_usage_errors(script, args, message, tmp_path):
     proc = run_job(script, *args, "--warehouse", str(tmp_path / "wh"), timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
     assert not (tmp_path / "wh").exists()  # nothing created
+
+
+# --------------------------------------------------------------------------- orphan files (no Ray: PyIceberg writes)
+
+DAY = 24 * 3600
+
+
+def score_rows(paths: list[str], run: str) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"path": p, "model": "m", "prob_covid": 0.5, "prediction": "normal", "run_id": run} for p in paths],
+        schema=iceberg_schema(),
+    )
+
+
+def write_history(tbl) -> list[tuple[int, list]]:
+    """Three commits as a nightly run makes them (append, then upserts replacing rows: PyIceberg's upsert commits a
+    delete and an append snapshot); (snapshot, its rows) for each snapshot."""
+    tbl.append(score_rows(["a", "b"], "r1"))
+    tbl.upsert(score_rows(["b", "c"], "r2"), join_cols=["path", "model"])
+    tbl.upsert(score_rows(["c", "d"], "r3"), join_cols=["path", "model"])
+    return [(s.snapshot_id, rows_at(tbl, s.snapshot_id)) for s in tbl.snapshots()]
+
+
+def rows_at(tbl, snapshot_id: int | None = None) -> list:
+    return sorted((r["path"], r["run_id"]) for r in tbl.scan(snapshot_id=snapshot_id).to_arrow().to_pylist())
+
+
+def referenced_files(tbl) -> set[str]:
+    """Every file the table's metadata references, read with PyIceberg only."""
+    files = {tbl.metadata_location, *(e.metadata_file for e in tbl.metadata.metadata_log)}
+    for snap in tbl.snapshots():
+        files.add(snap.manifest_list)
+        for manifest in snap.manifests(tbl.io):
+            files.add(manifest.manifest_path)
+            files |= {e.data_file.file_path for e in manifest.fetch_manifest_entry(tbl.io, discard_deleted=True)}
+    return files
+
+
+def test_maintenance_deletes_orphan_files_older_than_the_grace_period_and_keeps_the_table_whole(tmp_path):
+    warehouse = tmp_path / "warehouse"
+    catalog = CatalogConfig(warehouse=str(warehouse))
+    tbl = open_table("nightly.scores", catalog)
+    history = write_history(tbl)
+    root = Path(tbl.location().removeprefix("file://"))
+    a_data_file = next((root / "data").rglob("*.parquet"))
+    size = a_data_file.stat().st_size
+    four_days_ago = time.time() - 4 * DAY
+    for f in root.rglob("*"):  # every file of the table old: only being referenced may keep one
+        os.utime(f, (four_days_ago, four_days_ago))
+    # what a killed write leaves: data files (real Parquet of the table's schema) and a metadata file, never committed
+    old_orphans = [root / "data" / "00000-0-killed-write.parquet", root / "metadata" / "snap-killed-write.avro"]
+    shutil.copy(a_data_file, old_orphans[0])
+    old_orphans[1].write_bytes(b"avro")
+    for f in old_orphans:
+        os.utime(f, (four_days_ago, four_days_ago))
+    in_flight = root / "data" / "00000-0-write-in-flight.parquet"  # written now: its commit may still come
+    shutil.copy(a_data_file, in_flight)
+    a_data_file = in_flight  # the first data file expires with the first snapshot
+
+    report = maintain("nightly.scores", catalog, older_than_days=0, retain_last=4)  # the default grace: 3 days
+
+    assert not any(f.exists() for f in old_orphans) and in_flight.exists()
+    assert report.orphan_files_deleted == 2 and report.orphan_files_too_young == 1
+    assert report.orphan_bytes_deleted == size + 4
+    assert sorted(report.orphans) == sorted(f"file://{f}" for f in old_orphans)
+    assert "deleted 2 orphan files" in report.orphans_line()
+    # the table as any reader opens it: every row, every referenced file, time travel to the kept snapshots
+    tbl = iceberg_table(warehouse)
+    assert rows_at(tbl) == history[-1][1] == [("a", "r1"), ("b", "r2"), ("c", "r3"), ("d", "r3")]
+    assert all(os.path.exists(p.removeprefix("file://")) for p in referenced_files(tbl))
+    kept = {s.snapshot_id for s in tbl.snapshots()}
+    travel = [(s, rows) for s, rows in history if s in kept]
+    assert len(travel) >= 2 and history[0][0] not in kept  # the compaction's and the newest ones kept (retain 4)
+    assert all(rows_at(tbl, snapshot_id) == rows for snapshot_id, rows in travel)
+
+    # a dry run lists the orphans and deletes nothing; a grace of 0 takes the young one too
+    os.utime(in_flight, (four_days_ago, four_days_ago))
+    dry = maintain("nightly.scores", catalog, dry_run=True)
+    assert dry.orphans == [f"file://{in_flight}"] and in_flight.exists() and dry.snapshots_after == len(kept)
+    shutil.copy(a_data_file, in_flight.with_name("young.parquet"))
+    assert maintain("nightly.scores", catalog, orphans_older_than_hours=0).orphan_files_deleted == 2
+    assert not in_flight.exists() and rows_at(iceberg_table(warehouse)) == history[-1][1]
+
+
+def test_orphan_files_on_s3_are_found_and_deleted(s3_bucket, tmp_path):
+    bucket, client = s3_bucket
+    catalog = CatalogConfig(warehouse=f"s3://{bucket}/tables", uri=f"sqlite:///{tmp_path}/catalog.db")
+    tbl = open_table("nightly.scores", catalog)
+    history = write_history(tbl)
+    prefix = tbl.location().removeprefix(f"s3://{bucket}/")
+    stray = f"{prefix}/data/00000-0-killed-write.parquet"
+    client.put_object(Bucket=bucket, Key=stray, Body=b"PAR1")
+    # S3 cannot backdate a file: with the default grace the fresh orphan stays, with none it goes
+    young = maintain("nightly.scores", catalog, compact=False)
+    assert (young.orphan_files_deleted, young.orphan_files_too_young) == (0, 1)
+    gone = maintain("nightly.scores", catalog, compact=False, orphans_older_than_hours=0)
+    assert gone.orphans == [f"s3://{bucket}/{stray}"] and gone.orphan_bytes_deleted == 4
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert stray not in keys
+    tbl = open_table("nightly.scores", catalog, create=False)
+    assert {p.removeprefix(f"s3://{bucket}/") for p in referenced_files(tbl)} <= keys
+    assert rows_at(tbl) == history[-1][1] and all(rows_at(tbl, s) == rows for s, rows in history)

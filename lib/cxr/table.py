@@ -31,11 +31,12 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from . import storage
 from .output import OutputError
@@ -51,6 +52,9 @@ DEFAULT_CATALOG = "cxr"
 # Images per commit: a killed run scores at most this many again, and each commit costs about a second and
 # one snapshot (compacted by maintenance). 1/10 of the run, at least 1,000 and at most 20,000 images.
 MIN_CHUNK, MAX_CHUNK = 1_000, 20_000
+# Unreferenced files younger than this are kept by maintenance: a write still in flight has written its files and not
+# yet committed them. Iceberg's own default (Spark's remove_orphan_files): far beyond any write's duration here.
+DEFAULT_ORPHAN_HOURS = 72.0
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
@@ -536,7 +540,7 @@ def _run_rows(tbl, rid: str, scored_now: list[pa.Table]) -> pa.Table | None:
 class MaintenanceReport:
     table: str
     snapshots_before: int
-    snapshots_expired: int  # the compaction's own intermediate snapshot included
+    snapshots_expired: int  # the compaction's own intermediate snapshot included; in a dry run: would expire
     snapshots_after: int
     data_files_before: int
     data_files_after: int
@@ -545,14 +549,32 @@ class MaintenanceReport:
     bytes_after: int
     rows: int
     seconds: float
+    orphans_older_than_hours: float = DEFAULT_ORPHAN_HOURS
+    orphan_files_deleted: int = 0  # in a dry run: would delete
+    orphan_bytes_deleted: int = 0
+    orphan_files_too_young: int = 0  # unreferenced, but younger than the grace period: kept
+    dry_run: bool = False
+    orphans: list[str] = field(default_factory=list)  # the orphan files deleted (or, in a dry run, to delete)
 
     def line(self) -> str:
+        if self.dry_run:
+            return (
+                f"{self.table}: dry run, nothing changed: would expire {self.snapshots_expired} snapshots "
+                f"({self.snapshots_before} now); {self.data_files_before} data files ({self.rows} rows)"
+            )
         return (
             f"{self.table}: expired {self.snapshots_expired} snapshots ({self.snapshots_before} before, "
             f"{self.snapshots_after} kept); compacted "
             f"{self.data_files_before} data files into {self.data_files_after} ({self.rows} rows, "
             f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB); deleted {self.files_deleted} "
             f"unreferenced files in {self.seconds:.1f}s"
+        )
+
+    def orphans_line(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"{self.table}: {verb} {self.orphan_files_deleted} orphan files ({self.orphan_bytes_deleted / 1e6:.1f} MB) "
+            f"older than {self.orphans_older_than_hours:g} h; kept {self.orphan_files_too_young} younger ones"
         )
 
 
@@ -575,6 +597,72 @@ def _all_referenced(tbl) -> set[str]:
     return paths
 
 
+def _metadata_files(tbl) -> set[str]:
+    """The table's metadata files outside the snapshots: the current metadata.json, the earlier ones its log keeps
+    (readers may time-travel by metadata file), and the statistics files."""
+    meta = tbl.metadata
+    paths = {tbl.metadata_location, *(entry.metadata_file for entry in meta.metadata_log)}
+    paths |= {s.statistics_path for s in meta.statistics} | {s.statistics_path for s in meta.partition_statistics}
+    return paths
+
+
+def _table_filesystem(tbl):
+    """(pyarrow filesystem, function: URI -> path in it) for the table's files, with the table's own credentials and
+    endpoint where its FileIO is PyIceberg's pyarrow one (the default), else the project's (local or s3://)."""
+    from pyiceberg.io.pyarrow import PyArrowFileIO
+
+    def path_of(uri: str) -> str:
+        return PyArrowFileIO.parse_location(uri)[2]
+
+    scheme, netloc, _ = PyArrowFileIO.parse_location(tbl.location())
+    if isinstance(tbl.io, PyArrowFileIO):
+        return tbl.io.fs_by_scheme(scheme, netloc), path_of
+    if scheme not in ("file", "s3"):
+        raise OutputError(f"cannot list {tbl.location()} to find orphan files: only local and s3:// tables")
+    return storage.filesystem(tbl.location())[0], path_of
+
+
+def remove_orphan_files(tbl, older_than_hours: float = DEFAULT_ORPHAN_HOURS, dry_run: bool = False) -> dict:
+    """Delete the files under the table's data and metadata locations that nothing references (no kept snapshot's
+    manifest list, manifests, data or delete files; not the current metadata.json, its metadata log or statistics
+    files) and that were last modified more than ``older_than_hours`` ago: what a write killed between writing its
+    files and the catalog commit, or a commit that lost to a concurrent writer, leaves behind (Iceberg's
+    ``remove_orphan_files``). The grace period protects the files of a write still in flight, which exist before
+    the commit that references them. ``dry_run``: delete nothing, say what would go.
+
+    The folders are listed before the table's metadata is read, so a commit landing in between is seen as
+    referencing its files. Returns ``{"orphans": [URI...], "bytes": n, "too_young": n}``."""
+    fs, path_of = _table_filesystem(tbl)
+    location = tbl.location().rstrip("/")
+    folders = [
+        tbl.properties.get("write.data.path", f"{location}/data"),
+        tbl.properties.get("write.metadata.path", f"{location}/metadata"),
+    ]
+    scheme = location.split("://", 1)[0] + "://" if "://" in location else ""
+    cutoff_ns = time.time_ns() - int(older_than_hours * 3600 * 1e9)
+    listed = []
+    for folder in folders:
+        selector = pafs.FileSelector(path_of(folder), recursive=True, allow_not_found=True)
+        listed += [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    tbl.refresh()
+    referenced = {path_of(p) for p in _all_referenced(tbl) | _metadata_files(tbl)}
+    unreferenced = [i for i in listed if i.path not in referenced]
+    old = [i for i in unreferenced if i.mtime_ns is not None and i.mtime_ns < cutoff_ns]
+    out = {"orphans": [], "bytes": 0, "too_young": len(unreferenced) - len(old)}
+    for info in sorted(old, key=lambda i: i.path):
+        uri = scheme + info.path if scheme else info.path
+        if not dry_run:
+            try:
+                fs.delete_file(info.path)
+            except OSError as exc:
+                log.warning("could not delete orphan file %s: %s", uri, storage.describe_error(exc))
+                continue
+            log.debug("deleted orphan file %s (%d bytes)", uri, info.size or 0)
+        out["orphans"].append(uri)
+        out["bytes"] += info.size or 0
+    return out
+
+
 def maintain(
     identifier: str,
     catalog: CatalogConfig | None = None,
@@ -583,10 +671,14 @@ def maintain(
     retain_last: int = 10,
     compact: bool = True,
     target_file_rows: int = 1_000_000,
+    orphans_older_than_hours: float = DEFAULT_ORPHAN_HOURS,
+    dry_run: bool = False,
 ) -> MaintenanceReport:
     """Compact the current rows into few large files (one overwrite snapshot, same rows), then expire the snapshots
-    older than ``older_than_days`` beyond the newest ``retain_last`` (and the current one), and delete the data and
-    metadata files no remaining snapshot references. Time travel reaches back as far as the kept snapshots."""
+    older than ``older_than_days`` beyond the newest ``retain_last`` (and the current one), delete the data and
+    metadata files no remaining snapshot references, and the orphan files older than ``orphans_older_than_hours``
+    (:func:`remove_orphan_files`). Time travel reaches back as far as the kept snapshots. ``dry_run``: change
+    nothing, report what would be expired and which orphan files would be deleted."""
     start = time.perf_counter()
     catalog = catalog or CatalogConfig()
     tbl = open_table(identifier, catalog, create=False)
@@ -594,7 +686,7 @@ def maintain(
     n_snaps = len(tbl.snapshots())
     candidates = set(_all_referenced(tbl))
     rows = sum(f.record_count for f in before)
-    if compact and len(before) > max(1, math.ceil(rows / target_file_rows)):
+    if not dry_run and compact and len(before) > max(1, math.ceil(rows / target_file_rows)):
         data = tbl.scan().to_arrow()
         data = data.sort_by([("path", "ascending"), ("model", "ascending")])
         tbl.overwrite(
@@ -609,17 +701,19 @@ def maintain(
         for s in tbl.snapshots()
         if s.snapshot_id not in keep and s.timestamp_ms < cutoff.timestamp() * 1000
     ]
-    if old:
-        tbl.maintenance.expire_snapshots().by_ids(old).commit()
-    tbl.refresh()
-    still = _all_referenced(tbl)
     deleted = 0
-    for path in sorted(candidates - still):
-        try:
-            tbl.io.delete(path)
-            deleted += 1
-        except OSError as exc:
-            log.warning("could not delete %s: %s", path, exc)
+    if not dry_run:
+        if old:
+            tbl.maintenance.expire_snapshots().by_ids(old).commit()
+        tbl.refresh()
+        still = _all_referenced(tbl)
+        for path in sorted(candidates - still):
+            try:
+                tbl.io.delete(path)
+                deleted += 1
+            except OSError as exc:
+                log.warning("could not delete %s: %s", path, exc)
+    orphans = remove_orphan_files(tbl, orphans_older_than_hours, dry_run)
     after = _live_files(tbl)
     return MaintenanceReport(
         identifier,
@@ -633,6 +727,12 @@ def maintain(
         sum(f.file_size_in_bytes for f in after),
         sum(f.record_count for f in after),
         time.perf_counter() - start,
+        orphans_older_than_hours,
+        len(orphans["orphans"]),
+        orphans["bytes"],
+        orphans["too_young"],
+        dry_run,
+        orphans["orphans"],
     )
 
 

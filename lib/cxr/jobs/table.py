@@ -7,7 +7,8 @@
 migrate: every committed run of the old table (its _committed.json manifests), oldest first, becomes one snapshot of
 the Iceberg table, with the run's id, model and counts in the summary; run again after an interruption, it skips the
 runs already there. maintain: rewrites the current rows into few files, expires snapshots older than the given age
-(keeping the newest --retain-last), deletes files no snapshot needs, and says what it removed. runs: the run reports.
+(keeping the newest --retain-last), deletes files no snapshot needs (also the orphans a killed or lost write left,
+once older than --orphans-older-than-hours), and says what it removed. runs: the run reports.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retain-last", type=cli.positive_int, default=10, metavar="N", help="always keep this many newest snapshots"
     )
     maintain.add_argument("--no-compact", action="store_true", help="only expire snapshots and delete files")
+    maintain.add_argument(
+        "--orphans-older-than-hours",
+        type=cli.non_negative_float,
+        default=72.0,
+        metavar="HOURS",
+        help="delete files no snapshot references (left by killed or lost writes) once older than this; younger "
+        "ones may belong to a write still in flight",
+    )
+    maintain.add_argument(
+        "--dry-run", action="store_true", help="change nothing: list the orphan files that would be deleted"
+    )
     runs = sub.add_parser(
         "runs",
         help="print the reports of the runs the table's snapshots keep (JSON lines)",
@@ -75,9 +87,15 @@ def main() -> int:
             older_than_days=args.older_than_days,
             retain_last=args.retain_last,
             compact=not args.no_compact,
+            orphans_older_than_hours=args.orphans_older_than_hours,
+            dry_run=args.dry_run,
         )
+        for uri in report.orphans if args.dry_run else ():
+            print(f"orphan: {uri}")
         print(report.line())
-        print(json.dumps({"maintenance": report.__dict__}))
+        print(report.orphans_line())
+        listed = report.__dict__ if args.dry_run else {k: v for k, v in report.__dict__.items() if k != "orphans"}
+        print(json.dumps({"maintenance": listed}))
     else:
         for report in table.run_reports(table.open_table(args.table, catalog, create=False)):
             print(json.dumps(report))

@@ -583,10 +583,13 @@ def _live_files(tbl) -> list:
     return [] if snap is None else [t.file for t in tbl.scan().plan_files()]
 
 
-def _all_referenced(tbl) -> set[str]:
-    """Every file a remaining snapshot still needs (each manifest read once: snapshots share most of them)."""
+def _all_referenced(tbl, only: set[int] | None = None) -> set[str]:
+    """Every file a remaining snapshot (or those of ``only``) still needs (each manifest read once: snapshots share
+    most of them)."""
     paths, manifests = set(), {}
     for snap in tbl.snapshots():
+        if only is not None and snap.snapshot_id not in only:
+            continue
         paths.add(snap.manifest_list)
         for manifest in snap.manifests(tbl.io):
             manifests[manifest.manifest_path] = manifest
@@ -643,7 +646,10 @@ def remove_orphan_files(tbl, older_than_hours: float = DEFAULT_ORPHAN_HOURS, dry
     listed = []
     for folder in folders:
         selector = pafs.FileSelector(path_of(folder), recursive=True, allow_not_found=True)
-        listed += [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        try:
+            listed += [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        except OSError as exc:
+            raise OutputError(f"cannot list {folder} to find orphan files: {storage.describe_error(exc)}") from exc
     tbl.refresh()
     referenced = {path_of(p) for p in _all_referenced(tbl) | _metadata_files(tbl)}
     unreferenced = [i for i in listed if i.path not in referenced]
@@ -685,6 +691,7 @@ def maintain(
     before = _live_files(tbl)
     n_snaps = len(tbl.snapshots())
     candidates = set(_all_referenced(tbl))
+    seen = {s.snapshot_id for s in tbl.snapshots()}
     rows = sum(f.record_count for f in before)
     if not dry_run and compact and len(before) > max(1, math.ceil(rows / target_file_rows)):
         data = tbl.scan().to_arrow()
@@ -693,6 +700,8 @@ def maintain(
             data,
             snapshot_properties={PREFIX + "operation-kind": "compact", PREFIX + "compacted-rows": str(data.num_rows)},
         )
+        # the compaction's own snapshots (its delete step may expire at once): their files are candidates too
+        candidates |= _all_referenced(tbl, {s.snapshot_id for s in tbl.snapshots()} - seen)
     keep = {s.snapshot_id for s in sorted(tbl.snapshots(), key=lambda s: s.timestamp_ms)[-retain_last:]}
     keep.add(tbl.current_snapshot().snapshot_id) if tbl.current_snapshot() else None
     cutoff = datetime.now(UTC) - timedelta(days=older_than_days)

@@ -126,6 +126,7 @@ def evaluate(
     title: str | None = None,
     group_by: str | None = None,
     overwrite: bool = False,
+    label_map: dict | None = None,
     **plan_overrides,
 ) -> EvaluationResult:
     """Score every labelled image under ``data`` with ``model`` and write the report to ``output_dir``.
@@ -144,7 +145,7 @@ def evaluate(
     # A folder without a split level ignores ``split``; a missing split folder is an error, never a
     # silent fall-back to another split (evaluating on training images).
     group_of = group_function(group_by) if group_by else None
-    sourced = [(f, uri) for uri in data for f in labelled_files(uri, split, settings)]
+    sourced = [(f, uri) for uri in data for f in labelled_files(uri, split, settings, label_map)]
     files = [f for f, _ in sourced]
     if not files:
         raise InputError("no labelled images found in " + ", ".join(data))

@@ -19,9 +19,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument(
-        "--data", action="append", required=True, metavar="URI", help="labelled folder or s3:// prefix; repeatable"
+        "--data",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="labelled images; repeatable: " + cli.LABELLED_DATA_HELP,
     )
-    data.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
+    cli.add_label_map(data)
+    data.add_argument(
+        "--split", default="test", help="train | test | all (ignored for manifests and folders without a split level)"
+    )
     report = p.add_argument_group("report")
     report.add_argument(
         "--threshold", type=cli.fraction, help="override the model's threshold (default: the one chosen on validation)"
@@ -60,6 +67,7 @@ def main() -> int:
         n_bootstrap=args.bootstrap,
         group_by=args.group_by,
         overwrite=args.overwrite,
+        label_map=args.label_map,
         batch_size=args.batch_size,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,

@@ -42,6 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "CheXpert-derived names",
     )
     report.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="also report n, sensitivity, specificity and ROC AUC (with intervals) per value of this column of a "
+        "labelled manifest (source, view, site, ...); repeatable",
+    )
+    report.add_argument(
         "--bootstrap", type=cli.non_negative_int, default=1000, help="bootstrap resamples for the AUC intervals"
     )
     model = p.add_argument_group("model and resources")
@@ -68,6 +76,7 @@ def main() -> int:
         group_by=args.group_by,
         overwrite=args.overwrite,
         label_map=args.label_map,
+        by=args.by,
         batch_size=args.batch_size,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,

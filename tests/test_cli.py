@@ -204,3 +204,30 @@ def test_shared_options_are_grouped_by_topic_in_every_jobs_help(monkeypatch):
             overwrite = next(a for a in parser._actions if a.dest == "overwrite")
             assert overwrite.help == cli.OVERWRITE_HELP, job
         assert len(titles) >= 5, (job, titles)  # options, general, output and at least two topics
+
+
+def test_every_labelled_data_job_maps_manifest_labels_and_names_the_bad_rows(tmp_path):
+    # pos/neg are mapped by --label-map in every job: the only row named is the one whose value it does not map
+    (tmp_path / "labels.csv").write_text("path,label\na.png,POS\nb.png,neg\nc.png,???\n")
+    data = str(tmp_path / "labels.csv")
+    jobs = {
+        "train.py": ["--data", data],
+        "tune.py": ["--data", data],
+        "evaluate.py": ["--data", data],
+        "validate.py": ["--data", data],
+        "audit.py": ["--internal", data],
+    }
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(item):
+        script, args = item
+        out = str(tmp_path / script)
+        return script, run_job(script, *args, "--label-map", "pos=covid,neg=non", "--output", out, env=NO_RAY)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for script, job in pool.map(run, jobs.items()):
+            assert job.returncode == 3, (script, job.stderr[-2000:])
+            assert job.stderr.strip().splitlines()[-1] == (
+                f"error: labelled manifest {data}: row 3 (c.png) with an unknown label "
+                "(values '???'; --label-map maps pos=covid, neg=non)"
+            ), script

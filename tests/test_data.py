@@ -18,6 +18,7 @@ from cxr.data import (
     cv_folds,
     fingerprint,
     labelled_files,
+    parse_label_map,
     patient_id,
     read_group_table,
     split_train_val,
@@ -225,3 +226,87 @@ def test_group_tables_map_file_names_to_groups_csv_or_tsv(tmp_path):
         f.path for f in files
     ]
     assert apply_groups(files, {"other.png": "x"}) == files and apply_groups(files, None) is files
+
+
+# --------------------------------------------------------------------------- labelled manifests
+
+
+def test_manifest_relative_paths_labels_patients_and_metadata(tmp_path):
+    _tree(tmp_path / "img", ["a/1.png", "a/2.png", "b/3.png", "b/4.png"])
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "labels.csv").write_text(
+        "path,label,patient,source,view\n"
+        "../img/a/1.png,COVID,p1,siteA,PA\n"
+        f"{tmp_path}/img/a/2.png, non ,p1,siteA,\n"
+        "../img/b/3.png,non,,siteB,AP\n"
+        "./../img/b/4.png,covid,7,siteB,AP\n"
+    )
+    files = labelled_files(str(tmp_path / "tables" / "labels.csv"), split="test")  # split ignored
+    assert [(f.path, f.label, f.group) for f in files] == [
+        (f"{tmp_path}/img/a/1.png", 1, "patient:p1"),
+        (f"{tmp_path}/img/a/2.png", 0, "patient:p1"),
+        (f"{tmp_path}/img/b/3.png", 0, f"{tmp_path}/img/b/3.png"),  # no patient: its own group
+        (f"{tmp_path}/img/b/4.png", 1, "patient:7"),
+    ]
+    assert files[0].meta == {"patient": "p1", "source": "siteA", "view": "PA"}
+    assert files[1].meta == {"patient": "p1", "source": "siteA"}  # an empty value is left out
+    # the patient column replaces --groups for its rows; a row without one still takes its --groups group
+    grouped = apply_groups(files, {"1.png": "case-1", "3.png": "case-1"})
+    assert [f.group for f in grouped] == ["patient:p1", "patient:p1", "g:case-1", "patient:7"]
+    # the same images as a Parquet table with a uri column, labels mapped
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"uri": ["img/a/1.png", "img/b/3.png"], "label": ["COVID-19", "pneumonia"], "age": [40, None]}),
+        tmp_path / "labels.parquet",
+    )
+    files = labelled_files(str(tmp_path / "labels.parquet"), label_map=parse_label_map("covid-19=covid,Pneumonia=non"))
+    assert [(f.path, f.label, f.meta) for f in files] == [
+        (f"{tmp_path}/img/a/1.png", 1, {"age": "40"}),
+        (f"{tmp_path}/img/b/3.png", 0, {}),
+    ]
+
+
+def test_manifest_bad_labels_name_the_rows(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        "path,label\na.png,covid\nb.png,maybe\nc.png,\n,non\na.png,non\nd.png,Maybe\ne.png,pneumonia\n"
+    )
+    with pytest.raises(InputError) as err:
+        labelled_files(str(tmp_path / "m.csv"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "row 4 with no path" in message
+    assert "row 3 (c.png) with no label" in message
+    assert "rows 2 (b.png), 6 (d.png), 7 (e.png) with an unknown label" in message
+    assert "row 5 (a.png) with a path listed before" in message
+    assert "'Maybe', 'maybe', 'pneumonia'" in message and "--label-map maps non=non, covid=covid" in message
+    (tmp_path / "nolabel.csv").write_text("path,site\na.png,x\n")
+    with pytest.raises(InputError, match="no 'label' column"):
+        labelled_files(str(tmp_path / "nolabel.csv"))
+    with pytest.raises(InputError, match="manifest not found"):
+        labelled_files(str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("covid", "VALUE=CLASS"), ("a=covid,b=flu", "must be one of non, covid"), ("a=covid,A=non", "mapped twice")],
+)
+def test_parse_label_map_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_label_map(text)
+
+
+def test_manifest_on_s3_resolves_relative_paths(s3_bucket, tmp_path):
+    bucket, client = s3_bucket
+    _tree(tmp_path / "ds", ["img/a.png", "img/b.png"])
+    (tmp_path / "ds" / "meta").mkdir()
+    (tmp_path / "ds" / "meta" / "labels.csv").write_text(
+        "path,label,source\n../img/a.png,covid,x\n../img/b.png,non,y\n"
+    )
+    upload_tree(client, bucket, tmp_path / "ds", "archive")
+    files = labelled_files(f"s3://{bucket}/archive/meta/labels.csv")
+    assert [(f.path, f.label, f.meta["source"]) for f in files] == [
+        (f"s3://{bucket}/archive/img/a.png", 1, "x"),
+        (f"s3://{bucket}/archive/img/b.png", 0, "y"),
+    ]

@@ -8,7 +8,9 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
+from cxr.errors import InputError
 from cxr.evaluate import data_name, evaluate
 from support.images import dicom_bytes, make_labelled_tree, xray_like
 from support.jobs import run_job
@@ -199,3 +201,62 @@ def test_report_title_names_the_data_set_not_its_layout_folder():
     assert data_name("../shared/data/covid-xray-5k") == "covid-xray-5k"
     assert data_name("runs/x/data") == "runs/x/data"  # a generic name: the path says more
     assert data_name("s3://bucket") == "bucket"
+
+
+def test_figures_by_the_columns_of_a_labelled_manifest(ray_driver, tiny_model, tmp_path):
+    data = make_labelled_tree(tmp_path / "pacs", n=8, size=32, seed=4, layout="")
+    rows = ["uri,label,patient,source,view"]
+    for i, f in enumerate(sorted(data.glob("*/*.png"))):
+        view = "" if i % 4 == 3 else ("PA" if i % 2 else "AP")
+        rows.append(f"pacs/{f.parent.name}/{f.name},{'yes' if f.parent.name == 'covid' else 'no'},p{i},s{i % 3},{view}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    proc = run_job(
+        "evaluate.py",
+        "--data",
+        str(tmp_path / "labels.csv"),
+        "--label-map",
+        "yes=covid,no=non",
+        "--by",
+        "source",
+        "--by",
+        "view",
+        "--model",
+        tiny_model,
+        "--output",
+        str(out),
+        "--bootstrap",
+        "50",
+        env={"RAY_ADDRESS": ray_driver.address},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert len(pred) == 16 and pred["error"].isna().all() and int(pred["label"].sum()) == 8
+    r = json.loads((out / "report.json").read_text())
+    assert list(r["by"]) == ["source", "view"]
+    assert [g["group"] for g in r["by"]["view"]["groups"]] == ["(missing)", "AP", "PA"]
+    t = r["threshold"]
+    for column in ("source", "view"):
+        groups = r["by"][column]["groups"]
+        assert sum(g["n"] for g in groups) == 16
+        for g in groups:
+            sel = pred[pred[f"by_{column}"] == g["group"]]
+            pos, neg = sel[sel.label == 1], sel[sel.label == 0]
+            assert (g["n_positive"], g["n_negative"]) == (len(pos), len(neg))
+            assert g["sensitivity"]["k"] == int((pos.prob_covid >= t).sum()), (column, g["group"])
+            assert g["specificity"]["k"] == int((neg.prob_covid < t).sum()), (column, g["group"])
+            assert g["roc_auc"] == pytest.approx(roc_auc_score(sel.label, sel.prob_covid))
+            assert g["roc_auc_ci95"][0] <= g["roc_auc"] <= g["roc_auc_ci95"][1]
+        assert (out / f"by-{column}.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "<h2>By source</h2>" in html and "<h2>By view</h2>" in html
+    assert "by view:" in proc.stdout and re.search(r"^\s+s0\s+n \d+ \(\d+ covid\), sensitivity", proc.stdout, re.M)
+
+    # a column the data lacks is a bad input, named with the columns there are, before any scoring
+    with pytest.raises(InputError, match=r"--by site: no labelled image has a 'site' column \(their columns: "):
+        evaluate(
+            [str(tmp_path / "labels.csv")], tiny_model, str(out), by=["site"], label_map={"yes": "covid", "no": "non"}
+        )
+    with pytest.raises(InputError, match="they come from class folders"):
+        evaluate([str(data)], tiny_model, str(tmp_path / "o2"), by=["source"])
+    assert not (tmp_path / "o2").exists()

@@ -264,7 +264,16 @@ def test_subgroup_report_hand_example():
     assert b["sensitivity"] is None and b["roc_auc"] is None
     assert b["false_positive_rate"]["k"] == 1 and b["false_positive_rate"]["n"] == 3
     assert c["false_positive_rate"] is None and c["sensitivity"]["value"] == 1.0
+    assert a["specificity"]["k"] == 1 and a["specificity"]["ci95"] == pytest.approx(list(wilson_ci(1, 2)))
+    assert b["specificity"]["k"] == 2 and b["specificity"]["n"] == 3 and c["specificity"] is None
+    assert a["roc_auc_ci95"] == [None, None] and b["roc_auc_ci95"] == [None, None]  # no resamples / one class
     assert json.loads(json.dumps(rows)) == rows
+    # with resamples: each group's interval is the bootstrap of that group alone
+    booted = subgroup_report(y, p, g, threshold=0.5, n_bootstrap=200, seed=3)
+    assert booted[0]["roc_auc_ci95"] == pytest.approx(
+        list(bootstrap_auc_ci(y[:4], p[:4], n_bootstrap=200, seed=3)["roc_auc"])
+    )
+    assert booted[1]["roc_auc_ci95"] == [None, None] and booted[2]["roc_auc_ci95"] == [None, None]
 
 
 def test_subgroup_report_rejects_misaligned_groups():

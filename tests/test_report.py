@@ -156,3 +156,31 @@ def test_length_mismatch_rejected(tmp_path):
     report = binary_report(y, p, 0.5, n_bootstrap=10)
     with pytest.raises(ValueError):
         write_report(report, y[:-1], p[:-1], tmp_path)
+
+
+def test_figures_by_metadata_columns(tmp_path):
+    from cxr.metrics import subgroup_report
+
+    y, p = _data(40, 60, seed=2)
+    source = np.where(np.arange(100) % 2, "site <A>", "siteB")
+    view = np.where(y == 1, "PA", "AP")  # each view one class: rates, no AUC
+    report = binary_report(y, p, 0.5, n_bootstrap=50)
+    by = {
+        column: {"by": column, "groups": subgroup_report(y, p, values, 0.5, n_bootstrap=50)}
+        for column, values in (("source", source), ("view", view))
+    }
+    (tmp_path / "by-site.png").write_bytes(b"stale")  # a column of an earlier run
+    paths = write_report(report, y, p, tmp_path, by=by)
+    assert not (tmp_path / "by-site.png").exists()
+    for column in ("source", "view"):
+        assert paths[f"by_{column}"] == str(tmp_path / f"by-{column}.png")
+        _check_png(paths[f"by_{column}"])
+    loaded = json.loads(Path(paths["report_json"]).read_text(encoding="utf-8"))
+    assert loaded["by"] == by and "subgroups" not in loaded
+    a = {g["group"]: g for g in loaded["by"]["source"]["groups"]}["site <A>"]
+    lo, hi = a["roc_auc_ci95"]
+    assert lo < a["roc_auc"] < hi and a["specificity"]["n"] == 30
+    page = Path(paths["report_html"]).read_text(encoding="utf-8")
+    assert "<h2>By source</h2>" in page and "<h2>By view</h2>" in page and "<td>site &lt;A&gt;</td>" in page
+    assert f"{a['roc_auc']:.3f} 95% CI {lo:.3f}–{hi:.3f}" in page
+    assert page.count("data:image/png;base64,") == 6  # roc, pr, histogram, confusion, by-source, by-view

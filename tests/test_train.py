@@ -692,3 +692,34 @@ def test_epoch_lines_name_the_fold_or_seed_of_their_run():
     assert run_label("_ray", folds) == "shipped model, seed 3"
     assert run_label("_ray_fold1_seed1", folds) == "fold 2/5, seed 3"  # a member's config carries its own seed
     assert run_label("train-resnet50-0123456789ab", one) == "train-resnet50-0123456789ab"  # a Tune trial's run
+
+
+def test_training_data_from_a_labelled_manifest_keeps_patients_together(ray_driver, tmp_path):
+    # images in a PACS-like tree (no class folders), labels and patients in a table one folder away
+    make_labelled_tree(tmp_path / "pacs", n=8, size=32, seed=3, layout="")
+    rows = ["path,label,patient,source"]
+    for cls, value in (("covid", "COVID-19"), ("non", "normal")):
+        for i in range(8):
+            rows.append(f"../pacs/{cls}/{cls}3-{i}.png,{value},{cls}-{i // 2},site{i % 2}")
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = TrainConfig(
+        data=str(tmp_path / "tables" / "labels.csv"),
+        output=str(tmp_path / "run"),
+        weights="none",
+        image_size=32,
+        oversample=1,
+        val_fraction=0.25,
+        label_map={"covid-19": "covid", "normal": "non"},
+        groups={"covid3-0.png": "one-case", "non3-7.png": "one-case"},  # the patient column wins
+    )
+    prepared = prepare_data(cfg)
+    assert prepared.counts == {"non": 8, "covid": 8} and prepared.undecodable == 0
+    files = prepared.train_files + prepared.val_files
+    assert sorted(f.path for f in files) == sorted(str(p) for p in (tmp_path / "pacs").rglob("*.png"))
+    assert all(f.label == (f.path.split("/")[-2] == "covid") for f in files)
+    patient = {f.path: f.meta["patient"] for f in files}
+    train_patients = {patient[f.path] for f in prepared.train_files}
+    assert train_patients.isdisjoint(patient[f.path] for f in prepared.val_files)
+    assert len(set(patient.values())) == 8 and prepared.val_files  # 8 patients of 2 images, 2 of them held out
+    assert prepared.train_ds.count() == len(prepared.train_files) and prepared.val_ds.count() == len(prepared.val_files)

@@ -343,6 +343,7 @@ def audit(
     actors: int | None = None,
     layer: str | None = None,
     overwrite: bool = False,
+    label_map: dict | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``internal`` versus ``externals``; report to the local folder ``output_dir``.
 
@@ -366,7 +367,7 @@ def audit(
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     chosen, internal_files, split_used = [], None, False
     for name, uri in zip(names, (internal, *externals)):
-        files = labelled_files(uri, internal_split if uri == internal else None, settings)
+        files = labelled_files(uri, internal_split if uri == internal else None, settings, label_map)
         if not files:
             raise InputError(f"no labelled images in {uri}")
         if uri == internal:

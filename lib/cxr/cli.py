@@ -154,6 +154,36 @@ def val_fraction(text: str) -> float:
     return value
 
 
+def label_map(text: str) -> dict[str, str]:
+    """argparse ``type=``: ``--label-map VALUE=CLASS,...`` (``data.parse_label_map``)."""
+    from .data import parse_label_map
+
+    try:
+        return parse_label_map(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+LABELLED_DATA_HELP = (
+    "a folder or s3:// prefix with {train,test}/{covid,non}/ or {covid,non}/, or a labelled manifest: a .csv or "
+    ".parquet table with columns path (or uri; relative to the table) and label, optional patient (the group a "
+    "split keeps together) and any other columns (source, view, ...) as metadata"
+)
+
+
+def add_label_map(group) -> None:
+    """``--label-map``: how a labelled manifest's ``label`` values map to the classes (every job that reads labelled
+    data)."""
+    group.add_argument(
+        "--label-map",
+        type=label_map,
+        metavar="VALUE=CLASS,...",
+        help="labelled manifests: which label values mean covid and which non, case-insensitive, e.g. "
+        "'COVID-19=covid,pneumonia=non,normal=non' (default: covid=covid,non=non); a row with another value or "
+        "none is an error (exit 3)",
+    )
+
+
 def add_scoring_resources(p: argparse.ArgumentParser) -> None:
     """The predictor pool's options, shared by the jobs that score an archive (score, nightly), in a group
     'predictor pool'."""
@@ -247,9 +277,9 @@ def add_training_options(p: argparse.ArgumentParser, config: type, *, what: str)
         "--data",
         required=True,
         metavar="URI",
-        help="labelled images: a folder or s3:// prefix with {train,test}/{covid,non}/ (only train/ is used) or "
-        "{covid,non}/",
+        help="labelled images: " + LABELLED_DATA_HELP + " (of a {train,test}/ folder only train/ is used)",
     )
+    add_label_map(data)
     data.add_argument(
         "--val-fraction",
         type=val_fraction,

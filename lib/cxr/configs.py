@@ -57,6 +57,7 @@ class TrainConfig:
     gpu: bool = False
     seed: int = 0
     groups: dict[str, str] | None = None  # file name -> group (e.g. a COVID case), besides patient ids
+    label_map: dict[str, str] | None = None  # a labelled manifest's label values -> covid/non (data.parse_label_map)
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     max_failures: int = 2
 
@@ -82,6 +83,7 @@ class SearchConfig:
     oversample: int = 5
     batch_size: int = 32
     val_fraction: float = 0.2
+    label_map: dict[str, str] | None = None  # a labelled manifest's label values -> covid/non (data.parse_label_map)
     seed: int = 0
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 2

@@ -5,6 +5,7 @@ A dataset is a local folder or ``s3://`` prefix laid out as
     ROOT/{train,test}/{covid,non}/...     (COVID-Xray-5k's own layout; ``split`` picks the sub-folder)
     ROOT/{covid,non}/...                  (no split level)
     ROOT = .../covid  or  .../non         (one class only, e.g. ``external/hannover-covid/covid``)
+    ROOT = labels.csv or labels.parquet   (a labelled manifest: :func:`manifest_files`)
 
 Class and split folder names match case-insensitively; images are found recursively below each class
 folder (:func:`cxr.sources.list_images`); other folders and loose files next to them are ignored.
@@ -19,13 +20,14 @@ import dataclasses
 import hashlib
 import posixpath
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
 from . import storage
 from .errors import InputError
-from .sources import list_images
+from .sources import is_manifest, list_images, read_manifest_table
 
 CLASS_NAMES = ("non", "covid")  # label index 0 = non, 1 = covid (same order as cxr.checkpoint.CLASS_NAMES)
 SPLIT_NAMES = ("train", "test")
@@ -39,7 +41,9 @@ _PATIENT_DIR = re.compile(r"patient(\d+)", re.IGNORECASE)
 class LabelledFile:
     path: str  # full URI (local absolute path or s3://...)
     label: int  # 0 non, 1 covid
-    group: str  # patient id where the path carries one, else the path itself
+    group: str  # patient id where the path carries one (or a manifest's patient column), else the path itself
+    # a labelled manifest's other columns (source, view, patient, ...): column -> value, empty values left out
+    meta: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
@@ -104,26 +108,113 @@ def _split_dirs(fs: pafs.FileSystem, path: str) -> dict[str, list[str]]:
 
 def apply_groups(files: list[LabelledFile], groups: dict[str, str] | None) -> list[LabelledFile]:
     """``files`` with the group of every file that ``groups`` (file name -> group, :func:`read_group_table`)
-    names; the others keep theirs (patient id or own path)."""
+    names; the others keep theirs (patient id or own path), and so does every file whose manifest row names
+    its patient (the manifest's ``patient`` column replaces ``--groups`` for those rows)."""
     if not groups:
         return files
     return [
         dataclasses.replace(f, group=f"g:{groups[posixpath.basename(f.path)]}")
-        if posixpath.basename(f.path) in groups
+        if posixpath.basename(f.path) in groups and PATIENT_COLUMN not in f.meta
         else f
         for f in files
     ]
 
 
-def labelled_files(
-    uri: str, split: str | None = "train", settings: storage.S3Settings | None = None
+# --------------------------------------------------------------------------- labelled manifests
+
+LABEL_COLUMN = "label"
+PATIENT_COLUMN = "patient"
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``'COVID-19=covid,Pneumonia=non,Normal=non'`` -> ``{'covid-19': 'covid', 'pneumonia': 'non', ...}``: a
+    labelled manifest's label values (case-insensitive, stripped) -> class name. :class:`ValueError` for an
+    entry without ``=``, a class other than covid/non, or a value named twice."""
+    out: dict[str, str] = {}
+    for entry in text.split(","):
+        value, sep, cls = entry.partition("=")
+        value, cls = value.strip().casefold(), cls.strip().lower()
+        if not sep or not value:
+            raise ValueError(f"expected VALUE=CLASS entries separated by commas, got {entry.strip()!r}")
+        if cls not in CLASS_NAMES:
+            raise ValueError(f"{entry.strip()!r}: the class must be one of {', '.join(CLASS_NAMES)}")
+        if value in out:
+            raise ValueError(f"label value {value!r} is mapped twice")
+        out[value] = cls
+    return out
+
+
+def _rows(rows: list[int], paths: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"{i + 1}" + (f" ({posixpath.basename(paths[i])})" if paths[i] else "") for i in rows[:limit])
+    return f"row{'s' if len(rows) > 1 else ''} {shown}" + (
+        f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    )
+
+
+def manifest_files(
+    uri: str, settings: storage.S3Settings | None = None, label_map: Mapping[str, str] | None = None
 ) -> list[LabelledFile]:
-    """Every image below ``uri``'s class folders, labelled by folder, sorted by path.
+    """The labelled files a CSV or Parquet table lists, sorted by path: column ``path`` (or ``uri``; relative to
+    the table's folder, local or ``s3://``) and ``label``, whose values ``label_map`` (value -> covid/non, see
+    :func:`parse_label_map`; default: the class names themselves) maps, case-insensitively. An optional ``patient``
+    column is the split's group; every other column is carried as ``meta``. Rows are counted from 1 after the
+    header. :class:`InputError` naming the rows for a missing or unknown label, a missing path, or a path listed
+    twice."""
+    label_map = {k.casefold(): v for k, v in (label_map or {c: c for c in CLASS_NAMES}).items()}
+    table = read_manifest_table(uri, settings, every_column=True)
+    if LABEL_COLUMN not in table.column_names:
+        raise InputError(
+            f"labelled manifest {uri} has no {LABEL_COLUMN!r} column (columns: {', '.join(table.column_names[:10])})"
+        )
+    rows = table.to_pylist()
+    paths = [r["path"] for r in rows]
+    known = ", ".join(f"{v}={c}" for v, c in label_map.items())
+    problems = {
+        "no path": [i for i, r in enumerate(rows) if not r["path"]],
+        "no label": [i for i, r in enumerate(rows) if not (r[LABEL_COLUMN] or "").strip()],
+        "an unknown label": [
+            i
+            for i, r in enumerate(rows)
+            if (r[LABEL_COLUMN] or "").strip() and (r[LABEL_COLUMN] or "").strip().casefold() not in label_map
+        ],
+    }
+    seen: dict[str, int] = {}
+    problems["a path listed before"] = [i for i, p in enumerate(paths) if p and seen.setdefault(p, i) != i]
+    bad = [f"{_rows(idx, paths)} with {what}" for what, idx in problems.items() if idx]
+    if bad:
+        unknown = sorted({rows[i][LABEL_COLUMN].strip() for i in problems["an unknown label"]})
+        hint = f" (values {', '.join(map(repr, unknown[:5]))}; --label-map maps {known})" if unknown else ""
+        raise InputError(f"labelled manifest {uri}: " + "; ".join(bad) + hint)
+    if not rows:
+        raise InputError(f"labelled manifest {uri} lists no images")
+    out = []
+    for r in rows:
+        scheme, sep, rest = r["path"].rpartition("://")
+        path = scheme + sep + posixpath.normpath(rest)  # 'labels/../images/a.png' -> 'images/a.png'
+        meta = {k: str(v).strip() for k, v in r.items() if k not in ("path", LABEL_COLUMN) and v is not None}
+        meta = {k: v for k, v in meta.items() if v}
+        label = CLASS_NAMES.index(label_map[r[LABEL_COLUMN].strip().casefold()])
+        group = f"patient:{meta[PATIENT_COLUMN]}" if PATIENT_COLUMN in meta else (patient_id(path) or path)
+        out.append(LabelledFile(path, label, group, meta))
+    return sorted(out, key=lambda f: f.path)
+
+
+def labelled_files(
+    uri: str,
+    split: str | None = "train",
+    settings: storage.S3Settings | None = None,
+    label_map: Mapping[str, str] | None = None,
+) -> list[LabelledFile]:
+    """Every image below ``uri``'s class folders, labelled by folder, sorted by path; or, where ``uri`` is a
+    ``.csv``/``.parquet`` table, the files it lists with their labels mapped by ``label_map`` and their
+    metadata (:func:`manifest_files`; ``split`` is ignored, as for a folder without a split level).
 
     With a ``{train,test}`` layout ``split`` picks the sub-folder; ``split=None`` takes every split
     folder present (e.g. all of an external set of normals). Without a split level ``split`` is ignored.
     Raises :class:`InputError` when ``uri`` is missing or holds no ``covid``/``non`` folder.
     """
+    if is_manifest(uri):
+        return manifest_files(uri, settings, label_map)
     layout = "expected {covid,non}/ or {train,test}/{covid,non}/ below it, or a folder itself named covid or non"
     fs, root = storage.filesystem(uri, settings)
     try:

@@ -62,6 +62,20 @@ def group_function(group_by: str):
     return by_name
 
 
+MISSING = "(missing)"
+
+
+def column_values(files, column: str) -> dict[str, str]:
+    """path -> the value of metadata column ``column`` (a labelled manifest's column; :data:`MISSING` where a row
+    leaves it empty or the file comes from a folder). :class:`InputError` when no file has that column, naming
+    the columns there are."""
+    if not any(column in f.meta for f in files):
+        columns = sorted({c for f in files for c in f.meta})
+        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
+        raise InputError(f"--by {column}: no labelled image has a {column!r} column ({where})")
+    return {f.path: f.meta.get(column, MISSING) for f in files}
+
+
 @dataclass
 class EvaluationResult:
     report: dict
@@ -70,6 +84,7 @@ class EvaluationResult:
     seconds: float
     subgroups: dict | None = None
     not_frontal: int = 0  # of the errors: lateral/oblique DICOM views, not scored (the rest are unreadable files)
+    by: dict | None = None  # metadata column -> {"by": column, "groups": [...]} (``by``)
 
     def line(self) -> str:
         r = self.report
@@ -91,18 +106,34 @@ class EvaluationResult:
         )
 
     def subgroup_lines(self) -> list[str]:
-        """One line per subgroup (empty without ``group_by``)."""
+        """One line per subgroup (empty without ``group_by``), then per group of each ``by`` column under a line
+        naming the column."""
 
         def rate(d):
             return "n/a" if not d else f"{d['value']:.3f} ({d['k']}/{d['n']})"
 
+        def auc(g):
+            lo, hi = g.get("roc_auc_ci95") or (None, None)
+            if g.get("roc_auc") is None:
+                return "n/a"
+            return f"{g['roc_auc']:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+
         groups = (self.subgroups or {}).get("groups") or []
         width = max((len(g["group"]) for g in groups), default=0)
-        return [
+        lines = [
             f"  {g['group']:<{width}}  sensitivity {rate(g['sensitivity'])}, false-positive rate "
             f"{rate(g['false_positive_rate'])}"
             for g in groups
         ]
+        for column, grouping in (self.by or {}).items():
+            width = max((len(g["group"]) for g in grouping["groups"]), default=0)
+            lines.append(f"by {column}:")
+            lines += [
+                f"  {g['group']:<{width}}  n {g['n']} ({g['n_positive']} covid), sensitivity "
+                f"{rate(g['sensitivity'])}, specificity {rate(g['specificity'])}, ROC AUC {auc(g)}"
+                for g in grouping["groups"]
+            ]
+        return lines
 
 
 def data_name(uri: str) -> str:
@@ -126,12 +157,18 @@ def evaluate(
     title: str | None = None,
     group_by: str | None = None,
     overwrite: bool = False,
+    label_map: dict | None = None,
+    by: list[str] | None = None,
     **plan_overrides,
 ) -> EvaluationResult:
     """Score every labelled image under ``data`` with ``model`` and write the report to ``output_dir``.
 
     ``group_by`` (see :func:`group_function`) adds the rates per subgroup to the report and a ``group``
-    column to ``predictions.parquet``. A non-empty ``output_dir`` raises OutputError unless ``overwrite``,
+    column to ``predictions.parquet``. Each column of ``by``, a metadata column of labelled manifests
+    (:func:`column_values`), adds n, sensitivity, specificity and ROC AUC with intervals per value, and a
+    column ``by_<column>`` to ``predictions.parquet``: ``--group-by`` gives the same figures for a grouping
+    that the file names, the ``--data`` or a file table make, ``by`` for one the labels table holds.
+    A non-empty ``output_dir`` raises OutputError unless ``overwrite``,
     which empties it first (no stale plots of an earlier run stay behind).
 
     Long on purpose: one pipeline in order (list and label the files, check the output, score on Ray Data, join
@@ -144,12 +181,13 @@ def evaluate(
     # A folder without a split level ignores ``split``; a missing split folder is an error, never a
     # silent fall-back to another split (evaluating on training images).
     group_of = group_function(group_by) if group_by else None
-    sourced = [(f, uri) for uri in data for f in labelled_files(uri, split, settings)]
+    sourced = [(f, uri) for uri in data for f in labelled_files(uri, split, settings, label_map)]
     files = [f for f, _ in sourced]
     if not files:
         raise InputError("no labelled images found in " + ", ".join(data))
     labels = {f.path: f.label for f in files}
     groups = {f.path: group_of(f.path, uri) for f, uri in sourced} if group_of else None
+    by_values = {column: column_values(files, column) for column in dict.fromkeys(by or [])}
     prepare_output(output_dir, overwrite, settings)
     ensure_ray()
     start = time.perf_counter()
@@ -166,6 +204,8 @@ def evaluate(
         results = results.append_column(
             "group", pa.array([groups[p] for p in results["path"].to_pylist()], pa.string())
         )
+    for column, values in by_values.items():  # by_view: the scored 'view' column is the DICOM header's
+        results = results.append_column(f"by_{column}", pa.array([values[p] for p in results["path"].to_pylist()]))
     pq.write_table(results, os.path.join(output_dir, "predictions.parquet"))
     ok = results.filter(pa.compute.is_null(results["error"]))
     errors = results.num_rows - ok.num_rows
@@ -176,7 +216,16 @@ def evaluate(
     report = binary_report(y, p, t, n_bootstrap=n_bootstrap, class_names=CLASS_NAMES)
     subgroups = None
     if groups is not None:
-        subgroups = {"by": group_by, "groups": subgroup_report(y, p, ok["group"].to_pylist(), t)}
+        groups_of = ok["group"].to_pylist()
+        subgroups = {"by": group_by, "groups": subgroup_report(y, p, groups_of, t, n_bootstrap=n_bootstrap)}
+    ok_paths = ok["path"].to_pylist()
+    by_report = {
+        column: {
+            "by": column,
+            "groups": subgroup_report(y, p, [values[q] for q in ok_paths], t, n_bootstrap=n_bootstrap),
+        }
+        for column, values in by_values.items()
+    }
     seconds = time.perf_counter() - start
     extra = {
         "model": info.model_id,
@@ -205,5 +254,7 @@ def evaluate(
         title=title or f"{info.backbone} on {', '.join(data_name(d) for d in data)}",
         extra=extra,
         subgroups=subgroups,
+        by=by_report or None,
     )
-    return EvaluationResult(report, {k: str(v) for k, v in paths.items()}, errors, seconds, subgroups, not_frontal)
+    files_written = {k: str(v) for k, v in paths.items()}
+    return EvaluationResult(report, files_written, errors, seconds, subgroups, not_frontal, by_report or None)

@@ -464,16 +464,19 @@ def binary_report(
     return to_jsonable(report)
 
 
-def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: float) -> list[dict[str, Any]]:
+def subgroup_report(
+    y_true: Any, prob: Any, groups: Sequence[Any], threshold: float, *, n_bootstrap: int = 0, seed: int = 0
+) -> list[dict[str, Any]]:
     """The model's rates at ``threshold`` within each subgroup (hidden stratification).
 
     One aggregate figure can hide a subgroup on which the model fails, e.g. normal X-rays of one finding
     or one hospital that it flags far more often than the rest. One entry per distinct value of
     ``groups`` (aligned with ``y_true``/``prob``), sorted by group name: ``group``, ``n``,
-    ``n_positive``, ``n_negative``; ``sensitivity`` and ``false_positive_rate`` as ``{"value", "ci95",
-    "k", "n"}`` (Wilson 95%), ``None`` where the group has no example of that class; ``roc_auc`` (a
-    float) where the group has both classes, else ``None``. JSON-serialisable like
-    :func:`binary_report`.
+    ``n_positive``, ``n_negative``; ``sensitivity``, ``specificity`` and ``false_positive_rate`` as
+    ``{"value", "ci95", "k", "n"}`` (Wilson 95%), ``None`` where the group has no example of that class;
+    ``roc_auc`` (a float) where the group has both classes, else ``None``, and ``roc_auc_ci95``, its
+    stratified bootstrap interval from ``n_bootstrap`` resamples (``[None, None]`` without resamples or
+    without both classes). JSON-serialisable like :func:`binary_report`.
     """
     y, p = as_label_and_prob(y_true, prob)
     g = np.asarray([str(v) for v in groups], dtype=object)
@@ -488,6 +491,8 @@ def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: fl
         m = g == name
         pos, neg = m & (y == 1), m & (y == 0)
         n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        both = n_pos and n_neg
+        ci = bootstrap_auc_ci(y[m], p[m], n_bootstrap=n_bootstrap, seed=seed)["roc_auc"] if both else (None, None)
         out.append(
             {
                 "group": name,
@@ -495,8 +500,10 @@ def subgroup_report(y_true: Any, prob: Any, groups: Sequence[Any], threshold: fl
                 "n_positive": n_pos,
                 "n_negative": n_neg,
                 "sensitivity": _proportion(int(pred[pos].sum()), n_pos) if n_pos else None,
+                "specificity": _proportion(int((~pred[neg]).sum()), n_neg) if n_neg else None,
                 "false_positive_rate": _proportion(int(pred[neg].sum()), n_neg) if n_neg else None,
-                "roc_auc": float(roc_auc_score(y[m], p[m])) if n_pos and n_neg else None,
+                "roc_auc": float(roc_auc_score(y[m], p[m])) if both else None,
+                "roc_auc_ci95": list(ci),
             }
         )
     return to_jsonable(out)

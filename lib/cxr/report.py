@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -194,19 +195,49 @@ def _plot_confusion(report: Mapping[str, Any], names: list[str], path: Path) -> 
     save_figure(fig, path)
 
 
+_RATE_PANELS = {
+    "sensitivity": ("covid", "Sensitivity (COVID-19 found)"),
+    "specificity": ("non", "Specificity (non-COVID cleared)"),
+    "false_positive_rate": ("non", "False-positive rate (normals flagged)"),
+}
+
+
+def _plot_auc_panel(ax, groups: Mapping[str, Mapping[str, Any]]) -> None:
+    """ROC AUC with its bootstrap interval per group (``roc_auc``, ``roc_auc_ci95`` of a subgroup)."""
+    for i, name in enumerate(groups):
+        g = groups[name]
+        if g.get("roc_auc") is None:
+            ax.text(0.02, i, "needs both classes", va="center", fontsize=8, color="#777")
+            continue
+        value, (lo, hi) = g["roc_auc"], g.get("roc_auc_ci95") or (None, None)
+        err = None if lo is None else [[value - lo], [hi - value]]
+        ax.errorbar([value], [i], xerr=err, fmt="s", color="#444", capsize=4)
+        ax.text(value, i - 0.22, f"{value:.2f}", fontsize=8, ha="center")
+    ax.axvline(0.5, color="#999", linestyle="--", linewidth=1)
+    ax.set(xlim=(-0.02, 1.02), ylim=(len(groups) - 0.5, -0.6), title="ROC AUC (0.5 = chance)")
+    ax.grid(alpha=0.3, axis="x")
+
+
 def plot_rates(
-    groups: Mapping[str, Mapping[str, Any]], threshold: float, path: Path, *, labels: list[str] | None = None
+    groups: Mapping[str, Mapping[str, Any]],
+    threshold: float,
+    path: Path,
+    *,
+    labels: list[str] | None = None,
+    rates: tuple[str, str] = ("sensitivity", "false_positive_rate"),
+    auc: bool = False,
 ) -> None:
-    """Sensitivity and false-positive rate with their 95% intervals, one row per group (a data set or a
-    subgroup): ``groups`` maps a name to a dict with ``sensitivity`` and ``false_positive_rate`` as
-    :func:`cxr.metrics.binary_report` gives them (``None`` where the group lacks the class)."""
+    """Two rates (``rates``: sensitivity, specificity or false_positive_rate) with their 95% intervals, one row
+    per group (a data set or a subgroup): ``groups`` maps a name to a dict with those rates as
+    :func:`cxr.metrics.binary_report` gives them (``None`` where the group lacks the class); with ``auc`` a third
+    panel, each group's ROC AUC and bootstrap interval (:func:`cxr.metrics.subgroup_report`)."""
     names = list(groups)
-    fig = Figure(figsize=(9.0, 0.5 * len(names) + 2.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, key, colour, title in (
-        (axes[0], "sensitivity", COLOURS["covid"], "Sensitivity (COVID-19 found)"),
-        (axes[1], "false_positive_rate", COLOURS["non"], "False-positive rate (normals flagged)"),
-    ):
+    fig = Figure(figsize=(13.0 if auc else 9.0, 0.5 * len(names) + 2.2), layout="constrained")
+    axes = fig.subplots(1, 3 if auc else 2, sharey=True)
+    if auc:
+        _plot_auc_panel(axes[2], groups)
+    for ax, key in zip(axes, rates):
+        colour, title = COLOURS[_RATE_PANELS[key][0]], _RATE_PANELS[key][1]
         for i, name in enumerate(names):
             r = groups[name].get(key) or {}
             if r.get("value") is None:
@@ -226,7 +257,8 @@ def plot_rates(
         ax.set(xlim=(-0.02, 1.02), ylim=(len(names) - 0.5, -0.6), title=title)
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(range(len(names)), labels=labels or names)
-    fig.suptitle(f"At the model's threshold {threshold:.3f} (95% Wilson intervals)", fontsize=10)
+    note = "; ROC AUC: bootstrap" if auc else ""
+    fig.suptitle(f"At the model's threshold {threshold:.3f} (95% Wilson intervals{note})", fontsize=10)
     save_figure(fig, path)
 
 
@@ -318,8 +350,8 @@ def _subgroup_table(sub: Mapping[str, Any]) -> str:
     rows = [
         f'<p class="sub">Grouped by {esc(sub.get("by"))}: the rates within each group at the same threshold. '
         "A group far from the overall figures is where the model fails.</p>",
-        "<table><tr><th>group</th><th>images</th><th>covid / non</th><th>sensitivity</th><th>false-positive rate</th>"
-        "<th>ROC AUC</th></tr>",
+        "<table><tr><th>group</th><th>images</th><th>covid / non</th><th>sensitivity</th><th>specificity</th>"
+        "<th>false-positive rate</th><th>ROC AUC</th></tr>",
     ]
 
     def rate(d):
@@ -331,8 +363,9 @@ def _subgroup_table(sub: Mapping[str, Any]) -> str:
         rows.append(
             f"<tr><td>{esc(g['group'])}</td><td>{esc(g['n'])}</td><td>{esc(g['n_positive'])} / "
             f"{esc(g['n_negative'])}</td>"
-            f"<td>{esc(rate(g.get('sensitivity')))}</td><td>{esc(rate(g.get('false_positive_rate')))}</td>"
-            f"<td>{esc(_num(g.get('roc_auc')))}</td></tr>"
+            f"<td>{esc(rate(g.get('sensitivity')))}</td><td>{esc(rate(g.get('specificity')))}</td>"
+            f"<td>{esc(rate(g.get('false_positive_rate')))}</td>"
+            f"<td>{esc(_num(g.get('roc_auc')))} {esc(_ci_num(g.get('roc_auc_ci95')))}</td></tr>"
         )
     rows.append("</table>")
     return "\n".join(rows)
@@ -346,6 +379,8 @@ def _html(
     names: list[str],
     subgroups: Mapping[str, Any] | None = None,
     subgroup_image: Path | None = None,
+    by: Mapping[str, Mapping[str, Any]] | None = None,
+    by_images: Mapping[str, Path] | None = None,
 ) -> str:
     n, n_pos, n_neg = report.get("n"), report.get("n_positive"), report.get("n_negative")
     cards = "".join(
@@ -393,6 +428,10 @@ def _html(
         parts += ["<h2>Subgroups</h2>", _subgroup_table(subgroups)]
         if subgroup_image is not None:
             parts.append('<div class="figs">' + img_tag(subgroup_image, "Rates per subgroup") + "</div>")
+    for column, grouping in (by or {}).items():
+        parts += [f"<h2>By {esc(column)}</h2>", _subgroup_table(grouping)]
+        if by_images and column in by_images:
+            parts.append('<div class="figs">' + img_tag(by_images[column], f"Figures by {column}") + "</div>")
     if extra:
         parts += ["<h2>Details</h2>", _extra_table(extra)]
     parts += ["<footer>Generated by cxr.report.</footer>", "</body></html>"]
@@ -400,6 +439,24 @@ def _html(
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _plot_by(by: Mapping[str, Mapping[str, Any]], threshold: float, out: Path) -> dict[str, Path]:
+    """``by-<column>.png`` per grouping of ``by`` (sensitivity, specificity, ROC AUC); stale ones removed."""
+    images = {}
+    for column, grouping in by.items():
+        images[column] = out / f"by-{re.sub(r'[^A-Za-z0-9_.-]+', '_', column)}.png"
+        plot_rates(
+            {g["group"]: g for g in grouping["groups"]},
+            threshold,
+            images[column],
+            labels=[f"{g['group']} (n={g['n']})" for g in grouping["groups"]],
+            rates=("sensitivity", "specificity"),
+            auc=True,
+        )
+    for stale in set(out.glob("by-*.png")) - set(images.values()):
+        stale.unlink()
+    return images
 
 
 def write_report(
@@ -411,6 +468,7 @@ def write_report(
     title: str = "Evaluation",
     extra: dict | None = None,
     subgroups: dict | None = None,
+    by: dict[str, dict] | None = None,
 ) -> dict[str, str]:
     """Write plots, ``report.json`` and a self-contained ``report.html`` into ``out_dir``.
 
@@ -424,8 +482,10 @@ def write_report(
     * ``confusion_matrix.png`` -- counts and row percentages;
     * ``subgroups.png`` -- with ``subgroups`` (``{"by": str, "groups": [...]}``, the groups from
       :func:`cxr.metrics.subgroup_report`): the rates per group with their intervals;
-    * ``report.json`` -- ``report`` plus ``{"extra": extra}`` and ``{"subgroups": subgroups}`` when
-      given, indented;
+    * ``by-<column>.png`` -- for each grouping of ``by`` (``{column: {"by": column, "groups": [...]}}``, e.g.
+      ``evaluate --by source``): sensitivity, specificity and ROC AUC per group with their intervals;
+    * ``report.json`` -- ``report`` plus ``{"extra": extra}``, ``{"subgroups": subgroups}`` and ``{"by": by}``
+      when given, indented;
     * ``report.html`` -- one page with the key numbers, tables and the PNGs embedded as
       base64 data URIs; every report/extra value is HTML-escaped.
 
@@ -477,12 +537,16 @@ def write_report(
         )
     else:
         (out / "subgroups.png").unlink(missing_ok=True)
+    by_images = _plot_by(by or {}, float(report["threshold"]), out)
+    paths.update({f"by_{column}": image for column, image in by_images.items()})
 
     payload = dict(report)
     if extra is not None:
         payload["extra"] = extra
     if subgroups:
         payload["subgroups"] = subgroups
+    if by:
+        payload["by"] = by
     paths["report_json"] = out / "report.json"
     paths["report_json"].write_text(
         json.dumps(to_jsonable(payload), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
@@ -490,6 +554,6 @@ def write_report(
 
     paths["report_html"] = out / "report.html"
     paths["report_html"].write_text(
-        _html(report, title, extra, images, names, subgroups, paths.get("subgroups")), encoding="utf-8"
+        _html(report, title, extra, images, names, subgroups, paths.get("subgroups"), by, by_images), encoding="utf-8"
     )
     return {k: str(v) for k, v in paths.items()}

@@ -79,9 +79,15 @@ def list_images(uri: str, settings: storage.S3Settings | None = None) -> list[st
     return [i.path for i in list_image_infos(uri, settings)]
 
 
-def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Array:
-    """The image URIs a ``.parquet``/``.csv`` manifest lists (one column read; relative paths resolved
-    against the manifest's folder). Read on the driver with pyarrow: ~10^7 rows take ~1 GB there."""
+def read_manifest_table(
+    uri: str, settings: storage.S3Settings | None = None, *, every_column: bool = False
+) -> pa.Table:
+    """A ``.parquet``/``.csv`` manifest as a table whose ``path`` column holds each entry's URI (the first of
+    :data:`MANIFEST_COLUMNS` present, relative paths resolved against the manifest's folder). Only that column is
+    read unless ``every_column`` (then every column comes as strings, a labelled manifest's ``label``, ``patient``
+    and metadata). Read on the driver with pyarrow: ~10^7 rows take ~1 GB there.
+
+    Long on purpose: read (Parquet or CSV), find the path column, resolve it, each a short step."""
     import pyarrow.compute as pc
 
     fs, path = storage.filesystem(uri, settings)
@@ -93,13 +99,16 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
 
             names = pq.read_schema(path, filesystem=fs).names
             column = next((c for c in MANIFEST_COLUMNS if c in names), None)
-            table = pq.read_table(path, filesystem=fs, columns=[column]) if column else None
+            table = pq.read_table(path, filesystem=fs, columns=None if every_column else [column]) if column else None
         else:
             import pyarrow.csv as pacsv
 
             with fs.open_input_stream(path) as f:
                 table = pacsv.read_csv(
-                    f, convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS})
+                    f,
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True
+                    ),
                 )
             names = table.column_names
             column = next((c for c in MANIFEST_COLUMNS if c in names), None)
@@ -116,7 +125,17 @@ def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Ar
     col = pc.replace_substring_regex(pc.replace_substring_regex(col, "^file://", ""), r"^(\./)+", "")
     base = storage.to_uri(fs, posixpath.dirname(path) if storage.is_s3(uri) else os.path.dirname(path))
     absolute = pc.or_(pc.or_(pc.starts_with(col, "/"), pc.match_substring(col, "://")), pc.equal(col, ""))
-    return pc.if_else(absolute, col, pc.binary_join_element_wise(base, col, "/"))
+    resolved = pc.if_else(absolute, col, pc.binary_join_element_wise(base, col, "/"))
+    if not every_column:
+        return pa.table({"path": resolved})
+    others = [c for c in table.column_names if c != column and c != "path"]
+    return pa.table({"path": resolved, **{c: table.column(c).cast(pa.string()) for c in others}})
+
+
+def read_manifest(uri: str, settings: storage.S3Settings | None = None) -> pa.Array:
+    """The image URIs a ``.parquet``/``.csv`` manifest lists (one column read; relative paths resolved
+    against the manifest's folder)."""
+    return read_manifest_table(uri, settings).column("path").combine_chunks()
 
 
 def input_paths(uris: list[str], settings: storage.S3Settings | None = None) -> pa.Array:

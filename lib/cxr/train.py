@@ -365,7 +365,7 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, settings=None) -> PreparedData:
     """List, split (patient-grouped), decode and preprocess ``cfg.data`` once, on the cluster."""
     settings = settings or storage.s3_settings()
-    files = apply_groups(labelled_files(cfg.data, "train", settings), cfg.groups)
+    files = apply_groups(labelled_files(cfg.data, "train", settings, cfg.label_map), cfg.groups)
     counts = class_counts(files)
     if min(counts.values()) < 2:
         raise InputError(f"need at least 2 images of each class to train, found {counts} in {cfg.data}")

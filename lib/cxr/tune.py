@@ -684,7 +684,9 @@ def _open_search(cfg: SearchConfig, settings, tune) -> tuple[str, str, object, b
     else:
         from .data import labelled_files
 
-        labelled_files(cfg.data, "train", settings)  # bad data fails here (InputError), before anything is written
+        labelled_files(
+            cfg.data, "train", settings, cfg.label_map
+        )  # bad data fails here (InputError), before anything is written
         check_imagenet_weights(list(cfg.backbones), cfg.weights)  # so do missing ImageNet weights (CheckpointError)
         storage.write_bytes(
             storage.join(cfg.output, "search_config.json"), json.dumps(asdict(cfg), indent=2).encode(), settings
@@ -708,6 +710,7 @@ def _base_config(cfg: SearchConfig) -> TrainConfig:
         equalize=cfg.equalize,
         tta=cfg.tta,
         val_fraction=cfg.val_fraction,
+        label_map=cfg.label_map,
         target_sensitivity=cfg.target_sensitivity,
         gpu=cfg.gpus_per_trial > 0,
         seed=cfg.seed,

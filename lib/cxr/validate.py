@@ -187,9 +187,10 @@ def _split_of(path: str, root: str) -> str:
     return first if first in SPLIT_NAMES else "all"
 
 
-def list_labelled(uri: str, settings: storage.S3Settings | None = None) -> pa.Table:
-    """``path, split, label`` for every image below ``uri`` (all splits present)."""
-    files = labelled_files(uri, split=None, settings=settings)
+def list_labelled(uri: str, settings: storage.S3Settings | None = None, label_map: dict | None = None) -> pa.Table:
+    """``path, split, label`` for every image below ``uri`` (all splits present), or every image a labelled
+    manifest lists (``label_map``: its label values -> class, :func:`cxr.data.manifest_files`)."""
+    files = labelled_files(uri, split=None, settings=settings, label_map=label_map)
     if not files:
         raise InputError(f"no labelled images in {uri}")
     fs, root = storage.filesystem(uri, settings)
@@ -728,6 +729,7 @@ def validate(
     seed: int = 0,
     batch_size: int = 64,
     overwrite: bool = False,
+    label_map: dict | None = None,
 ) -> ValidationResult:
     """Validate the labelled dataset at ``data`` (folder or s3:// prefix); write the report to ``output_dir``.
 
@@ -738,7 +740,7 @@ def validate(
 
     settings = storage.s3_settings()
     start = time.perf_counter()
-    files = list_labelled(data, settings)
+    files = list_labelled(data, settings, label_map)
     prepare_output(output_dir, overwrite, settings)
     log.info("validating %d files under %s", files.num_rows, data)
     table = inspect_files(files, settings, batch_size=batch_size)

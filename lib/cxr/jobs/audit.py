@@ -19,10 +19,20 @@ from .. import cli
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--internal", required=True, metavar="URI", help="labelled data like the model's training data")
     data.add_argument(
-        "--external", action="append", default=[], metavar="URI", help="labelled data from elsewhere; repeatable"
+        "--internal",
+        required=True,
+        metavar="URI",
+        help="labelled data like the model's training data (folder or manifest)",
     )
+    data.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="labelled data from elsewhere (folder or manifest); repeatable",
+    )
+    cli.add_label_map(data)
     data.add_argument("--internal-split", default="test", help="split folder of the internal set: train | test | all")
     data.add_argument(
         "--limit", type=cli.positive_int, help="at most N images per set and class, drawn at random (fixed --seed)"
@@ -67,6 +77,7 @@ def main() -> int:
         actors=args.actors,
         layer=args.layer,
         overwrite=args.overwrite,
+        label_map=args.label_map,
     )
     print(result.line())
     for problem in result.report["verdict"]["problems"]:

@@ -19,9 +19,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument(
-        "--data", action="append", required=True, metavar="URI", help="labelled folder or s3:// prefix; repeatable"
+        "--data",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="labelled images; repeatable: " + cli.LABELLED_DATA_HELP,
     )
-    data.add_argument("--split", default="test", help="train | test | all (ignored for folders without a split level)")
+    cli.add_label_map(data)
+    data.add_argument(
+        "--split", default="test", help="train | test | all (ignored for manifests and folders without a split level)"
+    )
     report = p.add_argument_group("report")
     report.add_argument(
         "--threshold", type=cli.fraction, help="override the model's threshold (default: the one chosen on validation)"
@@ -33,6 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "columns file,group (e.g. the view from a metadata export), or a regular expression searched in each "
         "file name whose first group names the subgroup, e.g. '^(.+?)-patient' for the finding that starts "
         "CheXpert-derived names",
+    )
+    report.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="also report n, sensitivity, specificity and ROC AUC (with intervals) per value of this column of a "
+        "labelled manifest (source, view, site, ...); repeatable",
     )
     report.add_argument(
         "--bootstrap", type=cli.non_negative_int, default=1000, help="bootstrap resamples for the AUC intervals"
@@ -60,6 +75,8 @@ def main() -> int:
         n_bootstrap=args.bootstrap,
         group_by=args.group_by,
         overwrite=args.overwrite,
+        label_map=args.label_map,
+        by=args.by,
         batch_size=args.batch_size,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,

@@ -162,6 +162,7 @@ def main() -> int:
         gpu=args.gpu,
         seed=args.seed,
         groups=groups,
+        label_map=args.label_map,
         max_failures=args.max_failures,
     )
     result = train(cfg, overwrite=args.overwrite)

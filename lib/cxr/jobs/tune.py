@@ -133,6 +133,7 @@ def main() -> int:
         oversample=args.oversample,
         batch_size=args.batch_size,
         val_fraction=args.val_fraction,
+        label_map=args.label_map,
         grace_period=args.grace_period,
         seed=args.seed,
     )

@@ -19,7 +19,8 @@ from .. import cli
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="URI", help="labelled folder or s3:// prefix")
+    data.add_argument("--data", required=True, metavar="URI", help="labelled images: " + cli.LABELLED_DATA_HELP)
+    cli.add_label_map(data)
     checks = p.add_argument_group("checks")
     checks.add_argument(
         "--strict",
@@ -57,6 +58,7 @@ def main() -> int:
         max_pixels=args.max_pixels,
         seed=args.seed,
         overwrite=args.overwrite,
+        label_map=args.label_map,
     )
     print(result.line())
     for f in result.findings:

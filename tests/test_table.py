@@ -363,3 +363,17 @@ def test_orphan_files_on_s3_are_found_and_deleted(s3_bucket, tmp_path):
     tbl = open_table("nightly.scores", catalog, create=False)
     assert {p.removeprefix(f"s3://{bucket}/") for p in referenced_files(tbl)} <= keys
     assert rows_at(tbl) == history[-1][1] and all(rows_at(tbl, s) == rows for s, rows in history)
+
+
+def test_maintain_options_default_to_the_librarys_defaults():
+    """jobs/table.py maintain and cxr.table.maintain take their defaults from one place (cxr.configs)."""
+    import inspect
+
+    from cxr.jobs.table import parse_args
+    from cxr.table import maintain
+
+    args = parse_args(["maintain", "--table", "a.b"])
+    params = inspect.signature(maintain).parameters
+    assert args.older_than_days == params["older_than_days"].default == 30
+    assert args.retain_last == params["retain_last"].default == 10
+    assert args.orphans_older_than_hours == params["orphans_older_than_hours"].default == 72

@@ -9,7 +9,21 @@ from dataclasses import MISSING, dataclass, field, fields
 from .augment import AugmentConfig
 from .preprocess import PreprocessSpec, check_tta
 
-__all__ = ["SearchConfig", "TrainConfig", "default_of"]
+__all__ = [
+    "MAINTAIN_OLDER_THAN_DAYS",
+    "MAINTAIN_RETAIN_LAST",
+    "ORPHANS_OLDER_THAN_HOURS",
+    "SearchConfig",
+    "TrainConfig",
+    "default_of",
+]
+
+# Table maintenance (cxr.table.maintain and `jobs/table.py maintain`): snapshots older than this many days expire,
+# the newest this many always stay; unreferenced files are orphans once older than this many hours (Iceberg's own
+# default: a write still in flight has files its commit does not reference yet).
+MAINTAIN_OLDER_THAN_DAYS = 30.0
+MAINTAIN_RETAIN_LAST = 10
+ORPHANS_OLDER_THAN_HOURS = 72.0
 
 
 def _backbones() -> list[str]:

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from . import storage
+from .configs import MAINTAIN_OLDER_THAN_DAYS, MAINTAIN_RETAIN_LAST, ORPHANS_OLDER_THAN_HOURS
 from .output import OutputError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ DEFAULT_CATALOG = "cxr"
 MIN_CHUNK, MAX_CHUNK = 1_000, 20_000
 # Unreferenced files younger than this are kept by maintenance: a write still in flight has written its files and not
 # yet committed them. Iceberg's own default (Spark's remove_orphan_files): far beyond any write's duration here.
-DEFAULT_ORPHAN_HOURS = 72.0
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
@@ -549,7 +549,7 @@ class MaintenanceReport:
     bytes_after: int
     rows: int
     seconds: float
-    orphans_older_than_hours: float = DEFAULT_ORPHAN_HOURS
+    orphans_older_than_hours: float = ORPHANS_OLDER_THAN_HOURS
     orphan_files_deleted: int = 0  # in a dry run: would delete
     orphan_bytes_deleted: int = 0
     orphan_files_too_young: int = 0  # unreferenced, but younger than the grace period: kept
@@ -625,7 +625,7 @@ def _table_filesystem(tbl):
     return storage.filesystem(tbl.location())[0], path_of
 
 
-def remove_orphan_files(tbl, older_than_hours: float = DEFAULT_ORPHAN_HOURS, dry_run: bool = False) -> dict:
+def remove_orphan_files(tbl, older_than_hours: float = ORPHANS_OLDER_THAN_HOURS, dry_run: bool = False) -> dict:
     """Delete the files under the table's data and metadata locations that nothing references (no kept snapshot's
     manifest list, manifests, data or delete files; not the current metadata.json, its metadata log or statistics
     files) and that were last modified more than ``older_than_hours`` ago: what a write killed between writing its
@@ -673,11 +673,11 @@ def maintain(
     identifier: str,
     catalog: CatalogConfig | None = None,
     *,
-    older_than_days: float = 30,
-    retain_last: int = 10,
+    older_than_days: float = MAINTAIN_OLDER_THAN_DAYS,
+    retain_last: int = MAINTAIN_RETAIN_LAST,
     compact: bool = True,
     target_file_rows: int = 1_000_000,
-    orphans_older_than_hours: float = DEFAULT_ORPHAN_HOURS,
+    orphans_older_than_hours: float = ORPHANS_OLDER_THAN_HOURS,
     dry_run: bool = False,
 ) -> MaintenanceReport:
     """Compact the current rows into few large files (one overwrite snapshot, same rows), then expire the snapshots

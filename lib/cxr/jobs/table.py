@@ -17,6 +17,7 @@ import argparse
 import json
 
 from .. import cli
+from ..configs import MAINTAIN_OLDER_THAN_DAYS, MAINTAIN_RETAIN_LAST, ORPHANS_OLDER_THAN_HOURS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,18 +39,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     maintain.add_argument(
         "--older-than-days",
         type=cli.non_negative_float,
-        default=30.0,
+        default=MAINTAIN_OLDER_THAN_DAYS,
         metavar="DAYS",
         help="expire snapshots older than this (time travel reaches back this far)",
     )
     maintain.add_argument(
-        "--retain-last", type=cli.positive_int, default=10, metavar="N", help="always keep this many newest snapshots"
+        "--retain-last",
+        type=cli.positive_int,
+        default=MAINTAIN_RETAIN_LAST,
+        metavar="N",
+        help="always keep this many newest snapshots",
     )
     maintain.add_argument("--no-compact", action="store_true", help="only expire snapshots and delete files")
     maintain.add_argument(
         "--orphans-older-than-hours",
         type=cli.non_negative_float,
-        default=72.0,
+        default=ORPHANS_OLDER_THAN_HOURS,
         metavar="HOURS",
         help="delete files no snapshot references (left by killed or lost writes) once older than this; younger "
         "ones may belong to a write still in flight",

@@ -286,6 +286,13 @@ def add_training_options(p: argparse.ArgumentParser, config: type, *, what: str)
         default=default("val_fraction"),
         help="share of the images (patient-grouped) held out for validation",
     )
+    data.add_argument(
+        "--balance-by",
+        metavar="COLUMN",
+        help="a labelled manifest's column (e.g. source): weight the training images so that every value of it "
+        "contributes the same share of each class; a value holding one class only gets a tenth of a share (its "
+        "images can only teach 'this source means this class')",
+    )
     prep = p.add_argument_group("preprocessing (recorded in the checkpoint: scoring does the same)")
     prep.add_argument(
         "--image-size", type=positive_int, default=default("image_size"), help=f"{what}'s input, in pixels (square)"

@@ -72,6 +72,10 @@ class TrainConfig:
     seed: int = 0
     groups: dict[str, str] | None = None  # file name -> group (e.g. a COVID case), besides patient ids
     label_map: dict[str, str] | None = None  # a labelled manifest's label values -> covid/non (data.parse_label_map)
+    # a manifest column whose every value contributes the same share of each class (data.balance_weights)
+    balance_by: str | None = None
+    # a manifest column: also train one model per value with that value's rows held out (cxr.holdout)
+    holdout_by: str | None = None
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     max_failures: int = 2
 
@@ -98,6 +102,8 @@ class SearchConfig:
     batch_size: int = 32
     val_fraction: float = 0.2
     label_map: dict[str, str] | None = None  # a labelled manifest's label values -> covid/non (data.parse_label_map)
+    balance_by: str | None = None  # TrainConfig.balance_by for every trial
+    holdout_by: str | None = None  # rank trials by their mean held-out ROC AUC over this column's values
     seed: int = 0
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 2

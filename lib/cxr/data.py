@@ -295,6 +295,68 @@ def cv_folds(files, n_splits: int = 5, seed: int = 0) -> list[tuple[list[Labelle
     return [(_take(files, tr), _take(files, va)) for tr, va in folds]
 
 
+# --------------------------------------------------------------------------- groups: hold out, balance
+
+MISSING_GROUP = "(missing)"  # the group of a file whose manifest row leaves the column empty (or has no manifest)
+# A group that holds one class only (in the training images) gets this share of what a group holding both gets:
+# every image of it says "this source means this class", the shortcut that balancing is there to remove.
+ONE_CLASS_SHARE = 0.1
+
+
+def group_values(files, column: str, option: str = "--by") -> list[str]:
+    """Each file's value of metadata column ``column`` (:data:`MISSING_GROUP` where it has none), aligned with
+    ``files``. :class:`InputError` when no file has that column, naming the columns there are."""
+    if not any(column in f.meta for f in files):
+        columns = sorted({c for f in files for c in f.meta})
+        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
+        raise InputError(f"{option} {column}: no labelled image has a {column!r} column ({where})")
+    return [f.meta.get(column, MISSING_GROUP) for f in files]
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """One leave-one-group-out split: the rows of one value of a column held out, the rest to train on."""
+
+    value: str
+    held: list  # the rows whose column is ``value``
+    rest: list  # every row of a patient with no row in ``held`` (patients never split)
+
+
+def holdout_splits(files, column: str) -> list[Holdout]:
+    """One :class:`Holdout` per value of ``column``, sorted by value. A patient with rows under two values
+    leaves the training side of both (their rows are scored only where their value is held out). Rows without
+    a value are never held out: they always train. :class:`InputError` without at least two values."""
+    values = group_values(files, column, "--holdout-by")
+    named = sorted({v for v in values if v != MISSING_GROUP})
+    if len(named) < 2:
+        raise InputError(f"--holdout-by {column}: need at least two values to hold out, found {named or 'none'}")
+    out = []
+    for value in named:
+        held = [f for f, v in zip(files, values) if v == value]
+        held_groups = {f.group for f in held}
+        out.append(Holdout(value, held, [f for f in files if f.group not in held_groups]))
+    return out
+
+
+def balance_weights(files, column: str) -> list[float]:
+    """Per-image training weights (aligned with ``files``) under which every value of ``column`` contributes the
+    same share of each class: within class c, a group holding both classes gets share 1, a group holding class
+    c only gets :data:`ONE_CLASS_SHARE`, and each group's share is split evenly among its images of class c.
+    Every class keeps its total weight (its image count), so the class weight and ``--oversample`` act as
+    without balancing. Rows without a value form one more group."""
+    values = group_values(files, column, "--balance-by")
+    labels = [f.label for f in files]
+    classes_of: dict[str, set[int]] = {}
+    count: dict[tuple[str, int], int] = {}
+    for v, y in zip(values, labels):
+        classes_of.setdefault(v, set()).add(y)
+        count[v, y] = count.get((v, y), 0) + 1
+    share = {v: 1.0 if len(c) == 2 else ONE_CLASS_SHARE for v, c in classes_of.items()}
+    n_class = {y: labels.count(y) for y in set(labels)}
+    total_share = {y: sum(share[v] for v in classes_of if y in classes_of[v]) for y in n_class}
+    return [n_class[y] * share[v] / (total_share[y] * count[v, y]) for v, y in zip(values, labels)]
+
+
 # --------------------------------------------------------------------------- summaries
 
 

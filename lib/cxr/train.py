@@ -39,7 +39,18 @@ from . import storage
 from .augment import AugmentConfig
 from .checkpoint import ModelInfo, save_checkpoint
 from .configs import TrainConfig
-from .data import LabelledFile, apply_groups, class_counts, cv_folds, fingerprint, labelled_files, split_train_val
+from .data import (
+    LabelledFile,
+    apply_groups,
+    balance_weights,
+    class_counts,
+    cv_folds,
+    fingerprint,
+    group_values,
+    holdout_splits,
+    labelled_files,
+    split_train_val,
+)
 from .errors import InputError
 from .preprocess import PreprocessSpec
 from .runtime import ensure_ray, torch_worker_runtime_env
@@ -226,8 +237,11 @@ def _train_epoch(model, optimizer, cfg: TrainConfig, spec, device, epoch: int, r
         if use_amp:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.tensor(batch["label"], dtype=torch.long, device=device)  # a copy: Ray's arrays are read-only
+        # each image's weight: its class's, times its own (1, or its group's share under --balance-by)
+        w = class_weight[y] * torch.tensor(batch["weight"], dtype=torch.float32, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y, weight=class_weight)
+            ce = torch.nn.functional.cross_entropy(model(x).float(), y, reduction="none")
+        loss = (ce * w).sum() / w.sum().clamp_min(1e-12)  # = cross_entropy(weight=class_weight) when all weigh 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -327,24 +341,43 @@ class TrainResult:
     metrics: dict
     seconds: float
     cross_validation: dict | None = None
+    holdout: dict | None = None  # cxr.holdout.run_holdout's summary (``holdout_by``)
 
 
-def _prepared(files: list[LabelledFile], spec: PreprocessSpec, settings, task_cpus: float, split: str):
-    """Decode + preprocess once (the scoring pipeline's own function), materialised; undecodable files dropped."""
+def prepared_rows(
+    files: list[LabelledFile],
+    spec: PreprocessSpec,
+    settings,
+    task_cpus: float,
+    split: str,
+    *,
+    weights: list[float] | None = None,
+    keep_path: bool = False,
+):
+    """Decode + preprocess once (the scoring pipeline's own function), materialised; undecodable files dropped.
+    Rows: ``image``, ``label``, ``weight`` (the training loss weight, ``weights`` or 1), and ``path`` with
+    ``keep_path``. Returns (dataset, number of files left out)."""
     import pyarrow as pa
     from ray.data.expressions import col
 
     from .score import decoded_dataset
     from .sources import table_dataset
 
-    table = pa.table({"path": [f.path for f in files], "label": pa.array([f.label for f in files], pa.int64())})
+    table = pa.table(
+        {
+            "path": [f.path for f in files],
+            "label": pa.array([f.label for f in files], pa.int64()),
+            "weight": pa.array(weights if weights is not None else [1.0] * len(files), pa.float32()),
+        }
+    )
     ds = decoded_dataset(table_dataset(table), spec, settings, task_cpus).materialize()
     bad = ds.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     for row in bad[:20]:
         log.warning("skipping %s: %s", row["path"], row["error"])
     if bad:
         log.warning("%d of %d %s files could not be decoded and are left out", len(bad), len(files), split)
-    return ds.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize(), len(bad)
+    columns = ["image", "label", "weight"] + (["path"] if keep_path else [])
+    return ds.filter(expr=col("error") == "").select_columns(columns).materialize(), len(bad)
 
 
 @dataclass
@@ -369,6 +402,10 @@ def prepare_data(cfg: TrainConfig, settings=None) -> PreparedData:
     counts = class_counts(files)
     if min(counts.values()) < 2:
         raise InputError(f"need at least 2 images of each class to train, found {counts} in {cfg.data}")
+    if cfg.balance_by:
+        group_values(files, cfg.balance_by, "--balance-by")  # a column no image has: the error before any work
+    if cfg.holdout_by:
+        holdout_splits(files, cfg.holdout_by)
     train_files, val_files = split_train_val(files, cfg.val_fraction, cfg.seed)
     log.info(
         "data %s: %s; train %s, validation %s (patient-grouped)",
@@ -390,8 +427,12 @@ def prepare_split(cfg: TrainConfig, files, train_files, val_files, spec: Preproc
 
     ensure_ray()
     counts = class_counts(files)
-    train_ds, bad_train = _prepared(train_files, spec, settings, 0.5, "training")
-    val_ds, bad_val = _prepared(val_files, spec, settings, 0.5, "validation")
+    weights = None
+    if cfg.balance_by:
+        weights = balance_weights(train_files, cfg.balance_by)
+        log.info("balanced by %s: %s", cfg.balance_by, balance_summary(train_files, weights, cfg.balance_by))
+    train_ds, bad_train = prepared_rows(train_files, spec, settings, 0.5, "training", weights=weights)
+    val_ds, bad_val = prepared_rows(val_files, spec, settings, 0.5, "validation")
     covid = train_ds.filter(expr=col("label") == 1)
     n_covid = covid.count()
     n_non = train_ds.count() - n_covid
@@ -413,6 +454,18 @@ def prepare_split(cfg: TrainConfig, files, train_files, val_files, spec: Preproc
         bad_train + bad_val,
         n_non / max(1, n_covid * cfg.oversample),
     )
+
+
+def balance_summary(files, weights: list[float], column: str) -> dict:
+    """``{value: {"covid": [images, their share of the class's weight], "non": [...]}}`` for the log and the
+    provenance: how much each group of ``column`` teaches of each class under :func:`data.balance_weights`."""
+    totals = {c: sum(w for f, w in zip(files, weights) if f.label == c) or 1.0 for c in (0, 1)}
+    out: dict[str, dict] = {}
+    for f, v, w in zip(files, group_values(files, column, "--balance-by"), weights):
+        cell = out.setdefault(v, {"non": [0, 0.0], "covid": [0, 0.0]})["covid" if f.label else "non"]
+        cell[0] += 1
+        cell[1] += w / totals[f.label]
+    return {v: {k: [n, round(share, 3)] for k, (n, share) in cells.items()} for v, cells in sorted(out.items())}
 
 
 CRASH_AT_EPOCH_ENV = "CXR_TEST_CRASH_AT_EPOCH"
@@ -639,6 +692,11 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
             "patient-grouped folds "
             f"({cv['positives']} COVID, {cv['n'] - cv['positives']} non-COVID), pooled by operating point"
         )
+    holdout = None
+    if cfg.holdout_by:
+        from .holdout import run_holdout
+
+        holdout = run_holdout(cfg, files, data.spec, settings, storage_path, storage_fs)
     seconds = time.perf_counter() - started
     provenance = {
         "data": {
@@ -660,6 +718,11 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     }
     if cv is not None:
         provenance["cross_validation"] = cv
+    if cfg.balance_by:
+        weights = balance_weights(train_files, cfg.balance_by)
+        provenance["data"]["balance"] = balance_summary(train_files, weights, cfg.balance_by)
+    if holdout is not None:
+        provenance["holdout"] = holdout
     threshold = cv["threshold"] if cv is not None else best_metrics["val_threshold"]
     if len(members) == 1:
         with best_checkpoint.as_directory() as d:
@@ -692,7 +755,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> TrainResult:
     storage.write_bytes(storage.join(cfg.output, "val_scores.npy"), buf.getvalue())
     write_config(cfg, settings, covid_weight_used=covid_weight, threads_per_worker_used=threads)
     return TrainResult(
-        cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds, cv
+        cfg.output, info.model_id, info.threshold, int(best_metrics["epoch"]), dict(best_metrics), seconds, cv, holdout
     )
 
 

@@ -70,6 +70,8 @@ _SEARCH_KEYS = (
     "oversample",
     "batch_size",
     "val_fraction",
+    "balance_by",
+    "holdout_by",
     "seed",
     "grace_period",
     "reduction_factor",
@@ -190,8 +192,11 @@ def _trial(
     runs_fs,
     fail_marker: str,
     crash_at_epoch: int | None = None,
+    holdouts: list | None = None,
 ) -> None:
     """One Tune trial: build and fit a TorchTrainer (Train V2), epochs reported to Tune by TuneReportCallback.
+    With ``holdouts`` (the search's ``holdout_by``), then the same recipe once per held-out group, and a last
+    report of the mean ROC AUC inside the held-out groups (``holdout_auc``), which ranks the trials.
 
     Its Train run is named after the trial, so a restarted or restored trial resumes from its last epoch."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -208,16 +213,36 @@ def _trial(
     # Named after the trial's configuration, not its id: Tuner.restore(restart_errored=True) gives a restarted
     # trial a new id, and the same name is what lets its Train run resume from the last epoch's checkpoint.
     key = json.dumps({k: config[k] for k in sorted(config)}, sort_keys=True, default=str)
+    name = f"train-{config['backbone'].replace('/', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     fit(
         cfg,
         data,
         storage_path=runs_path,
         storage_filesystem=runs_fs,
-        run_name=f"train-{config['backbone'].replace('/', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
+        run_name=name,
         callbacks=[TuneReportCallback()],
         fail_marker=fail_marker,
         crash_at_epoch=crash_at_epoch,
     )
+    if holdouts:
+        import ray.tune
+
+        from .holdout import fit_holdout, run_name, summarise
+
+        rows = [
+            r
+            for h in holdouts
+            if h.data is not None
+            for r in fit_holdout(cfg, h, runs_path, runs_fs, run_name(name, h.value))
+        ]
+        summary = summarise(rows, cfg.holdout_by, [h.fold for h in holdouts])
+        ray.tune.report(
+            {
+                "holdout_auc": _finite(summary["mean_roc_auc"], math.nan),
+                "holdout_pooled_auc": _finite(summary["pooled"]["roc_auc"], math.nan),
+                "holdout_groups": summary["groups_with_auc"],
+            }
+        )
 
 
 # --------------------------------------------------------------------------- calibration
@@ -404,7 +429,8 @@ def _finite(x, default=-1.0) -> float:
 
 
 def rank_key(row: dict) -> tuple:
-    """Specificity at the target sensitivity first, ROC AUC breaks ties."""
+    """Specificity at the target sensitivity first, ROC AUC breaks ties. (With ``holdout_by`` the mean held-out
+    ROC AUC comes before both: :func:`trial_rows`.)"""
     return (_finite(row.get("val_spec_at_target")), _finite(row.get("val_auc")))
 
 
@@ -430,7 +456,10 @@ def trial_rows(results, epochs: int) -> list[dict]:
         if df is None or df.empty or "epoch" not in df:
             rows.append({**base, "epochs_run": 0, "history": []})
             continue
-        history = df.to_dict("records")
+        records = df.to_dict("records")
+        # the epochs' reports; with holdout_by the trial's last report carries the held-out figures instead
+        history = [h for h in records if _finite(h.get("epoch")) >= 0]
+        held = [h for h in records if "holdout_auc" in h and _finite(h.get("epoch")) < 0]
         best = max(history, key=lambda h: (*rank_key(h), -int(h["epoch"])))
         rows.append(
             {
@@ -444,10 +473,11 @@ def trial_rows(results, epochs: int) -> list[dict]:
                 },
                 "seconds_per_epoch": float(df["epoch_seconds"].mean()),
                 "train_images_per_s": float(df["train_images_per_s"].mean()),
+                **({k: held[-1].get(k) for k in ("holdout_auc", "holdout_pooled_auc")} if held else {}),
                 "history": history,
             }
         )
-    rows.sort(key=lambda row: rank_key(row), reverse=True)
+    rows.sort(key=lambda row: (_finite(row.get("holdout_auc")), *rank_key(row)), reverse=True)
     for i, row in enumerate(rows, 1):
         row["rank"] = i
     return rows
@@ -469,6 +499,8 @@ LEADERBOARD_COLUMNS = [
     "epochs_run",
     "stopped_early",
     "best_epoch",
+    "holdout_auc",
+    "holdout_pooled_auc",
     "val_auc",
     "val_spec_at_target",
     "val_sens_at_threshold",
@@ -562,6 +594,11 @@ def run_search(cfg: SearchConfig) -> SearchResult:
     base = _base_config(cfg)
     weights = weights_per_backbone(list(cfg.backbones), cfg.weights)
     data = prepare_data(base, settings)  # decoded once, shared by every trial through the object store
+    holdouts = None
+    if cfg.holdout_by:  # each held-out group's training side and held-out rows, decoded once for every trial
+        from .holdout import prepare_holdouts
+
+        holdouts = prepare_holdouts(base, data.files, data.spec, settings)
     cpus, concurrent = _plan_search(cfg, base)
 
     runs_path, runs_fs = storage.ray_storage(storage.join(cfg.output, "_tune", "runs"), settings)
@@ -581,6 +618,7 @@ def run_search(cfg: SearchConfig) -> SearchResult:
             runs_fs=runs_fs,
             fail_marker=fail_marker,
             crash_at_epoch=crash,
+            holdouts=holdouts,
         ),
         {"CPU": DRIVER_CPUS},
     )
@@ -711,6 +749,8 @@ def _base_config(cfg: SearchConfig) -> TrainConfig:
         tta=cfg.tta,
         val_fraction=cfg.val_fraction,
         label_map=cfg.label_map,
+        balance_by=cfg.balance_by,
+        holdout_by=cfg.holdout_by,
         target_sensitivity=cfg.target_sensitivity,
         gpu=cfg.gpus_per_trial > 0,
         seed=cfg.seed,
@@ -735,6 +775,10 @@ def _tuner(cfg: SearchConfig, trainable, experiment: str, tune_path: str, tune_f
             grace_period=min(cfg.grace_period, cfg.epochs),
             reduction_factor=cfg.reduction_factor,
         )
+        if cfg.holdout_by:  # ranked by the held-out AUC each trial reports last: no stopping on validation
+            from ray.tune.schedulers import FIFOScheduler
+
+            scheduler = FIFOScheduler()
         tuner = tune.Tuner(
             trainable,
             param_space={
@@ -743,8 +787,8 @@ def _tuner(cfg: SearchConfig, trainable, experiment: str, tune_path: str, tune_f
                 "covid_weight_scale": tune.loguniform(*cfg.covid_weight_range),
             },
             tune_config=tune.TuneConfig(
-                metric="val_score",
-                mode="max",
+                metric=None if cfg.holdout_by else "val_score",
+                mode=None if cfg.holdout_by else "max",
                 scheduler=scheduler,
                 num_samples=cfg.num_samples,
                 max_concurrent_trials=concurrent,
@@ -932,7 +976,10 @@ def _export(cfg: SearchConfig, data: PreparedData, rows: list[dict], results, se
                     "trial_id": row["trial_id"],
                     "rank": row["rank"],
                     "trials": len(rows),
-                    "selection": "specificity at target sensitivity, ties by ROC AUC",
+                    "selection": (
+                        "mean ROC AUC inside held-out " + cfg.holdout_by + " groups, then " if cfg.holdout_by else ""
+                    )
+                    + "specificity at target sensitivity, ties by ROC AUC",
                 },
                 "validation": {
                     k: row.get(k)

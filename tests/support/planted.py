@@ -149,3 +149,25 @@ def jpeg_of(arr: np.ndarray, quality: int = 85) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def planted_sources(root: Path, n: int = 20, size: int = 64, skew: float = 0.8) -> Path:
+    """A labelled manifest (``labels.csv``: path, label, patient, source) over three sources whose images carry
+    nothing of the label, only their source's mark: ``a`` a bright square top-left, ``b`` none, ``c`` one
+    bottom-right. ``a`` and ``c`` hold ``skew`` covid images, ``b`` as many non: recognising the source scores
+    well on a pooled split, and inside any one source there is nothing to find (chance)."""
+    s = size // 4
+    corners = {"a": (slice(2, 2 + s), slice(2, 2 + s)), "b": None, "c": (slice(-2 - s, -2), slice(-2 - s, -2))}
+    rows = ["path,label,patient,source"]
+    k = 0
+    for source, box in corners.items():
+        n_covid = round(n * (1 - skew if source == "b" else skew))
+        for i in range(n):
+            k += 1
+            img = chest_like(size, size, 7000 + k)
+            if box:
+                img[box] = 250
+            write_png(root / "images" / f"{source}-{i}.png", img)
+            rows.append(f"images/{source}-{i}.png,{'covid' if i < n_covid else 'non'},{source}-{i},{source}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"

@@ -30,6 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CSV or TSV (local or s3://) with columns file,group: images of one group (a case, a patient) stay on "
         "one side of the split",
     )
+    data.add_argument(
+        "--holdout-by",
+        metavar="COLUMN",
+        help="a labelled manifest's column (e.g. source): also train one model per value of it with that value's "
+        "images held out (patients never split), score them, and write ROC AUC, sensitivity and specificity per "
+        "held-out value and pooled to holdout.csv/.json/.html; one more training per value",
+    )
     model = p.add_argument_group("model")
     model.add_argument(
         "--backbone",
@@ -163,9 +170,16 @@ def main() -> int:
         seed=args.seed,
         groups=groups,
         label_map=args.label_map,
+        balance_by=args.balance_by,
+        holdout_by=args.holdout_by,
         max_failures=args.max_failures,
     )
-    result = train(cfg, overwrite=args.overwrite)
+    print_result(train(cfg, overwrite=args.overwrite), cfg)
+    return cli.OK
+
+
+def print_result(result, cfg) -> None:
+    """The job's answer on stdout: a line per model and figure, then one JSON line."""
     m = result.metrics
     print(
         f"trained {result.model_id} in {result.seconds:.0f}s: best epoch {result.best_epoch}, validation AUC "
@@ -184,6 +198,10 @@ def main() -> int:
             f"shipped model's validation specificity {sv['value']:.3f} ({sv['k']}/{sv['n']}); per-fold AUC "
             + ", ".join(f"{f['auc']:.3f}" for f in cv["per_fold"])
         )
+    if result.holdout:
+        from ..holdout import holdout_line
+
+        print(holdout_line(result.holdout))
     print(
         json.dumps(
             {
@@ -194,11 +212,11 @@ def main() -> int:
                     "best_epoch": result.best_epoch,
                     "seconds": round(result.seconds, 1),
                     "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))},
+                    **({"holdout_mean_roc_auc": result.holdout["mean_roc_auc"]} if result.holdout else {}),
                 }
             }
         )
     )
-    return cli.OK
 
 
 def run() -> None:

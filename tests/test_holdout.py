@@ -1,0 +1,157 @@
+"""Leave-one-group-out validation (``--holdout-by``) and group-balanced training (``--balance-by``): the splits and
+weights on their own, then a planted source shortcut on the local cluster that the first exposes and the second
+takes away."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from cxr.data import ONE_CLASS_SHARE, LabelledFile, balance_weights, group_values, holdout_splits
+from cxr.errors import InputError
+from cxr.train import TrainConfig, train
+from support.planted import planted_sources
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _files(rows):
+    """(name, label, patient, source or None) -> LabelledFiles as a manifest gives them."""
+    return [
+        LabelledFile(f"/d/{name}", label, f"patient:{patient}", {"patient": patient, **({"source": s} if s else {})})
+        for name, label, patient, s in rows
+    ]
+
+
+def test_holdout_splits_hold_out_each_value_and_never_split_a_patient():
+    files = _files(
+        [
+            ("a1", 1, "p1", "a"),
+            ("a2", 0, "p2", "a"),
+            ("b1", 1, "p3", "b"),
+            ("b2", 0, "p1", "b"),  # patient p1 has images in a and b
+            ("c1", 0, "p4", "c"),
+            ("x1", 1, "p5", None),  # no source: always trains
+        ]
+    )
+    splits = {h.value: h for h in holdout_splits(files, "source")}
+    assert sorted(splits) == ["a", "b", "c"]
+    name = lambda fs: sorted(f.path[3:] for f in fs)  # noqa: E731
+    assert name(splits["a"].held) == ["a1", "a2"]
+    assert name(splits["a"].rest) == ["b1", "c1", "x1"]  # b2 is p1's: p1 is held out with a
+    assert name(splits["b"].held) == ["b1", "b2"] and name(splits["b"].rest) == ["a2", "c1", "x1"]
+    assert name(splits["c"].rest) == ["a1", "a2", "b1", "b2", "x1"]
+    with pytest.raises(InputError, match="at least two values"):
+        holdout_splits([f for f in files if f.meta.get("source") in ("a", None)], "source")
+    with pytest.raises(InputError, match=r"--holdout-by site: no labelled image has a 'site' column .*patient, source"):
+        holdout_splits(files, "site")
+
+
+def test_balance_weights_give_every_group_the_same_share_of_each_class():
+    rows = [(f"a{i}", int(i < 9), f"a{i}", "a") for i in range(10)]  # a: 9 covid, 1 non
+    rows += [(f"b{i}", int(i < 2), f"b{i}", "b") for i in range(10)]  # b: 2 covid, 8 non
+    rows += [(f"c{i}", 0, f"c{i}", "c") for i in range(20)]  # c: non only (one class: a source that means 'non')
+    files = _files(rows)
+    w = np.array(balance_weights(files, "source"))
+    y = np.array([f.label for f in files])
+    src = np.array(group_values(files, "source"))
+    for c in (0, 1):  # every class keeps its total weight: class weights and oversampling act as before
+        assert w[y == c].sum() == pytest.approx((y == c).sum())
+    share = {(s, c): w[(src == s) & (y == c)].sum() / w[y == c].sum() for s in "abc" for c in (0, 1)}
+    assert share["a", 1] == pytest.approx(0.5) and share["b", 1] == pytest.approx(0.5)  # covid: a and b alike
+    assert share["a", 0] == pytest.approx(share["b", 0])  # non: a and b alike, c a tenth of one of them
+    assert share["c", 0] == pytest.approx(ONE_CLASS_SHARE * share["a", 0])
+    assert share["a", 0] + share["b", 0] + share["c", 0] == pytest.approx(1)
+    # within a group, images of one class weigh the same
+    assert np.ptp(w[(src == "a") & (y == 1)]) == 0 and np.ptp(w[(src == "b") & (y == 0)]) == 0
+    # under these weights the source says nothing about the label among the two-class groups
+    covid_rate = {s: w[(src == s) & (y == 1)].sum() / w[src == s].sum() for s in "ab"}
+    assert covid_rate["a"] == pytest.approx(covid_rate["b"])
+
+
+def _source_auc(model, manifest) -> float:
+    """ROC AUC of the model's probability for 'the image comes from a covid-heavy source (a or c)'."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.checkpoint import load_checkpoint
+    from cxr.decode import decode
+    from cxr.preprocess import preprocess
+
+    loaded = load_checkpoint(str(model))
+    rows = list(csv.DictReader(open(manifest)))
+    images = [
+        preprocess(decode((manifest.parent / r["path"]).read_bytes(), r["path"]).image, loaded.info.preprocess)
+        for r in rows
+    ]
+    return float(roc_auc_score([r["source"] != "b" for r in rows], loaded.predict_proba(np.stack(images))))
+
+
+def test_planted_source_shortcut_exposed_by_holdout_and_taken_away_by_balancing(ray_driver, tmp_path):
+    """Images carry their source's mark and nothing of the label; two sources mostly covid, one mostly non. The
+    pooled validation split rewards recognising the source; every held-out source shows chance; balancing by
+    source leaves the model nothing to learn, so its score tells the sources apart far less."""
+    manifest = planted_sources(tmp_path / "data")
+    common = dict(
+        data=str(manifest),
+        weights="imagenet",
+        epochs=3,
+        image_size=64,
+        batch_size=16,
+        lr=1e-3,
+        oversample=1,
+        val_fraction=0.25,
+    )
+    shortcut = train(TrainConfig(output=str(tmp_path / "plain"), holdout_by="source", **common))
+    assert shortcut.metrics["val_auc"] >= 0.85  # pooled validation: the source gives the answer
+    h = shortcut.holdout
+    assert [g["group"] for g in h["groups"]] == ["a", "b", "c"] and h["groups_with_auc"] == 3
+    assert all(g["n"] == 20 for g in h["groups"])
+    assert h["mean_roc_auc"] <= 0.7  # inside a source never seen there is nothing to recognise
+    out = tmp_path / "plain"
+    rows = list(csv.DictReader(open(out / "holdout.csv")))
+    assert len(rows) == 60 and {r["source"] for r in rows} == {"a", "b", "c"}
+    assert set(rows[0]) >= {"path", "source", "label", "prob", "threshold", "predicted", "patient"}
+    assert all((float(r["prob"]) >= float(r["threshold"])) == (r["predicted"] == "covid") for r in rows)
+    assert json.loads((out / "holdout.json").read_text())["mean_roc_auc"] == pytest.approx(h["mean_roc_auc"])
+    page = (out / "holdout.html").read_text()
+    assert "Leave-one-source-out" in page and "data:image/png;base64," in page
+    assert json.loads((out / "model.json").read_text())["provenance"]["holdout"]["column"] == "source"
+
+    train(TrainConfig(output=str(tmp_path / "balanced"), balance_by="source", **common))
+    # how well each model's score tells the covid-heavy sources (a, c) from b, over all 60 images
+    plain, balanced = (_source_auc(tmp_path / run, manifest) for run in ("plain", "balanced"))
+    assert plain >= 0.85 and balanced <= plain - 0.2, (plain, balanced)  # measured: 0.97 and 0.67
+    record = json.loads((tmp_path / "balanced" / "model.json").read_text())["provenance"]
+    assert record["data"]["balance"]["b"]["covid"][1] == pytest.approx(1 / 3)  # b's few covid: a third of the weight
+
+
+def test_a_search_with_holdout_by_ranks_trials_by_their_held_out_auc():
+    """Each trial's epochs come first, then one report of its held-out figures: the trial that separates the
+    classes inside held-out groups ranks first, whatever its pooled validation says; its best epoch is still
+    chosen among its epochs."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cxr.tune import trial_rows
+
+    def trial(trial_id, spec, auc, held):
+        epochs = [
+            {"epoch": e, "val_spec_at_target": spec - 0.1 * (1 - e), "val_auc": 0.9, "epoch_seconds": 1.0}
+            | {"train_images_per_s": 10.0, "checkpoint_path": f"/c/{trial_id}/{e}"}
+            for e in (0, 1)
+        ]
+        df = pd.DataFrame(epochs + [{"holdout_auc": held, "holdout_pooled_auc": auc, "holdout_groups": 3}])
+        config = {"backbone": "mobilenet_v2", "lr": 1e-3, "covid_weight_scale": 1.0}
+        return SimpleNamespace(metrics_dataframe=df, path=f"/t/x_{trial_id}", metrics={}, config=config, error=None)
+
+    rows = trial_rows([trial("shortcut", 0.99, 0.95, 0.52), trial("lungs", 0.80, 0.75, 0.71)], epochs=2)
+    assert [r["trial_id"] for r in rows] == ["lungs", "shortcut"]
+    assert rows[0]["holdout_auc"] == pytest.approx(0.71) and rows[1]["holdout_pooled_auc"] == pytest.approx(0.95)
+    assert rows[0]["best_epoch"] == 1 and rows[0]["epochs_run"] == 2 and len(rows[0]["history"]) == 2
+    # without held-out figures the pooled validation ranks as before
+    plain = trial_rows([trial("shortcut", 0.99, 0.95, None), trial("lungs", 0.80, 0.75, None)], epochs=2)
+    assert [r["trial_id"] for r in plain] == ["shortcut", "lungs"]

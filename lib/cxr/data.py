@@ -247,6 +247,20 @@ def labelled_files(
     return sorted(out, key=lambda f: f.path)
 
 
+MISSING = "(missing)"
+
+
+def column_values(files, column: str, option: str = "--by") -> dict[str, str]:
+    """path -> the value of metadata column ``column`` (a labelled manifest's column; :data:`MISSING` where a row
+    leaves it empty or the file comes from a folder). :class:`InputError` (naming ``option``) when no file has that
+    column, naming the columns there are."""
+    if not any(column in f.meta for f in files):
+        columns = sorted({c for f in files for c in f.meta})
+        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
+        raise InputError(f"{option} {column}: no labelled image has a {column!r} column ({where})")
+    return {f.path: f.meta.get(column, MISSING) for f in files}
+
+
 # --------------------------------------------------------------------------- splits
 
 

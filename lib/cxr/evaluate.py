@@ -20,7 +20,15 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .checkpoint import load_checkpoint
-from .data import CLASS_NAMES, SPLIT_NAMES, class_counts, fingerprint, labelled_files, read_group_table
+from .data import (
+    CLASS_NAMES,
+    SPLIT_NAMES,
+    class_counts,
+    column_values,
+    fingerprint,
+    labelled_files,
+    read_group_table,
+)
 from .errors import InputError
 from .metrics import binary_report, subgroup_report
 from .output import new_run_id, prepare_output
@@ -60,20 +68,6 @@ def group_function(group_by: str):
         return (m.group(1) if pattern.groups else m.group(0)) or "(empty)"
 
     return by_name
-
-
-MISSING = "(missing)"
-
-
-def column_values(files, column: str) -> dict[str, str]:
-    """path -> the value of metadata column ``column`` (a labelled manifest's column; :data:`MISSING` where a row
-    leaves it empty or the file comes from a folder). :class:`InputError` when no file has that column, naming
-    the columns there are."""
-    if not any(column in f.meta for f in files):
-        columns = sorted({c for f in files for c in f.meta})
-        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
-        raise InputError(f"--by {column}: no labelled image has a {column!r} column ({where})")
-    return {f.path: f.meta.get(column, MISSING) for f in files}
 
 
 @dataclass

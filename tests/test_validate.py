@@ -180,6 +180,7 @@ def test_source_control_tells_marked_sources_apart_but_sees_no_label_link():
     assert min(image[c]["balanced_accuracy"] for c in ("covid", "non")) > 0.7
     assert min(image[c]["roc_auc"] for c in ("covid", "non")) > 0.85
     assert sum(map(sum, image["all"]["confusion"])) == 48 and image["all"]["sources"] == ["a", "b", "c"]
+    assert min(image["all"]["roc_auc_by_source"].values()) > 0.9
     assert signal["label_association"]["cramers_v"] == pytest.approx(0.0, abs=1e-9)
     assert signal["per_source"]["a"] == {"n": 16, "covid": 8, "non": 8, "share_covid": 0.5}
     assert signal["flag"] is False and source_finding(signal) == []

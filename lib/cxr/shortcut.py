@@ -74,7 +74,8 @@ def predict_source(
     scikit-learn classifier with ``predict_proba``. Sources with fewer than :data:`MIN_PER_SOURCE` images are
     left out (listed under ``left_out``).
 
-    Returns ``balanced_accuracy``, ``chance`` (1/k), ``roc_auc`` (macro one-vs-rest), ``confusion`` (rows true,
+    Returns ``balanced_accuracy``, ``chance`` (1/k), ``roc_auc`` (macro one-vs-rest), ``roc_auc_by_source`` (each
+    source against the rest: one source recognised among look-alikes shows here), ``confusion`` (rows true,
     columns predicted, in ``sources`` order), ``n``, ``folds``; or ``reason`` when fewer than two sources remain."""
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
@@ -111,6 +112,10 @@ def predict_source(
         "balanced_accuracy": float(balanced_accuracy_score(codes, pred)),
         "chance": 1.0 / len(names),
         "roc_auc": auc,
+        "roc_auc_by_source": {
+            name: float(roc_auc_score(codes == j, proba[:, j])) if 0 < np.sum(codes == j) < len(codes) else None
+            for j, name in enumerate(names)
+        },
         "confusion": confusion_matrix(codes, pred, labels=list(range(len(names)))).tolist(),
         "folds": n_folds,
         "left_out": left_out,

@@ -6,7 +6,8 @@ with a plain-language verdict.
 
 Each set is a labelled folder or s3:// prefix ({train,test}/{covid,non}/, {covid,non}/, or a folder
 named covid or non). Writes report.html, report.json, rates.png, focus.png, predictions.parquet and
-heatmaps/ (a few overlays per set and class).
+heatmaps/ (a few overlays per set and class). --by COLUMN: evaluate's figures per value of a manifest
+column, per set; --source-column COLUMN: how well the model's own embeddings tell the internal set's sources apart.
 """
 
 from __future__ import annotations

@@ -52,9 +52,7 @@ with open(out, "w", newline="") as f:
                 }
             )
         else:
-            w.writerow(
-                {"path": lf.path, "label": "non", "patient": lf.group, "site": "chexpert", "view": ""}
-            )
+            w.writerow({"path": lf.path, "label": "non", "patient": lf.group, "site": "chexpert", "view": ""})
     base = os.path.dirname(os.path.abspath(pack_csv))
     for r in pack:
         w.writerow(

@@ -195,3 +195,65 @@ def test_explain_job_takes_an_ensemble_and_refuses_a_layer_it_lacks(ray_driver, 
         == "error: --layer features.99: model mobilenet_v2 has no layer 'features.99'"
     )
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def _hospital_manifest(root, n: int = 8) -> str:
+    """A labelled manifest of two hospitals, half covid each: north's images carry a large bright corner square."""
+    import csv
+
+    from support.planted import chest_like, write_png
+
+    with open(root / "labels.csv", "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["path", "label", "patient", "hospital"])
+        for k, hospital in enumerate(("north", "south")):
+            for i in range(n):
+                arr = chest_like(64, 64, seed=700 + 100 * k + i, finding=i % 2 == 0)
+                if hospital == "north":
+                    arr[2:22, 2:22] = 250
+                write_png(root / "images" / f"{hospital}-{i}.png", arr)
+                out.writerow(
+                    [f"images/{hospital}-{i}.png", "covid" if i % 2 == 0 else "non", f"{hospital}{i}", hospital]
+                )
+    return str(root / "labels.csv")
+
+
+def test_audit_by_column_and_source_control_on_the_models_embeddings(ray_driver, tiny_model, tmp_path):
+    from cxr.errors import InputError
+
+    (tmp_path / "data").mkdir()
+    internal = _hospital_manifest(tmp_path / "data")
+    external = marker_tree(tmp_path / "elsewhere", 3, 64, seed=4, cue="finding")  # a folder: no hospital column
+    with pytest.raises(InputError, match="--by site: no labelled image has a 'site' column"):
+        audit(tiny_model, internal, [], str(tmp_path / "no"), by=["site"])
+    with pytest.raises(InputError, match="--source-column hospital: .*class folders, not a manifest"):
+        audit(tiny_model, str(external), [], str(tmp_path / "no"), source_column="hospital")
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "audit"
+    result = audit(
+        tiny_model,
+        internal,
+        [str(external)],
+        str(out),
+        n_bootstrap=20,
+        heatmaps_per_class=0,
+        by=["hospital"],
+        source_column="hospital",
+    )
+    r = json.loads((out / "report.json").read_text())
+    assert list(r["by"]["hospital"]) == ["labels.csv"]  # only the set that has the column
+    north, south = r["by"]["hospital"]["labels.csv"]
+    assert (north["group"], north["n"], north["n_positive"], south["n"]) == ("north", 8, 4, 8)
+    pred = pq.read_table(out / "predictions.parquet").to_pandas()
+    sel = pred[(pred.set == "labels.csv") & pred.path.str.contains("/north-")]
+    assert north["sensitivity"]["k"] == int((sel[sel.label == 1].prob_covid >= r["threshold"]).sum())
+    assert "embedding" not in pred.columns
+    signal = r["source_control"]
+    assert signal["column"] == "hospital" and signal["label_association"]["cramers_v"] == pytest.approx(0, abs=1e-9)
+    fit = signal["models"]["model embeddings"]["all"]
+    assert fit["n"] == 16 and fit["sources"] == ["north", "south"] and fit["chance"] == 0.5
+    assert fit["balanced_accuracy"] >= 0.8 and not signal["flag"]  # the marker shows; the label does not follow it
+    assert "by hospital on labels.csv:" in result.by_lines()
+    html = (out / "report.html").read_text()
+    assert "Source control: hospital (internal set)" in html and "By hospital: labels.csv" in html
+    assert (out / "source_confusion_all.png").stat().st_size > 1000 and (out / "by-hospital-labels.csv.png").exists()

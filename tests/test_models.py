@@ -429,3 +429,18 @@ def test_input_normalization_follows_the_weights():
     assert models.input_normalization("mobilenet_v2") == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     assert models.input_normalization(LITE0) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # TensorFlow's
     assert models.input_normalization("timm/resnet18") == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def test_penultimate_features_are_what_the_head_reads():
+    import torch
+
+    from cxr.models import create_model, penultimate_features
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2").eval()
+    x = torch.rand(3, 3, 64, 64)
+    feats = penultimate_features(model, x)
+    assert feats.shape == (3, model.classifier[-1].in_features) and feats.dtype == torch.float32
+    with torch.inference_mode():
+        assert torch.allclose(model.classifier[-1](feats), model(x), atol=1e-5)
+    assert not model.classifier[-1]._forward_hooks  # the hook is gone

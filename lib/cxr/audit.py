@@ -36,11 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files
+from .data import CLASS_NAMES, MISSING, SPLIT_NAMES, column_values, labelled_files
 from .errors import InputError
 from .explain import FOCUS_THRESHOLD, LUNG_BOX, check_model, run_explain
-from .metrics import binary_report, to_jsonable
-from .report import plot_rates
+from .metrics import binary_report, subgroup_report, to_jsonable
+from .report import by_figure_name, plot_by, plot_rates, subgroup_table
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,25 @@ class AuditResult:
 
     def line(self) -> str:
         return f"audit: {self.report['verdict']['headline']} -> {self.files['report_html']}"
+
+    def by_lines(self) -> list[str]:
+        """Per ``--by`` column and set, one line per value: n, sensitivity, specificity, ROC AUC."""
+
+        def rate(d):
+            return "n/a" if not d else f"{d['value']:.3f} ({d['k']}/{d['n']})"
+
+        lines = []
+        for column, per_set in (self.report.get("by") or {}).items():
+            for name, groups in per_set.items():
+                width = max((len(g["group"]) for g in groups), default=0)
+                lines.append(f"by {column} on {name}:")
+                lines += [
+                    f"  {g['group']:<{width}}  n {g['n']} ({g['n_positive']} covid), sensitivity "
+                    f"{rate(g['sensitivity'])}, specificity {rate(g['specificity'])}, ROC AUC "
+                    + ("n/a" if g["roc_auc"] is None else f"{g['roc_auc']:.3f}")
+                    for g in groups
+                ]
+        return lines
 
 
 def _rate(r: dict | None) -> dict:
@@ -132,9 +151,14 @@ def set_figures(rows: list[dict], threshold: float, n_bootstrap: int) -> dict:
     return out
 
 
-def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
-    """Plain-language findings from the rules in the module docstring."""
+def verdict(sets: dict[str, dict], internal: str, metadata: dict, source: dict | None = None) -> dict:
+    """Plain-language findings from the rules in the module docstring (and the source control's flag, with
+    ``source``: :func:`cxr.shortcut.source_signal` on the model's embeddings)."""
+    from .shortcut import signal_message
+
     problems, notes = [], []
+    if source and source["flag"]:
+        problems.append(f"On {internal}, {signal_message(source)}.")
     auc = metadata.get("auc")
     if auc is not None and auc >= METADATA_AUC_FLAG:
         problems.append(
@@ -182,6 +206,43 @@ def verdict(sets: dict[str, dict], internal: str, metadata: dict) -> dict:
         else f"Do not trust this model's figures: {len(problems)} warning sign(s) of shortcut learning."
     )
     return {"trustworthy": trust, "headline": headline, "problems": problems, "notes": notes}
+
+
+def by_figures(rows: list[dict], meta: dict, by: list[str], threshold: float, n_bootstrap: int) -> dict:
+    """``column -> set -> subgroup_report`` (evaluate's figures per value of a manifest column) for each set
+    where some image has the column (``meta``: ``(set, path) -> the image's manifest metadata``)."""
+    out = {}
+    for column in by:
+        per_set = {}
+        for name in dict.fromkeys(r["set"] for r in rows):
+            ok = [r for r in rows if r["set"] == name and r["error"] is None]
+            values = [meta.get((name, r["path"]), {}).get(column, MISSING) for r in ok]
+            if ok and any(v != MISSING for v in values):
+                y = np.array([r["label"] for r in ok], int)
+                p = np.array([r["prob_covid"] for r in ok], float)
+                per_set[name] = subgroup_report(y, p, values, threshold, n_bootstrap=n_bootstrap)
+        out[column] = per_set
+    return out
+
+
+def embedding_source_signal(rows: list[dict], column: str, sources: dict, groups: dict, seed: int = 0) -> dict:
+    """The source control (:func:`cxr.shortcut.source_signal`) on the model's own penultimate-layer embeddings of
+    the internal set's readable images (``rows`` with an ``embedding``; ``sources``/``groups``: path -> value):
+    how much of the source the model carries."""
+    from .shortcut import image_model, source_signal
+
+    chosen = [r for r in rows if r.get("embedding") is not None and sources.get(r["path"], MISSING) != MISSING]
+    x = np.array([r["embedding"] for r in chosen], np.float32).reshape(len(chosen), -1)
+    signal = source_signal(
+        column,
+        {"model embeddings": (x, image_model)},
+        [sources[r["path"]] for r in chosen],
+        [r["label"] for r in chosen],
+        [groups.get(r["path"], r["path"]) for r in chosen],
+        seed=seed,
+    )
+    signal["left_out"] = len(rows) - len(chosen)
+    return signal
 
 
 # --------------------------------------------------------------------------- plots and page
@@ -235,6 +296,49 @@ def _baseline_line(meta: dict) -> str:
     aucs = ", ".join(f"{k} {x:.3f}" for k, x in meta["auc_by_model"].items())
     features = ", ".join(n for n, _ in meta["top_features"][:4]) or "none"
     return f"Cross-validated ROC AUC: {aucs}; strongest features: {features}."
+
+
+def _source_html(signal: dict | None, out: Path) -> str:
+    """The source control on the model's embeddings: what it measures, its table and confusion matrix."""
+    from .pages import esc, img_tag
+    from .shortcut import plot_confusion, signal_table_html
+
+    if not signal:
+        return ""
+    figs = [
+        img_tag(out / f"source_confusion_{scope}.png", f"Source predicted from the model's embeddings, {scope} images")
+        for scope in ("all", "covid", "non")
+        if plot_confusion(signal, out / f"source_confusion_{scope}.png", scope)
+    ]
+    return "\n".join(
+        [
+            f"<h2>Source control: {esc(signal['column'])} (internal set)</h2>",
+            '<p class="sub">Can the model\'s own penultimate-layer features (PCA + logistic regression) tell which '
+            f"{esc(signal['column'])} an image came from? Cross-validated, folds grouped by patient; within one class "
+            "the source is a signal the label does not explain, and a model that carries it can score by the "
+            "source where the source goes with the label.</p>",
+            signal_table_html(signal),
+            '<div class="figs">' + "".join(figs) + "</div>",
+        ]
+    )
+
+
+def _by_html(by: dict, threshold: float, out: Path) -> str:
+    """Per ``--by`` column and set: evaluate's table (n, sensitivity, specificity, ROC AUC per value) and figure."""
+    from .pages import esc, img_tag
+
+    parts = []
+    for column, per_set in by.items():
+        for name, groups in per_set.items():
+            grouping = {"by": f"{column} ({name})", "groups": groups}
+            path = out / by_figure_name(f"{column}-{name}")
+            plot_by(grouping, threshold, path)
+            parts += [
+                f"<h2>By {esc(column)}: {esc(name)}</h2>",
+                subgroup_table(grouping),
+                '<div class="figs">' + img_tag(path, f"{name} by {column}") + "</div>",
+            ]
+    return "\n".join(parts)
 
 
 def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], out: Path) -> str:
@@ -316,6 +420,8 @@ def _html(report: dict, images: list[tuple[Path, str]], heatmaps: list[dict], ou
             "(borders, corners, text labels).</p>",
             "<h2>Metadata-only baseline (internal set)</h2>",
             f"<p>{esc(meta.get('reason') or _baseline_line(meta))}</p>",
+            _source_html(report.get("source_control"), out),
+            _by_html(report.get("by") or {}, report["threshold"], out),
             "<h2>Figures</h2>",
             '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
             "<h2>Sample heatmaps</h2>",
@@ -344,6 +450,8 @@ def audit(
     layer: str | None = None,
     overwrite: bool = False,
     label_map: dict | None = None,
+    by: list[str] | None = None,
+    source_column: str | None = None,
 ) -> AuditResult:
     """Audit ``model`` on ``internal`` versus ``externals``; report to the local folder ``output_dir``.
 
@@ -351,6 +459,9 @@ def audit(
     external sets take every split. ``limit``: at most that many images per set and class, drawn at
     random with ``seed``. ``heatmaps_per_class``: overlay PNGs kept per set and class. A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first (no stale heatmaps stay behind).
+    ``by``: manifest columns, each adding evaluate's per-value figures per set that has it (:func:`by_figures`);
+    ``source_column``: the internal manifest's column naming each image's source, adding the source control on
+    the model's embeddings (:func:`embedding_source_signal`). A column no image has is an :class:`InputError`.
 
     Long on purpose: the audit's steps in order (choose the images of each set, score and Grad-CAM them in one
     pass, the metadata baseline, the figures per set, the report), each a call that shares the scored rows with
@@ -365,7 +476,7 @@ def audit(
     names = [set_name(u) for u in (internal, *externals)]
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
-    chosen, internal_files, split_used = [], None, False
+    chosen, internal_files, split_used, meta, listed = [], None, False, {}, []
     for name, uri in zip(names, (internal, *externals)):
         files = labelled_files(uri, internal_split if uri == internal else None, settings, label_map)
         if not files:
@@ -378,6 +489,7 @@ def audit(
                 f.path.startswith(root) and f.path[len(root) :].split("/", 1)[0].lower() == internal_split.lower()
                 for f in files
             )
+        listed += files
         picked = _sample(files, limit, rng)
         overlay = set()
         for label in (0, 1):
@@ -385,7 +497,11 @@ def audit(
             if sel and heatmaps_per_class:
                 overlay |= set(rng.choice(sel, size=min(heatmaps_per_class, len(sel)), replace=False).tolist())
         chosen += [(f.path, f.label, name, f.path in overlay) for f in picked]
+        meta.update({(name, f.path): f.meta for f in picked})
         log.info("set %s: %d of %d images", name, len(picked), len(files))
+    for column in dict.fromkeys(by or []):  # a column no set has: an error before any scoring
+        column_values(listed, column, "--by")
+    sources = column_values(internal_files, source_column, "--source-column") if source_column else None
     table = pa.table(
         {
             "path": [c[0] for c in chosen],
@@ -396,10 +512,21 @@ def audit(
     )
     prepare_output(output_dir, overwrite, settings)
     out = Path(output_dir)
-    result = run_explain(table, model, settings, str(out.resolve()), layer=layer, batch_size=batch_size, actors=actors)
+    result = run_explain(
+        table,
+        model,
+        settings,
+        str(out.resolve()),
+        layer=layer,
+        batch_size=batch_size,
+        actors=actors,
+        embeddings=bool(source_column),
+    )
     if result.num_rows != table.num_rows:
         raise RuntimeError(f"explained {result.num_rows} rows for {table.num_rows} images")
-    pq.write_table(result, out / "predictions.parquet")
+    pq.write_table(
+        result.drop_columns([c for c in ("embedding",) if c in result.column_names]), out / "predictions.parquet"
+    )
     rows = result.to_pylist()
     for r in rows:
         r["label"] = int(r["label"])
@@ -416,6 +543,11 @@ def audit(
     ).to_pylist()
     metadata = metadata_baseline(inspected, seed=seed)
     sets = {name: set_figures([r for r in rows if r["set"] == name], info.threshold, n_bootstrap) for name in names}
+    source = None
+    if source_column:
+        internal_rows = [r for r in rows if r["set"] == names[0]]
+        groups = {f.path: f.group for f in internal_files}
+        source = embedding_source_signal(internal_rows, source_column, sources, groups, seed=seed)
     report = {
         "model": info.model_id,
         "model_uri": model,
@@ -424,7 +556,9 @@ def audit(
         "internal_split": (internal_split if split_used else "all") if internal_split else "all",
         "sets": sets,
         "metadata_baseline": metadata,
-        "verdict": verdict(sets, names[0], metadata),
+        "verdict": verdict(sets, names[0], metadata, source),
+        "source_control": source,
+        "by": by_figures(rows, meta, list(dict.fromkeys(by or [])), info.threshold, n_bootstrap) if by else None,
         "rules": RULES,
         "sampling": (
             f"At most {limit} images per set and class, drawn at random (seed {seed})."

@@ -247,6 +247,20 @@ def labelled_files(
     return sorted(out, key=lambda f: f.path)
 
 
+MISSING = "(missing)"
+
+
+def column_values(files, column: str, option: str = "--by") -> dict[str, str]:
+    """path -> the value of metadata column ``column`` (a labelled manifest's column; :data:`MISSING` where a row
+    leaves it empty or the file comes from a folder). :class:`InputError` (naming ``option``) when no file has that
+    column, naming the columns there are."""
+    if not any(column in f.meta for f in files):
+        columns = sorted({c for f in files for c in f.meta})
+        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
+        raise InputError(f"{option} {column}: no labelled image has a {column!r} column ({where})")
+    return {f.path: f.meta.get(column, MISSING) for f in files}
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -297,20 +311,17 @@ def cv_folds(files, n_splits: int = 5, seed: int = 0) -> list[tuple[list[Labelle
 
 # --------------------------------------------------------------------------- groups: hold out, balance
 
-MISSING_GROUP = "(missing)"  # the group of a file whose manifest row leaves the column empty (or has no manifest)
+MISSING_GROUP = MISSING  # the group of a file whose manifest row leaves the column empty (or has no manifest)
 # A group that holds one class only (in the training images) gets this share of what a group holding both gets:
 # every image of it says "this source means this class", the shortcut that balancing is there to remove.
 ONE_CLASS_SHARE = 0.1
 
 
 def group_values(files, column: str, option: str = "--by") -> list[str]:
-    """Each file's value of metadata column ``column`` (:data:`MISSING_GROUP` where it has none), aligned with
-    ``files``. :class:`InputError` when no file has that column, naming the columns there are."""
-    if not any(column in f.meta for f in files):
-        columns = sorted({c for f in files for c in f.meta})
-        where = f"their columns: {', '.join(columns)}" if columns else "they come from class folders, not a manifest"
-        raise InputError(f"{option} {column}: no labelled image has a {column!r} column ({where})")
-    return [f.meta.get(column, MISSING_GROUP) for f in files]
+    """Each file's value of metadata column ``column`` (:data:`MISSING` where it has none), aligned with ``files``;
+    :func:`column_values`' error when no file has that column."""
+    values = column_values(files, column, option)
+    return [values[f.path] for f in files]
 
 
 @dataclass(frozen=True)

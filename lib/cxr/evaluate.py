@@ -22,11 +22,10 @@ from . import storage
 from .checkpoint import load_checkpoint
 from .data import (
     CLASS_NAMES,
-    MISSING_GROUP,
     SPLIT_NAMES,
     class_counts,
+    column_values,
     fingerprint,
-    group_values,
     labelled_files,
     read_group_table,
 )
@@ -69,16 +68,6 @@ def group_function(group_by: str):
         return (m.group(1) if pattern.groups else m.group(0)) or "(empty)"
 
     return by_name
-
-
-MISSING = MISSING_GROUP
-
-
-def column_values(files, column: str) -> dict[str, str]:
-    """path -> the value of metadata column ``column`` (a labelled manifest's column; :data:`MISSING` where a row
-    leaves it empty or the file comes from a folder). :class:`InputError` when no file has that column, naming
-    the columns there are."""
-    return dict(zip((f.path for f in files), group_values(files, column, "--by")))
 
 
 @dataclass

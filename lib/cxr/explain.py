@@ -263,7 +263,9 @@ class Explainer:
     """Ray Data callable class: the scoring Predictor's row plus Grad-CAM, focus and an overlay PNG.
 
     Rows with a true ``overlay`` column (or every row with ``overlay_all``) get a PNG written to
-    ``output/heatmaps/``. Columns other than the pipeline's (``label``, ``set``, ...) pass through.
+    ``output/heatmaps/``. Columns other than the pipeline's (``label``, ``set``, ...) pass through. With
+    ``embeddings``, an ``embedding`` column too: the model's penultimate-layer features
+    (:func:`cxr.models.penultimate_features`; an ensemble's members' side by side), null for unreadable rows.
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class Explainer:
         output: str | None = None,
         overlay_all: bool = False,
         layer: str | None = None,
+        embeddings: bool = False,
     ):
         import torch
 
@@ -285,6 +288,7 @@ class Explainer:
         loaded = load_checkpoint(model_uri, optimize=False, settings=settings)  # unfused: layer names as in models.py
         self.info = loaded.info
         self.gradcam = cam_for(loaded, layer)
+        self.loaded = loaded if embeddings else None
         self.settings, self.output, self.overlay_all = settings, output, overlay_all
         torch.set_num_threads(threads)
 
@@ -318,6 +322,8 @@ class Explainer:
                     )
                     heatmaps[i] = f"{HEATMAP_DIR}/{name}"
         has = ~np.isnan(focus)
+        if self.loaded is not None:
+            table = table.append_column("embedding", self._embeddings(batch["image"], ok))
         cols = {
             "focus": pa.array(focus, pa.float32(), mask=~has),
             "corner_share": pa.array(corner, pa.float32(), mask=~has),
@@ -332,6 +338,24 @@ class Explainer:
                 table = table.append_column(key, pa.array(list(values)))
         return table
 
+    def _embeddings(self, images, ok: np.ndarray) -> pa.Array:
+        """The penultimate-layer features of the readable images, a list of float32 per row (null elsewhere)."""
+        import torch
+
+        from .checkpoint import LoadedEnsemble
+        from .models import penultimate_features
+        from .preprocess import to_model_input
+
+        out: list = [None] * len(ok)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            x = to_model_input(images[idx], self.info.preprocess)
+            members = self.loaded.members if isinstance(self.loaded, LoadedEnsemble) else [self.loaded]
+            feats = torch.cat([penultimate_features(m.model, x) for m in members], dim=1).numpy()
+            for k, i in enumerate(idx):
+                out[i] = feats[k]
+        return pa.array(out, pa.list_(pa.float32()))
+
 
 def explain_dataset(
     paths_ds,
@@ -344,8 +368,10 @@ def explain_dataset(
     overlay_all: bool = False,
     layer: str | None = None,
     all_views: bool = False,
+    embeddings: bool = False,
 ):
-    """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap``."""
+    """Lazy Ray Dataset of score rows + ``focus``, ``corner_share``, ``outside_lungs``, ``heatmap`` (and
+    ``embedding`` with ``embeddings``)."""
     import ray.data
 
     from .runtime import torch_actor_remote_args
@@ -362,6 +388,7 @@ def explain_dataset(
             "output": output,
             "overlay_all": overlay_all,
             "layer": layer,
+            "embeddings": embeddings,
         },
         batch_size=plan.batch_size,
         batch_format="numpy",
@@ -382,9 +409,11 @@ def run_explain(
     batch_size: int = 16,
     actors: int | None = None,
     all_views: bool = False,
+    embeddings: bool = False,
 ) -> pa.Table:
     """Explain every row of ``table`` (a ``path`` column, optional ``overlay`` and pass-through columns);
-    the result rows, collected on the driver. ``all_views``: lateral and oblique DICOM views too."""
+    the result rows, collected on the driver. ``all_views``: lateral and oblique DICOM views too;
+    ``embeddings``: an ``embedding`` column (:class:`Explainer`)."""
     import ray
 
     from .checkpoint import load_info
@@ -407,6 +436,7 @@ def run_explain(
         overlay_all,
         layer,
         all_views,
+        embeddings,
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
 

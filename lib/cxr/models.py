@@ -331,3 +331,23 @@ def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
     check_tta(tta)  # preprocess.TTA_CHOICES
     out = model(torch.cat([x, x.flip(-1)])).float()
     return (out[: len(x)] + out[len(x) :]) / 2
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, D) float32: what the model's last linear layer (its classification head) reads for a (N, C, H, W)
+    input, the image embedding the decision is made from (pooled features, after any pre-logits layers).
+    One forward pass without gradients; a hook on the head, so every backbone of this module works alike."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no linear head")
+    seen: list[torch.Tensor] = []
+    handle = heads[-1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    return seen[-1].float().flatten(1)

@@ -346,7 +346,9 @@ def _extra_table(extra: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _subgroup_table(sub: Mapping[str, Any]) -> str:
+def subgroup_table(sub: Mapping[str, Any]) -> str:
+    """A grouping (``{"by": name, "groups": metrics.subgroup_report(...)}``) as an HTML table with a line saying
+    what it shows."""
     rows = [
         f'<p class="sub">Grouped by {esc(sub.get("by"))}: the rates within each group at the same threshold. '
         "A group far from the overall figures is where the model fails.</p>",
@@ -425,11 +427,11 @@ def _html(
         '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
     ]
     if subgroups:
-        parts += ["<h2>Subgroups</h2>", _subgroup_table(subgroups)]
+        parts += ["<h2>Subgroups</h2>", subgroup_table(subgroups)]
         if subgroup_image is not None:
             parts.append('<div class="figs">' + img_tag(subgroup_image, "Rates per subgroup") + "</div>")
     for column, grouping in (by or {}).items():
-        parts += [f"<h2>By {esc(column)}</h2>", _subgroup_table(grouping)]
+        parts += [f"<h2>By {esc(column)}</h2>", subgroup_table(grouping)]
         if by_images and column in by_images:
             parts.append('<div class="figs">' + img_tag(by_images[column], f"Figures by {column}") + "</div>")
     if extra:
@@ -441,19 +443,30 @@ def _html(
 # --------------------------------------------------------------------------- entry point
 
 
+def by_figure_name(name: str) -> str:
+    """``by-<name>.png``, the name made safe for a file name."""
+    return f"by-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+
+
+def plot_by(grouping: Mapping[str, Any], threshold: float, path: Path) -> None:
+    """Sensitivity, specificity and ROC AUC with their intervals per group of one grouping (``{"by", "groups"}``,
+    the groups from :func:`cxr.metrics.subgroup_report`)."""
+    plot_rates(
+        {g["group"]: g for g in grouping["groups"]},
+        threshold,
+        path,
+        labels=[f"{g['group']} (n={g['n']})" for g in grouping["groups"]],
+        rates=("sensitivity", "specificity"),
+        auc=True,
+    )
+
+
 def _plot_by(by: Mapping[str, Mapping[str, Any]], threshold: float, out: Path) -> dict[str, Path]:
     """``by-<column>.png`` per grouping of ``by`` (sensitivity, specificity, ROC AUC); stale ones removed."""
     images = {}
     for column, grouping in by.items():
-        images[column] = out / f"by-{re.sub(r'[^A-Za-z0-9_.-]+', '_', column)}.png"
-        plot_rates(
-            {g["group"]: g for g in grouping["groups"]},
-            threshold,
-            images[column],
-            labels=[f"{g['group']} (n={g['n']})" for g in grouping["groups"]],
-            rates=("sensitivity", "specificity"),
-            auc=True,
-        )
+        images[column] = out / by_figure_name(column)
+        plot_by(grouping, threshold, images[column])
     for stale in set(out.glob("by-*.png")) - set(images.values()):
         stale.unlink()
     return images

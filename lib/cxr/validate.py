@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .data import CLASS_NAMES, SPLIT_NAMES, labelled_files, patient_id
+from .data import CLASS_NAMES, SPLIT_NAMES, column_values, labelled_files, patient_id
 from .decode import decode, is_non_frontal, sniff_kind
 from .errors import InputError
 from .sources import table_dataset
@@ -97,8 +97,10 @@ INSPECT_SCHEMA = pa.schema(
         ("phash", pa.string()),
         ("dhash", pa.string()),
         ("error", pa.string()),
+        ("thumbnail", pa.binary()),  # THUMBNAIL x THUMBNAIL grayscale uint8, only for the source control
     ]
 )
+THUMBNAIL = 32
 
 
 # --------------------------------------------------------------------------- per file (Ray tasks)
@@ -131,8 +133,18 @@ def _hashes(image: np.ndarray) -> tuple[str, str]:
     return str(imagehash.phash(im)), str(imagehash.dhash(im))
 
 
-def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) -> dict:
-    """Every property the checks need, for one file: never raises."""
+def thumbnail(image: np.ndarray, side: int = THUMBNAIL) -> bytes:
+    """The decoded grayscale image (floats in [0, 1]) shrunk to ``side`` x ``side`` (area average, aspect not
+    kept), as uint8 bytes: what the source control's image model sees."""
+    from PIL import Image
+
+    im = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), "L")
+    return im.resize((side, side), Image.Resampling.BOX).tobytes()
+
+
+def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None, thumbnails: bool = False) -> dict:
+    """Every property the checks need, for one file (a ``thumbnail`` of the image too with ``thumbnails``):
+    never raises."""
     ext = posixpath.splitext(path)[1].lower()
     row = {
         "path": path,
@@ -148,6 +160,7 @@ def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) 
         "phash": None,
         "dhash": None,
         "error": read_error,
+        "thumbnail": None,
     }
     if data is None:
         return row
@@ -158,22 +171,24 @@ def inspect_bytes(path: str, data: bytes | None, read_error: str | None = None) 
     row["width"], row["height"], row["error"], row["view"] = decoded.width, decoded.height, decoded.error, decoded.view
     if decoded.ok:
         row["phash"], row["dhash"] = _hashes(decoded.image)
+        if thumbnails:
+            row["thumbnail"] = thumbnail(decoded.image)
     return row
 
 
-def _inspect_one(path: str, settings: storage.S3Settings) -> dict:
+def _inspect_one(path: str, settings: storage.S3Settings, thumbnails: bool) -> dict:
     try:
         data = storage.read_bytes(path, settings)
     except Exception as exc:  # noqa: BLE001
         return inspect_bytes(path, None, f"read failed: {storage.describe_error(exc)}")
-    return inspect_bytes(path, data)
+    return inspect_bytes(path, data, thumbnails=thumbnails)
 
 
-def inspect_batch(batch: pa.Table, settings: storage.S3Settings) -> pa.Table:
+def inspect_batch(batch: pa.Table, settings: storage.S3Settings, thumbnails: bool = False) -> pa.Table:
     """Ray Data task: inspect a batch of files (threads overlap reads and decoding)."""
     paths = batch["path"].to_pylist()
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(paths)))) as pool:
-        rows = list(pool.map(lambda p: _inspect_one(p, settings), paths))
+        rows = list(pool.map(lambda p: _inspect_one(p, settings, thumbnails), paths))
     cols = {name: [r[name] for r in rows] for name in INSPECT_SCHEMA.names if name not in ("split", "label")}
     cols["split"], cols["label"] = batch["split"].to_pylist(), batch["label"].to_pylist()
     return pa.table(
@@ -187,25 +202,38 @@ def _split_of(path: str, root: str) -> str:
     return first if first in SPLIT_NAMES else "all"
 
 
-def list_labelled(uri: str, settings: storage.S3Settings | None = None, label_map: dict | None = None) -> pa.Table:
-    """``path, split, label`` for every image below ``uri`` (all splits present), or every image a labelled
-    manifest lists (``label_map``: its label values -> class, :func:`cxr.data.manifest_files`)."""
+def list_labelled(
+    uri: str,
+    settings: storage.S3Settings | None = None,
+    label_map: dict | None = None,
+    source_column: str | None = None,
+) -> pa.Table:
+    """``path, split, label, group`` for every image below ``uri`` (all splits present), or every image a labelled
+    manifest lists (``label_map``: its label values -> class, :func:`cxr.data.manifest_files`); ``group`` is the
+    patient (else the path). With ``source_column``, that metadata column too, as ``source``
+    (:class:`InputError` when no file has it, e.g. a folder dataset)."""
     files = labelled_files(uri, split=None, settings=settings, label_map=label_map)
     if not files:
         raise InputError(f"no labelled images in {uri}")
     fs, root = storage.filesystem(uri, settings)
     root = storage.to_uri(fs, root).rstrip("/")
-    return pa.table(
-        {
-            "path": [f.path for f in files],
-            "split": [_split_of(f.path, root) for f in files],
-            "label": pa.array([f.label for f in files], pa.int8()),
-        }
-    )
+    columns = {
+        "path": [f.path for f in files],
+        "split": [_split_of(f.path, root) for f in files],
+        "label": pa.array([f.label for f in files], pa.int8()),
+        "group": [f.group for f in files],
+    }
+    if source_column:
+        values = column_values(files, source_column, "--source-column")
+        columns["source"] = [values[f.path] for f in files]
+    return pa.table(columns)
 
 
-def inspect_files(files: pa.Table, settings: storage.S3Settings | None = None, *, batch_size: int = 64) -> pa.Table:
-    """Inspect every file of ``files`` (``path, split, label``) on the Ray cluster; rows come back to the driver."""
+def inspect_files(
+    files: pa.Table, settings: storage.S3Settings | None = None, *, batch_size: int = 64, thumbnails: bool = False
+) -> pa.Table:
+    """Inspect every file of ``files`` (``path, split, label``) on the Ray cluster; rows come back to the driver
+    (with a ``thumbnail`` of each readable image where ``thumbnails``)."""
     import ray
 
     from .runtime import ensure_ray
@@ -213,7 +241,7 @@ def inspect_files(files: pa.Table, settings: storage.S3Settings | None = None, *
     settings = settings or storage.s3_settings()
     ensure_ray()
     ds = table_dataset(files).map_batches(
-        inspect_batch, fn_args=(settings,), batch_size=batch_size, batch_format="pyarrow", num_cpus=1
+        inspect_batch, fn_args=(settings, thumbnails), batch_size=batch_size, batch_format="pyarrow", num_cpus=1
     )
     refs = ds.to_arrow_refs()
     return pa.concat_tables(ray.get(refs)).cast(INSPECT_SCHEMA)
@@ -584,6 +612,33 @@ def metadata_frame(rows: list[dict]):
     return df, np.array([int(r["label"]) for r in ok]), ok
 
 
+def metadata_encoder(scale: bool):
+    """The file properties as model input: numeric ones (standardised with ``scale``), mode and format one-hot."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numeric = [c for c in METADATA_FEATURES if c not in ("mode", "format")]
+    return ColumnTransformer(
+        [
+            ("num", StandardScaler() if scale else "passthrough", numeric),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"]),
+        ]
+    )
+
+
+def metadata_forest(seed: int = 0, trees: int = 200):
+    """The metadata baseline's random forest on :func:`metadata_encoder`'s features."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(
+        metadata_encoder(False),
+        RandomForestClassifier(
+            n_estimators=trees, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+        ),
+    )
+
+
 def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     """Cross-validated ROC AUC of two simple classifiers (logistic regression, random forest) that see
     only width, height, aspect, pixel count, file size, bytes per pixel, bit depth, mode and format.
@@ -591,13 +646,10 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
     Folds are stratified (and grouped by patient where names carry one). ``auc`` is the better of the
     two; ~0.5 means file properties say nothing about the label, >= 0.8 flags a shortcut.
     """
-    from sklearn.compose import ColumnTransformer
-    from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     df, y, ok = metadata_frame(rows)
     counts = np.bincount(y, minlength=2) if len(y) else np.zeros(2, int)
@@ -609,24 +661,11 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
             f"(have {dict(zip(CLASS_NAMES, counts.tolist()))})",
         }
     groups = [patient_id(r["path"]) or r["path"] for r in ok]
-    numeric = [c for c in METADATA_FEATURES if c not in ("mode", "format")]
-
-    def encode(scale):
-        return ColumnTransformer(
-            [
-                ("num", StandardScaler() if scale else "passthrough", numeric),
-                ("cat", OneHotEncoder(handle_unknown="ignore"), ["mode", "format"]),
-            ]
-        )
-
     models = {
-        "logistic_regression": make_pipeline(encode(True), LogisticRegression(max_iter=2000, class_weight="balanced")),
-        "random_forest": make_pipeline(
-            encode(False),
-            RandomForestClassifier(
-                n_estimators=200, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
-            ),
+        "logistic_regression": make_pipeline(
+            metadata_encoder(True), LogisticRegression(max_iter=2000, class_weight="balanced")
         ),
+        "random_forest": metadata_forest(seed),
     }
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     aucs = {}
@@ -650,6 +689,46 @@ def metadata_baseline(rows: list[dict], seed: int = 0, folds: int = 5) -> dict:
         "features": list(METADATA_FEATURES),
         "top_features": [kv for kv in importance if kv[1] > 0][:8],
     }
+
+
+def source_control(rows: list[dict], column: str, sources: dict, groups: dict, seed: int = 0) -> dict:
+    """The source shortcut control (:func:`cxr.shortcut.source_signal`) for the metadata ``column`` (``sources``:
+    path -> its value; ``groups``: path -> patient, else the path): how well the file properties (the metadata
+    baseline's random forest) and the images' thumbnails (:func:`cxr.shortcut.image_model`) predict the source, over
+    all images and within each class. Files without a value in ``column`` or a thumbnail are left out."""
+    from .data import MISSING
+    from .shortcut import image_model, source_signal
+
+    df, _, ok = metadata_frame(rows)
+    keep = [i for i, r in enumerate(ok) if r.get("thumbnail") and sources.get(r["path"], MISSING) != MISSING]
+    chosen = [ok[i] for i in keep]
+    thumbs = (
+        np.stack([np.frombuffer(r["thumbnail"], np.uint8) for r in chosen]).astype(np.float32) / 255
+        if chosen
+        else np.zeros((0, THUMBNAIL * THUMBNAIL), np.float32)
+    )
+    features = {
+        "metadata": (df.iloc[keep].reset_index(drop=True), lambda n, folds: metadata_forest(seed, trees=60)),
+        "image": (thumbs, image_model),
+    }
+    signal = source_signal(
+        column,
+        features,
+        [sources[r["path"]] for r in chosen],
+        [int(r["label"]) for r in chosen],
+        [groups.get(r["path"], r["path"]) for r in chosen],
+        seed=seed,
+    )
+    signal["left_out"] = len(rows) - len(chosen)
+    return signal
+
+
+def source_finding(signal: dict | None) -> list[Finding]:
+    from .shortcut import signal_message
+
+    if not signal or not signal["flag"]:
+        return []
+    return [Finding("warning", "source_shortcut", signal_message(signal), [], 1)]
 
 
 def metadata_finding(baseline: dict, threshold: float = 0.8) -> list[Finding]:
@@ -696,15 +775,23 @@ class ValidationResult:
 
 
 def check_rows(
-    rows: list[dict], *, near_distance: int = 4, min_side: int = 128, max_pixels: int = 40_000_000, seed: int = 0
+    rows: list[dict],
+    *,
+    near_distance: int = 4,
+    min_side: int = 128,
+    max_pixels: int = 40_000_000,
+    seed: int = 0,
+    source: tuple[str, dict, dict] | None = None,
 ) -> tuple[list[Finding], dict]:
-    """All checks on inspected rows (no I/O): findings (errors first) and the summary figures."""
+    """All checks on inspected rows (no I/O): findings (errors first) and the summary figures. ``source``:
+    ``(column, path -> value, path -> group)`` for the source control (:func:`source_control`)."""
     findings = integrity_findings(rows, min_side, max_pixels)
     dup, dup_stats = duplicate_findings(rows, near_distance)
     pat, pat_stats = patient_findings(rows)
     bal, counts = balance(rows)
     baseline = metadata_baseline(rows, seed=seed)
-    findings += dup + pat + bal + metadata_finding(baseline)
+    signal = source_control(rows, *source, seed=seed) if source else None
+    findings += dup + pat + bal + metadata_finding(baseline) + source_finding(signal)
     findings.sort(key=lambda f: f.severity != "error")
     summary = {
         "files": len(rows),
@@ -714,6 +801,7 @@ def check_rows(
         "patients": pat_stats,
         "distributions": distributions(rows),
         "metadata_baseline": baseline,
+        "source_control": signal,
         "settings": {"near_distance_bits": near_distance, "min_side": min_side, "max_pixels": max_pixels},
     }
     return findings, summary
@@ -730,9 +818,12 @@ def validate(
     batch_size: int = 64,
     overwrite: bool = False,
     label_map: dict | None = None,
+    source_column: str | None = None,
 ) -> ValidationResult:
     """Validate the labelled dataset at ``data`` (folder or s3:// prefix); write the report to ``output_dir``.
 
+    ``source_column``: a labelled manifest's column naming each image's source (hospital, archive): adds the
+    source control (:func:`source_control`; :class:`InputError` when no file has that column).
     ``result.errors`` lists the error findings (what ``--strict`` turns into exit code 6). A non-empty
     ``output_dir`` raises OutputError unless ``overwrite``, which empties it first.
     """
@@ -740,20 +831,34 @@ def validate(
 
     settings = storage.s3_settings()
     start = time.perf_counter()
-    files = list_labelled(data, settings, label_map)
+    files = list_labelled(data, settings, label_map, source_column)
     prepare_output(output_dir, overwrite, settings)
     log.info("validating %d files under %s", files.num_rows, data)
-    table = inspect_files(files, settings, batch_size=batch_size)
+    table = inspect_files(files, settings, batch_size=batch_size, thumbnails=bool(source_column))
     if table.num_rows != files.num_rows:
         raise RuntimeError(f"inspected {table.num_rows} rows for {files.num_rows} files")
     rows = sorted(table.to_pylist(), key=lambda r: r["path"])
+    source = None
+    if source_column:
+        paths = files["path"].to_pylist()
+        source = (
+            source_column,
+            dict(zip(paths, files["source"].to_pylist())),
+            dict(zip(paths, files["group"].to_pylist())),
+        )
+        log.info(
+            "source control: predicting %r from file properties and %dx%d thumbnails",
+            source_column,
+            THUMBNAIL,
+            THUMBNAIL,
+        )
     findings, summary = check_rows(
-        rows, near_distance=near_distance, min_side=min_side, max_pixels=max_pixels, seed=seed
+        rows, near_distance=near_distance, min_side=min_side, max_pixels=max_pixels, seed=seed, source=source
     )
     summary.update({"data": data, "seconds": round(time.perf_counter() - start, 1)})
     import pyarrow.parquet as pq
 
-    pq.write_table(table, os.path.join(output_dir, "files.parquet"))
+    pq.write_table(table.drop_columns(["thumbnail"]), os.path.join(output_dir, "files.parquet"))
     paths = write_validation_report(summary, findings, rows, Path(output_dir))
     return ValidationResult(summary, findings, paths)
 
@@ -904,6 +1009,31 @@ def _baseline_line(base: dict) -> str:
     return f"Cross-validated ROC AUC by model: {aucs}. Strongest features: {features}."
 
 
+def _source_section(signal: dict | None, out: Path) -> str:
+    """The source control's section: what it measures, its table and confusion matrices (empty without it)."""
+    from .pages import esc, img_tag
+    from .shortcut import plot_confusion, signal_table_html
+
+    if not signal:
+        return ""
+    figs = []
+    for scope in ("all", "covid", "non"):
+        path = out / f"source_confusion_{scope}.png"
+        if plot_confusion(signal, path, scope):
+            figs.append(img_tag(path, f"Source predicted from metadata and images, {scope} images"))
+    return "\n".join(
+        [
+            f"<h2>Source control: {esc(signal['column'])}</h2>",
+            f'<p class="sub">Can the file properties (random forest) or {THUMBNAIL}x{THUMBNAIL} thumbnails (PCA + '
+            f"logistic regression) tell which {esc(signal['column'])} an image came from? Cross-validated, folds "
+            "grouped by patient; within a class the source is a signal the label does not explain. A shortcut "
+            "risk where the images tell the source and the source goes with the label.</p>",
+            signal_table_html(signal),
+            '<div class="figs">' + "".join(figs) + "</div>",
+        ]
+    )
+
+
 def write_validation_report(summary: dict, findings: list[Finding], rows: list[dict], out: Path) -> dict[str, str]:
     """``validation.json`` (summary + findings), the plots and a self-contained ``report.html``.
 
@@ -979,6 +1109,7 @@ def write_validation_report(summary: dict, findings: list[Finding], rows: list[d
             "format; never the pixels. An AUC near 0.5 means file properties say nothing about the label; near 1.0 "
             "means a model "
             "can separate the classes without looking at the lungs.</p>",
+            _source_section(summary.get("source_control"), out),
             "<h2>Figures</h2>",
             '<div class="figs">' + "".join(img_tag(p, alt) for p, alt in images) + "</div>",
             "<footer>Generated by cxr.validate. Research tool, not a medical device.</footer></body></html>",

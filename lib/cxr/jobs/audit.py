@@ -6,7 +6,8 @@ with a plain-language verdict.
 
 Each set is a labelled folder or s3:// prefix ({train,test}/{covid,non}/, {covid,non}/, or a folder
 named covid or non). Writes report.html, report.json, rates.png, focus.png, predictions.parquet and
-heatmaps/ (a few overlays per set and class).
+heatmaps/ (a few overlays per set and class). --by COLUMN: evaluate's figures per value of a manifest
+column, per set; --source-column COLUMN: how well the model's own embeddings tell the internal set's sources apart.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--limit", type=cli.positive_int, help="at most N images per set and class, drawn at random (fixed --seed)"
     )
     data.add_argument("--seed", type=int, default=0, help="seed of the --limit draw")
+    data.add_argument(
+        "--by",
+        action="append",
+        metavar="COLUMN",
+        help="a labelled manifest's column: n, sensitivity, specificity and ROC AUC per value, per set that has it; "
+        "repeatable",
+    )
+    data.add_argument(
+        "--source-column",
+        metavar="COLUMN",
+        help="the internal manifest's column naming each image's source: how well the model's own embeddings "
+        "predict it, over all images and within each class (default: off)",
+    )
     report = p.add_argument_group("report")
     report.add_argument(
         "--heatmaps-per-class",
@@ -78,10 +92,18 @@ def main() -> int:
         layer=args.layer,
         overwrite=args.overwrite,
         label_map=args.label_map,
+        by=args.by,
+        source_column=args.source_column,
     )
     print(result.line())
     for problem in result.report["verdict"]["problems"]:
         print(f"- {problem}")
+    if result.report.get("source_control"):
+        from ..shortcut import signal_lines
+
+        print("\n".join(signal_lines(result.report["source_control"])))
+    for line in result.by_lines():
+        print(line)
     return cli.OK
 
 

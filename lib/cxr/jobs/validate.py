@@ -6,7 +6,8 @@ metadata-only baseline (can file properties alone predict the label?).
 DATA: a folder or s3:// prefix laid out as {train,test}/{covid,non}/ or {covid,non}/ (every split
 present is checked). Writes validation.json, report.html, plots and files.parquet (one row per file).
 --strict: exit 6 when corrupt files, leakage (duplicates or patients across splits) or label
-conflicts are found (a CI gate on data).
+conflicts are found (a CI gate on data). --source-column COLUMN (a labelled manifest's column): how well
+file properties and image thumbnails tell the sources apart, and whether the source goes with the label.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     checks.add_argument(
         "--max-pixels", type=cli.positive_int, default=40_000_000, help="images with more pixels are flagged as huge"
     )
+    checks.add_argument(
+        "--source-column",
+        metavar="COLUMN",
+        help="a labelled manifest's column naming each image's source (hospital, archive): report how well file "
+        "properties and image thumbnails predict it, over all images and within each class (default: off)",
+    )
     checks.add_argument("--seed", type=int, default=0, help="seed of the metadata baseline's cross-validation")
     cli.add_output_options(p, help="local directory for validation.json, report.html, plots")
     cli.add_general_options(p)
@@ -59,8 +66,13 @@ def main() -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         label_map=args.label_map,
+        source_column=args.source_column,
     )
     print(result.line())
+    if result.summary.get("source_control"):
+        from ..shortcut import signal_lines
+
+        print("\n".join(signal_lines(result.summary["source_control"])))
     for f in result.findings:
         print(f"{f.severity}: {f.check}: {f.message}")
     if args.strict and result.errors:

@@ -19,7 +19,7 @@ import pytest
 
 from support.cluster import LocalCluster, free_port
 from support.images import make_labelled_tree, mixed_files, write_files
-from support.jobs import ROOT, crash_hook
+from support.jobs import ROOT
 
 # Set before anything imports boto3/pyarrow/ray, so every process the tests start (Ray nodes,
 # workers, job subprocesses) inherits the same offline, fake-credential S3 set-up.
@@ -128,9 +128,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trained_model(ray_driver, tmp_path_factory):
-    """A mobilenet_v2 fine-tuned from ImageNet weights for 3 epochs on the synthetic task (64 px), through a crash:
-    the test-only hook kills its rank-0 worker once in epoch 1 and the run resumes from epoch 0's checkpoint
-    (test_train checks both that it learned and how it resumed; one training run pays for both)."""
+    """A mobilenet_v2 fine-tuned from ImageNet weights for 3 epochs on the synthetic task (64 px)."""
     from cxr.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("train")
@@ -146,5 +144,4 @@ def trained_model(ray_driver, tmp_path_factory):
         oversample=2,
         val_fraction=0.25,
     )
-    with crash_hook(epoch=1):
-        return train(cfg)
+    return train(cfg)

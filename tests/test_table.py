@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -75,7 +76,25 @@ def test_nightly_runs_upsert_into_an_iceberg_table_read_by_pyiceberg_and_polars(
     write_images(images, ["day2/a.png", "day2/b.png"], seed=7)
     write_images(images, ["day1/03.png"], seed=99)
     os.utime(images / "day1" / "05.png", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
-    second = run_nightly([str(images)], "nightly.scores", tiny_model, catalog=catalog, batch_size=4)
+    # ... through the job (jobs/nightly.py), as a user runs it: it upserts into the same table and prints its report
+    job = run_job(
+        "nightly.py",
+        "--input",
+        str(images),
+        "--table",
+        "nightly.scores",
+        "--warehouse",
+        str(warehouse),
+        "--model",
+        tiny_model,
+        "--batch-size",
+        "4",
+        env={"RAY_ADDRESS": ray_driver.address},
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    report = json.loads(next(line for line in job.stdout.splitlines() if line.startswith('{"report"')))["report"]
+    assert report["table"] == "nightly.scores"
+    second = SimpleNamespace(**report)
     assert (second.new, second.changed, second.skipped, second.scored) == (2, 2, 9, 4)
     assert second.previous_positive_share == pytest.approx(first.positive_share)
     tbl.refresh()
@@ -112,27 +131,9 @@ def test_nightly_runs_upsert_into_an_iceberg_table_read_by_pyiceberg_and_polars(
     assert {r["run_id"] for r in tbl.scan().to_arrow().to_pylist() if "/day2/" in r["path"]} == {one_off.run_id}
 
 
-def test_nightly_job_writes_the_table_and_fails_cleanly(ray_cluster, tiny_model, tmp_path):
+def test_nightly_and_score_jobs_refuse_table_options_that_cannot_work(tiny_model, tmp_path):
+    """(The nightly job writing a table: night 2 of the upsert test above runs through it.)"""
     write_images(tmp_path / "in", ["a.png", "b.png"])
-    warehouse = tmp_path / "wh"
-    ok = run_job(
-        "nightly.py",
-        "--input",
-        str(tmp_path / "in"),
-        "--table",
-        "nightly.scores",
-        "--warehouse",
-        str(warehouse),
-        "--model",
-        tiny_model,
-        "--batch-size",
-        "2",
-        env={"RAY_ADDRESS": ray_cluster.address},
-    )
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    report = json.loads(next(line for line in ok.stdout.splitlines() if line.startswith('{"report"')))["report"]
-    assert report["scored"] == 2 and report["table"] == "nightly.scores"
-    assert iceberg_table(warehouse).scan().to_arrow().num_rows == 2
     s3_no_catalog = run_job(
         "nightly.py",
         "--input",

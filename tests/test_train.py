@@ -160,8 +160,8 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
         image_size=32,
         batch_size=8,
         oversample=1,
-        val_fraction=0.25,
-        threshold_folds=4,
+        val_fraction=1 / 3,  # = 1/K: the shipped model is one of the K folds' models
+        threshold_folds=3,
         target_sensitivity=0.9,
         crop=LUNG_BOX,
         equalize=True,
@@ -169,15 +169,15 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
     )
     result = train(cfg)
     cv = result.cross_validation
-    assert (cv["folds"], cv["n"], cv["positives"]) == (4, 24, 12)  # every image scored once, out of fold
-    assert len(cv["per_fold"]) == 4 and sum(f["shipped"] for f in cv["per_fold"]) == 1
+    assert (cv["folds"], cv["n"], cv["positives"]) == (3, 24, 12)  # every image scored once, out of fold
+    assert len(cv["per_fold"]) == 3 and sum(f["shipped"] for f in cv["per_fold"]) == 1
     assert sum(f["n"] for f in cv["per_fold"]) == 24
     shipped = next(f["fold"] for f in cv["per_fold"] if f["shipped"])
     extra = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("_ray_fold"))
-    assert extra == [f"_ray_fold{k}" for k in range(4) if k != shipped]  # one extra run per other fold
+    assert extra == [f"_ray_fold{k}" for k in range(3) if k != shipped]  # one extra run per other fold
     rows = np.loadtxt(tmp_path / "run" / "cv_scores.csv", delimiter=",", skiprows=1)  # fold, label, prob
-    assert rows.shape == (24, 3) and rows[:, 1].sum() == 12 and sorted(set(rows[:, 0])) == [0, 1, 2, 3]
-    folds = [(rows[rows[:, 0] == k, 2], rows[rows[:, 0] == k, 1].astype(int)) for k in range(4)]
+    assert rows.shape == (24, 3) and rows[:, 1].sum() == 12 and sorted(set(rows[:, 0])) == [0, 1, 2]
+    folds = [(rows[rows[:, 0] == k, 2], rows[rows[:, 0] == k, 1].astype(int)) for k in range(3)]
     again = transfer_threshold(folds, folds[shipped], 0.9)
     assert cv["threshold"] == pytest.approx(again["threshold"], abs=1e-5)
     assert cv["pooled_sensitivity"]["n"] == 12 and cv["pooled_sensitivity"]["k"] >= 11
@@ -195,7 +195,7 @@ def test_threshold_from_pooled_out_of_fold_scores_and_lung_crop_and_tta_recorded
     assert info["tta"] == "hflip" and info["format_version"] == 2 and info["provenance"]["training"]["tta"] == "hflip"
     from cxr.data import labelled_files, split_train_val
 
-    _, val = split_train_val(labelled_files(str(data), "train"), 0.25, 0)
+    _, val = split_train_val(labelled_files(str(data), "train"), cfg.val_fraction, 0)
     images = np.stack(
         [preprocess(decode(open(f.path, "rb").read(), f.path).image, loaded.info.preprocess) for f in val]
     )

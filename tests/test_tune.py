@@ -47,14 +47,15 @@ def _images(folder: Path, spec) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def search(ray_driver, tmp_path_factory):
-    """A 2 backbones x 2 samples search, 2 epochs at 32 px, whose trials crash once in epoch 1 and are then resumed."""
+    """A 2 backbones x 1 sample search, 2 epochs at 32 px, whose first trial crashes once in epoch 1 and is then
+    resumed. (The choice of the best of several trials of one backbone: test_tune_s3, whose search has two.)"""
     root = tmp_path_factory.mktemp("tune")
     data = make_labelled_tree(root / "data", n=16, size=48)
     common = dict(
         data=str(data),
         output=str(root / "out"),
         backbones=BACKBONES,
-        num_samples=2,
+        num_samples=1,
         epochs=2,
         image_size=32,
         weights="none",
@@ -131,12 +132,12 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     assert set(interrupted.exported) == {
         r["backbone"] for r in interrupted.leaderboard if r["kind"] == "trial" and not r.get("error")
     }
-    assert resumed.resumed and resumed.errors == 0 and resumed.trials == 4
+    assert resumed.resumed and resumed.errors == 0 and resumed.trials == 2
     trials = [r for r in resumed.leaderboard if r["kind"] == "trial"]
-    assert sorted(r["backbone"] for r in trials) == sorted(BACKBONES * 2)
+    assert sorted(r["backbone"] for r in trials) == sorted(BACKBONES)
     assert all(r["epochs_run"] == 2 for r in trials), [(r["trial_id"], r["epochs_run"]) for r in trials]
     keys = [rank_key(r) for r in trials]
-    assert keys == sorted(keys, reverse=True) and [r["rank"] for r in trials] == [1, 2, 3, 4]
+    assert keys == sorted(keys, reverse=True) and [r["rank"] for r in trials] == [1, 2]
 
     # The restored trials went on from their last epoch's checkpoint (Train V2 run named after the trial).
     histories = [json.loads(p.read_text()) for p in (out / "_tune" / "runs").glob("train-*/checkpoint_*/history.json")]
@@ -145,13 +146,13 @@ def test_search_finishes_ranks_exports_and_resumes(search):
     # leaderboard.csv and chart; one exported, calibrated model per backbone and an ensemble.
     with (out / "leaderboard.csv").open() as f:
         board = list(csv.DictReader(f))
-    assert [r["kind"] for r in board].count("trial") == 4
-    assert [r["epochs_run"] for r in board if r["kind"] == "trial"] == ["2"] * 4  # integers, not "2.0"
-    assert [r["rank"] for r in board if r["kind"] == "trial"] == ["1", "2", "3", "4"]
+    assert [r["kind"] for r in board].count("trial") == 2
+    assert [r["epochs_run"] for r in board if r["kind"] == "trial"] == ["2"] * 2  # integers, not "2.0"
+    assert [r["rank"] for r in board if r["kind"] == "trial"] == ["1", "2"]
     assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     assert set(resumed.exported) == set(BACKBONES)
     for backbone, uri in resumed.exported.items():
-        best = next(r for r in trials if r["backbone"] == backbone)  # the best-ranked trial of the backbone
+        best = next(r for r in trials if r["backbone"] == backbone)  # the backbone's trial (best of two: test_tune_s3)
         info = load_info(uri)
         cal = info.provenance["calibration"]
         assert info.backbone == backbone and info.provenance["tune"]["trial_id"] == best["trial_id"]

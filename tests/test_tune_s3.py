@@ -1,5 +1,7 @@
 """Ray Tune search with data and output on S3 (moto server) on a real local 2-node cluster: the interrupted search
-resumes from Tune's experiment state on S3, and the leaderboard, exported checkpoints and summary land in the bucket."""
+resumes from Tune's experiment state on S3, and the leaderboard, exported checkpoints and summary land in the bucket.
+Its two trials of one backbone also show that the best-ranked trial of a backbone is the one exported (test_tune's
+search has one trial per backbone)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from cxr.checkpoint import load_checkpoint
 from cxr.storage import s3_settings
-from cxr.tune import SearchConfig, run_search
+from cxr.tune import SearchConfig, rank_key, run_search
 from support.images import make_labelled_tree
 from support.jobs import ROOT, crash_hook, run_job
 from support.s3 import upload_tree
@@ -31,7 +33,7 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
         data=f"s3://{bucket}/data",
         output=output,
         backbones=[BACKBONE],
-        num_samples=1,
+        num_samples=2,
         epochs=2,
         image_size=32,
         weights="none",
@@ -60,9 +62,13 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
             interrupted = run_search(SearchConfig(**common))
     finally:
         os.chdir(cwd)
-    assert interrupted.errors == 1 and not interrupted.resumed  # the crash hook failed the trial in epoch 1
-    assert interrupted.leaderboard[0]["status"] == "ERROR" and interrupted.leaderboard[0]["epochs_run"] == 1
-    assert interrupted.exported == {} and interrupted.ensemble is None  # a failed trial's checkpoint is not exported
+    assert interrupted.errors == 1 and not interrupted.resumed  # the crash hook failed the first trial in epoch 1
+    failed = [r for r in interrupted.leaderboard if r.get("error")]
+    assert len(failed) == 1 and failed[0]["status"] == "ERROR" and failed[0]["epochs_run"] == 1
+    # a failed trial's checkpoint is not exported, however it ranks: the other trial's is
+    assert set(interrupted.exported) == {BACKBONE} and interrupted.ensemble is None
+    exported_trial = load_checkpoint(interrupted.exported[BACKBONE], settings=s3_settings(), optimize=False)
+    assert exported_trial.info.provenance["tune"]["trial_id"] != failed[0]["trial_id"]
 
     # The same command again, through the job: it resumes the search from Tune's experiment state on S3.
     job = run_job(
@@ -74,7 +80,7 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
         "--backbones",
         BACKBONE,
         "--num-samples",
-        "1",
+        "2",
         "--epochs",
         "2",
         "--image-size",
@@ -95,9 +101,9 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
         timeout=600,
     )
     assert job.returncode == 0, job.stderr[-3000:]
-    assert "resumed 1 trials (0 failed, 0 unfinished)" in job.stdout, job.stdout[-2000:]
+    assert "resumed 2 trials (0 failed, 0 unfinished)" in job.stdout, job.stdout[-2000:]
     resumed = json.loads(job.stdout.strip().splitlines()[-1])["tune"]
-    assert resumed["errors"] == 0 and resumed["trials"] == 1
+    assert resumed["errors"] == 0 and resumed["trials"] == 2
     for where in (tmp_path, ROOT):
         assert not (where / bucket).exists(), f"S3 output written to a local path under {where}"
     assert ours_in_ray_results() == before
@@ -122,8 +128,12 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
 
     with io.StringIO(read("tune/leaderboard.csv").decode()) as f:
         board = list(csv.DictReader(f))
-    assert [(r["kind"], r["backbone"]) for r in board] == [("trial", BACKBONE)]  # one backbone: no ensemble of one
-    assert board[0]["epochs_run"] == "2" and board[0]["exported_to"] == f"{output}/models/{BACKBONE}"
+    assert [(r["kind"], r["backbone"]) for r in board] == [("trial", BACKBONE)] * 2  # one backbone: no ensemble
+    assert [r["rank"] for r in board] == ["1", "2"] and [r["epochs_run"] for r in board] == ["2", "2"]
+    ranked = [rank_key({k: float(r[k] or "nan") for k in ("val_spec_at_target", "val_auc")}) for r in board]
+    assert ranked == sorted(ranked, reverse=True)
+    # the backbone's best-ranked trial is the one exported
+    assert board[0]["exported_to"] == f"{output}/models/{BACKBONE}" and not board[1]["exported_to"]
     assert read("tune/leaderboard.png")[:4] == b"\x89PNG"
     assert {
         f"tune/models/{BACKBONE}/{n}" for n in ("model.json", "model.safetensors", "metrics.csv", "val_scores.npy")
@@ -134,6 +144,7 @@ def test_search_on_s3_resumes_and_exports_to_the_bucket(ray_driver, s3_bucket, t
     assert resumed["models"] == {BACKBONE: f"{output}/models/{BACKBONE}"} and resumed["ensemble"] is None
     model = load_checkpoint(resumed["models"][BACKBONE], settings=settings, optimize=False)
     assert model.info.backbone == BACKBONE and model.info.preprocess.input_size == 32
+    assert model.info.provenance["tune"]["trial_id"] == board[0]["trial_id"] != board[1]["trial_id"]
     assert "calibration" in model.info.provenance
     summary = json.loads(read("tune/summary.json"))
     assert summary["resumed"] and summary["errors"] == 0 and set(summary["models"]) == {BACKBONE}

@@ -125,7 +125,8 @@ def test_planted_source_shortcut_exposed_by_holdout_and_taken_away_by_balancing(
     plain, balanced = (_source_auc(tmp_path / run, manifest) for run in ("plain", "balanced"))
     assert plain >= 0.85 and balanced <= plain - 0.2, (plain, balanced)  # measured: 0.97 and 0.67
     record = json.loads((tmp_path / "balanced" / "model.json").read_text())["provenance"]
-    assert record["data"]["balance"]["b"]["covid"][1] == pytest.approx(1 / 3)  # b's few covid: a third of the weight
+    # b's few covid images carry a third of the covid weight, as a's and c's many do
+    assert record["data"]["balance"]["b"]["covid"][1] == pytest.approx(1 / 3, abs=1e-3)
 
 
 def test_a_search_with_holdout_by_ranks_trials_by_their_held_out_auc():

@@ -4,8 +4,8 @@
 #   c  the same, balanced by source                      runs/loso/pack-balanced
 #   d  COVID-Xray-5k + the pack minus the held-out source runs/loso/cxr5k-pack (balanced by site: -balanced)
 # Recipe: scripts/train-default-model.sh's (mobilenet_v2 from ImageNet, 6 epochs, lr 3e-4, 128 px, lung crop,
-# target sensitivity 0.98) with one threshold split (no --threshold-folds) and, on the covid-heavy pack,
-# --oversample 1 (the class weight balances). Each run also trains its recipe on everything (the candidate model).
+# target sensitivity 0.98) with one threshold split (no --threshold-folds) and --oversample 1 (the class
+# weight balances the classes). Each run also trains its recipe on everything (the candidate model).
 # Usage: bash scripts/holdout-sources.sh [b] [c] [d] [d-balanced]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ for run in "${@:-b c d d-balanced}"; do
       d|d-balanced)
         .venv/bin/python scripts/cxr5k-plus-sources.py "$DATA/covid-xray-5k" "$DATA/sources/manifest.csv" "$OUT/cxr5k-pack.csv"
         extra=(); [ "$r" = d-balanced ] && extra=(--balance-by site)
-        .venv/bin/python jobs/train.py --data "$OUT/cxr5k-pack.csv" --oversample 5 "${extra[@]}" "${RECIPE[@]}" \
+        .venv/bin/python jobs/train.py --data "$OUT/cxr5k-pack.csv" --oversample 1 "${extra[@]}" "${RECIPE[@]}" \
           --output "$OUT/cxr5k-pack${extra:+-balanced}" ;;
     esac
   done

@@ -156,3 +156,29 @@ def test_a_search_with_holdout_by_ranks_trials_by_their_held_out_auc():
     # without held-out figures the pooled validation ranks as before
     plain = trial_rows([trial("shortcut", 0.99, 0.95, None), trial("lungs", 0.80, 0.75, None)], epochs=2)
     assert [r["trial_id"] for r in plain] == ["shortcut", "lungs"]
+
+
+def test_the_comparison_figure_of_several_runs_and_a_reference(tmp_path):
+    """scripts/plot-holdout-runs.py (docs/sources.md's figure) reads holdout.json files and an evaluate report's
+    per-column figures; a group one run lacks or could not score (no AUC) is left out of that run only."""
+    import subprocess
+    import sys
+
+    from support.jobs import ROOT
+
+    def group(name, auc):
+        return {"group": name, "roc_auc": auc, "roc_auc_ci95": [None, None] if auc is None else [auc - 0.1, auc + 0.1]}
+
+    for run, groups in (("b", [group("x", 0.6), group("y", 0.7)]), ("c", [group("x", 0.55), group("y", None)])):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "holdout.json").write_text(json.dumps({"mean_roc_auc": 0.6, "groups": groups}))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"by": {"source": {"by": "source", "groups": [group("x", 0.8), group("z", 0.9)]}}}))
+    out = tmp_path / "fig.png"
+    cmd = [sys.executable, str(ROOT / "scripts" / "plot-holdout-runs.py"), str(out), f"{tmp_path / 'b'}:b: pack"]
+    done = subprocess.run([*cmd, str(tmp_path / "c"), "--reference", f"{report}:a"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # a report without figures for the column asked is a clear failure, not an empty figure
+    bad = subprocess.run([*cmd, "--reference", str(report), "--column", "view"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no figures by 'view'" in bad.stderr and "Traceback" not in bad.stderr

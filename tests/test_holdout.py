@@ -72,28 +72,18 @@ def test_balance_weights_give_every_group_the_same_share_of_each_class():
     assert covid_rate["a"] == pytest.approx(covid_rate["b"])
 
 
-def _source_auc(model, manifest) -> float:
-    """ROC AUC of the model's probability for 'the image comes from a covid-heavy source (a or c)'."""
-    from sklearn.metrics import roc_auc_score
+def test_planted_source_shortcut_exposed_by_holdout_and_balanced_away_in_the_loss(ray_driver, tmp_path):
+    """Images carry their source's mark and nothing of the label; two sources 85% covid, one 85% non. The pooled
+    validation split rewards recognising the source; every held-out source shows chance. Recognising the source
+    perfectly gives a pooled ROC AUC of 0.83 here (0.5 inside a source); 40 images per source and half of them
+    for validation, so that both are measured within about 0.1 (plain runs measured: validation 0.80-0.90,
+    held-out mean 0.44-0.55).
 
-    from cxr.checkpoint import load_checkpoint
-    from cxr.decode import decode
-    from cxr.preprocess import preprocess
-
-    loaded = load_checkpoint(str(model))
-    rows = list(csv.DictReader(open(manifest)))
-    images = [
-        preprocess(decode((manifest.parent / r["path"]).read_bytes(), r["path"]).image, loaded.info.preprocess)
-        for r in rows
-    ]
-    return float(roc_auc_score([r["source"] != "b" for r in rows], loaded.predict_proba(np.stack(images))))
-
-
-def test_planted_source_shortcut_exposed_by_holdout_and_taken_away_by_balancing(ray_driver, tmp_path):
-    """Images carry their source's mark and nothing of the label; two sources mostly covid, one mostly non. The
-    pooled validation split rewards recognising the source; every held-out source shows chance; balancing by
-    source leaves the model nothing to learn, so its score tells the sources apart far less."""
-    manifest = planted_sources(tmp_path / "data")
+    Balanced by source, the loss gives recognising the source nothing: the weights are unit-tested above, and here
+    the run records them. Whether the model then recognises the source less is left to SGD: on this set it did in
+    4 of 6 runs (pooled validation AUC 0.82 -> 0.72 on average), so no single run is asserted to (docs/jobs/train.md).
+    """
+    manifest = planted_sources(tmp_path / "data", n=40, skew=0.85)
     common = dict(
         data=str(manifest),
         weights="imagenet",
@@ -102,17 +92,18 @@ def test_planted_source_shortcut_exposed_by_holdout_and_taken_away_by_balancing(
         batch_size=16,
         lr=1e-3,
         oversample=1,
-        val_fraction=0.25,
+        val_fraction=0.5,
     )
     shortcut = train(TrainConfig(output=str(tmp_path / "plain"), holdout_by="source", **common))
-    assert shortcut.metrics["val_auc"] >= 0.85  # pooled validation: the source gives the answer
     h = shortcut.holdout
+    figures = (shortcut.metrics["val_auc"], [g["roc_auc"] for g in h["groups"]])
+    assert shortcut.metrics["val_auc"] >= 0.7, figures  # pooled validation: the source gives the answer
     assert [g["group"] for g in h["groups"]] == ["a", "b", "c"] and h["groups_with_auc"] == 3
-    assert all(g["n"] == 20 for g in h["groups"])
-    assert h["mean_roc_auc"] <= 0.7  # inside a source never seen there is nothing to recognise
+    assert all(g["n"] == 40 for g in h["groups"])
+    assert h["mean_roc_auc"] <= 0.72, figures  # inside a source never seen there is nothing to recognise
     out = tmp_path / "plain"
     rows = list(csv.DictReader(open(out / "holdout.csv")))
-    assert len(rows) == 60 and {r["source"] for r in rows} == {"a", "b", "c"}
+    assert len(rows) == 120 and {r["source"] for r in rows} == {"a", "b", "c"}
     assert set(rows[0]) >= {"path", "source", "label", "prob", "threshold", "predicted", "patient"}
     assert all((float(r["prob"]) >= float(r["threshold"])) == (r["predicted"] == "covid") for r in rows)
     assert json.loads((out / "holdout.json").read_text())["mean_roc_auc"] == pytest.approx(h["mean_roc_auc"])
@@ -120,13 +111,15 @@ def test_planted_source_shortcut_exposed_by_holdout_and_taken_away_by_balancing(
     assert "Leave-one-source-out" in page and "data:image/png;base64," in page
     assert json.loads((out / "model.json").read_text())["provenance"]["holdout"]["column"] == "source"
 
-    train(TrainConfig(output=str(tmp_path / "balanced"), balance_by="source", **common))
-    # how well each model's score tells the covid-heavy sources (a, c) from b, over all 60 images
-    plain, balanced = (_source_auc(tmp_path / run, manifest) for run in ("plain", "balanced"))
-    assert plain >= 0.85 and balanced <= plain - 0.2, (plain, balanced)  # measured: 0.97 and 0.67
+    balanced = train(TrainConfig(output=str(tmp_path / "balanced"), balance_by="source", **common))
+    assert balanced.holdout is None and not (tmp_path / "balanced" / "holdout.json").exists()
     record = json.loads((tmp_path / "balanced" / "model.json").read_text())["provenance"]
-    # b's few covid images carry a third of the covid weight, as a's and c's many do
-    assert record["data"]["balance"]["b"]["covid"][1] == pytest.approx(1 / 3, abs=1e-3)
+    # the 60 training images: b's few covid images carry a third of the covid weight, as a's and c's many do, and
+    # a's and c's few non images a third of the non weight each
+    shares = record["data"]["balance"]
+    assert sum(shares[s][c][0] for s in "abc" for c in ("covid", "non")) == 60
+    assert shares["b"]["covid"][0] < shares["a"]["covid"][0] and shares["a"]["non"][0] < shares["b"]["non"][0]
+    assert all(shares[s][c][1] == pytest.approx(1 / 3, abs=1e-3) for s in "abc" for c in ("covid", "non"))
 
 
 def test_a_search_with_holdout_by_ranks_trials_by_their_held_out_auc():

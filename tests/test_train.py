@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.checkpoint import load_checkpoint
+from cxr.data import balance_weights
 from cxr.decode import decode
 from cxr.preprocess import LUNG_BOX, preprocess
 from cxr.train import (
@@ -700,7 +701,7 @@ def test_training_data_from_a_labelled_manifest_keeps_patients_together(ray_driv
     rows = ["path,label,patient,source"]
     for cls, value in (("covid", "COVID-19"), ("non", "normal")):
         for i in range(8):
-            rows.append(f"../pacs/{cls}/{cls}3-{i}.png,{value},{cls}-{i // 2},site{i % 2}")
+            rows.append(f"../pacs/{cls}/{cls}3-{i}.png,{value},{cls}-{i // 2},site{int(i >= 6)}")
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "labels.csv").write_text("\n".join(rows) + "\n")
     cfg = TrainConfig(
@@ -712,6 +713,7 @@ def test_training_data_from_a_labelled_manifest_keeps_patients_together(ray_driv
         val_fraction=0.25,
         label_map={"covid-19": "covid", "normal": "non"},
         groups={"covid3-0.png": "one-case", "non3-7.png": "one-case"},  # the patient column wins
+        balance_by="source",  # site0 holds 6 images of each class, site1 2
     )
     prepared = prepare_data(cfg)
     assert prepared.counts == {"non": 8, "covid": 8} and prepared.undecodable == 0
@@ -723,3 +725,8 @@ def test_training_data_from_a_labelled_manifest_keeps_patients_together(ray_driv
     assert train_patients.isdisjoint(patient[f.path] for f in prepared.val_files)
     assert len(set(patient.values())) == 8 and prepared.val_files  # 8 patients of 2 images, 2 of them held out
     assert prepared.train_ds.count() == len(prepared.train_files) and prepared.val_ds.count() == len(prepared.val_files)
+    # the balancing weights ride in the training rows the workers read (validation rows weigh 1)
+    weights = balance_weights(prepared.train_files, "source")
+    assert len(set(np.round(weights, 6))) > 1
+    assert sorted(prepared.train_ds.to_pandas()["weight"]) == pytest.approx(sorted(weights))
+    assert set(prepared.val_ds.to_pandas()["weight"]) == {1.0}

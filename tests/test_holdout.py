@@ -1,6 +1,6 @@
 """Leave-one-group-out validation (``--holdout-by``) and group-balanced training (``--balance-by``): the splits and
-weights on their own, then a planted source shortcut on the local cluster that the first exposes and the second
-takes away."""
+weights on their own, then a planted source shortcut on the local cluster that the first exposes (the second is
+checked by its weights: see the planted test's docstring)."""
 
 from __future__ import annotations
 
